@@ -7,7 +7,7 @@ class LightKVError(Exception):
     """Base class for every error lightkv raises on purpose."""
 
 
-class UserError(LightKVError):
+class UserError(LightKVError, ValueError):
     """A mistake in what the user asked for (bad path, unknown model, invalid option value).
 
     The CLI prints ``str(error)`` as one red line (the message should name the problem and the fix)

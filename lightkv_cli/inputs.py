@@ -1,0 +1,474 @@
+"""Finding, loading and validating the user's images and prompts.
+
+Everything here is CPU-only and uses only the standard library and Pillow (no torch), so it can run
+before any model is loaded and fail fast on bad input.
+
+* :func:`collect_images` turns the paths given on the command line (files and/or directories) into
+  decoded RGB images, plus a list of files that could not be used (:class:`Skipped`) and a list of
+  non-image files that were ignored.
+* :func:`load_image` decodes one file into a fully loaded RGB :class:`PIL.Image.Image` (first frame of
+  animations, EXIF orientation applied, alpha composited on white) or raises :class:`ImageLoadError`.
+* :func:`load_prompts` reads a JSON-lines prompts file into :class:`PromptItem` objects, raising
+  :class:`~lightkv_cli.errors.UserError` with ``file:line:`` in the message for any mistake.
+
+User mistakes that make the whole run pointless (a path that does not exist, a malformed prompts file)
+raise ``UserError``; a single unreadable image does not — it is reported as ``Skipped`` and the run
+goes on with the other images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "IMAGE_EXTENSIONS",
+    "ImageInput",
+    "ImageLoadError",
+    "PromptItem",
+    "Skipped",
+    "collect_images",
+    "describe_skipped",
+    "load_image",
+    "load_prompts",
+]
+
+#: File name extensions (lower case) that a directory scan treats as images. Matching ignores case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+#: The question asked about each image when the user gives no prompts file.
+DEFAULT_PROMPT = "Describe this image in one sentence."
+
+_PROMPT_KEYS = ("image", "question", "answer")
+_MAX_DETAIL_CHARS = 100
+
+
+class ImageLoadError(Exception):
+    """An image file that could not be decoded.
+
+    ``reason`` (also ``str(error)``) is a short human phrase such as ``"empty file (0 bytes)"`` or
+    ``"truncated or corrupt image (image file is truncated)"``, suitable for :class:`Skipped`.
+    This is deliberately not a ``UserError``: one bad file should not stop a run.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was meant to be used as an image but could not be.
+
+    ``reason`` is a short phrase, e.g. ``"not a recognised image (unknown file format)"``.
+    """
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One successfully loaded image.
+
+    ``image`` is a fully loaded RGB image (its file is closed); ``width`` and ``height`` are its size in
+    pixels after EXIF orientation was applied; ``sha256`` is the hex digest of the file's bytes (so
+    results can be tied to the exact file). ``image`` takes no part in equality comparison.
+    """
+
+    path: Path
+    image: Image.Image = field(compare=False, repr=False)
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One line of a prompts file: an image, the question to ask about it and an optional reference answer.
+
+    ``image`` is the resolved path (it exists, but has not been decoded yet); ``line`` is the 1-based line
+    number in the prompts file, or 0 when the item was not read from a file.
+    """
+
+    image: Path
+    question: str
+    answer: str | None
+    line: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception's message, shortened, for use inside a reason phrase."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(text) > _MAX_DETAIL_CHARS:
+        text = text[: _MAX_DETAIL_CHARS - 3] + "..."
+    return text
+
+
+def _read_error(exc: OSError) -> ImageLoadError:
+    detail = exc.strerror or _short(exc)
+    return ImageLoadError(f"cannot read file ({detail})")
+
+
+def _too_large(exc: BaseException) -> ImageLoadError:
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+    limit = Image.MAX_IMAGE_PIXELS
+    suffix = f", limit {limit:,}" if limit else ""
+    return ImageLoadError(f"image too large ({pixels}{suffix})")
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """Map a 16/32-bit integer or float single-channel image to mode ``L``.
+
+    16-bit data (mode ``I;16*``, or ``I`` with values in 0..65535 beyond 255) is scaled by 1/257;
+    values already in 0..255 are kept; anything else is stretched linearly from its min..max.
+    """
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")
+        lo, hi = 0.0, 65535.0
+    else:
+        lo, hi = img.getextrema()  # type: ignore[misc]
+        if lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0
+        elif lo >= 0 and hi <= 65535 and img.mode == "I":
+            lo, hi = 0.0, 65535.0
+    if hi <= lo:
+        hi = lo + 1.0
+    scale = 255.0 / (hi - lo)
+    offset = -lo * scale
+    if img.mode == "I":
+        img = img.convert("F")
+    return img.point(lambda v: v * scale + offset).convert("L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparency is composited on a white background."""
+    mode = img.mode
+    has_alpha = (
+        "A" in mode or "a" in mode or "transparency" in img.info
+    ) and mode not in ("I", "F") and not mode.startswith("I;16")
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _to_8bit_gray(img).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageLoadError(f"unsupported colour mode {mode} ({_short(exc)})") from exc
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Decode image bytes into a new, fully loaded RGB image; raises :class:`ImageLoadError`."""
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as "too large".
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _too_large(exc) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageLoadError("not a recognised image (unknown file format)") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageLoadError(f"truncated or corrupt image ({_short(exc)})") from exc
+        with img:
+            try:
+                img.seek(0)  # first frame of animated GIF/WebP
+                img.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _too_large(exc) from exc
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+                raise ImageLoadError(f"truncated or corrupt image ({_short(exc)})") from exc
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception:  # malformed EXIF: keep the pixels as stored rather than lose the image
+                oriented = img
+            if oriented is None:  # pragma: no cover - only with in_place=True
+                oriented = img
+            rgb = _to_rgb(oriented)
+    rgb.load()
+    return rgb
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _read_error(exc) from exc
+
+
+def load_image(path: Path) -> Image.Image:
+    """Read and fully decode one image file into a new RGB image.
+
+    Takes the first frame of animations, applies EXIF orientation, converts grayscale/palette/16-bit
+    images to RGB and composites transparent images on a white background. The returned image is fully
+    loaded and no file handle stays open.
+
+    Raises:
+        ImageLoadError: with a short ``reason``: ``"empty file (0 bytes)"``,
+            ``"not a recognised image (...)"``, ``"truncated or corrupt image (...)"``,
+            ``"image too large (N pixels, limit M)"`` (more than ``PIL.Image.MAX_IMAGE_PIXELS``) or
+            ``"cannot read file (<OS error>)"`` (missing file, directory, permission denied, ...).
+    """
+    return _decode(_read_bytes(Path(path)))
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _load_input(path: Path) -> ImageInput | Skipped:
+    try:
+        if path.exists() and not path.is_file() and not path.is_dir():
+            # FIFOs, sockets, devices: reading could block forever.
+            raise ImageLoadError("not a regular file")
+        data = _read_bytes(path)
+        image = _decode(data)
+    except ImageLoadError as exc:
+        return Skipped(path=path, reason=exc.reason)
+    return ImageInput(
+        path=path,
+        image=image,
+        width=image.width,
+        height=image.height,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def collect_images(
+    paths: Sequence[str | Path],
+) -> tuple[list[ImageInput], list[Skipped], list[Path]]:
+    """Load every image named by ``paths`` (files and/or directories).
+
+    Directories are scanned non-recursively in name order: hidden entries (name starting with ``.``)
+    and subdirectories are ignored silently, files whose extension is not in :data:`IMAGE_EXTENSIONS`
+    go to the ``ignored`` list, and image files that fail to load become :class:`Skipped` entries.
+    A file named explicitly is always attempted, whatever its extension. A path that appears more than
+    once (after resolving symlinks and ``..``) is used only the first time.
+
+    Returns:
+        ``(loaded, skipped, ignored)``. Nothing is raised when no image loads; the caller decides.
+
+    Raises:
+        UserError: a path does not exist.
+    """
+    loaded: list[ImageInput] = []
+    skipped: list[Skipped] = []
+    ignored: list[Path] = []
+    seen: set[Path] = set()
+
+    def first_time(p: Path) -> bool:
+        key = _resolved(p)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def attempt(p: Path) -> None:
+        result = _load_input(p)
+        if isinstance(result, Skipped):
+            skipped.append(result)
+        else:
+            loaded.append(result)
+
+    for raw in paths:
+        given = Path(raw).expanduser()
+        if not given.exists():
+            raise UserError(f"image path '{raw}' does not exist")
+        if given.is_dir():
+            try:
+                entries = sorted(given.iterdir(), key=lambda e: e.name)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot list image folder '{raw}' ({exc.strerror or exc}); check its permissions"
+                ) from exc
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    continue
+                if not first_time(entry):
+                    continue
+                if not _is_image_name(entry):
+                    ignored.append(entry)
+                    continue
+                attempt(entry)
+        else:
+            if first_time(given):
+                attempt(given)
+    return loaded, skipped, ignored
+
+
+def describe_skipped(s: Skipped) -> str:
+    """One line for the user, e.g. ``"skipped broken.jpg: truncated or corrupt image (...)"``."""
+    return f"skipped {s.path.name}: {s.reason}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+_EXAMPLE_LINE = '{"image": "cat.png", "question": "What animal is this?", "answer": "cat"}'
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _resolve_image(
+    value: str, prompts_path: Path, image_root: Path | None, where: str
+) -> Path:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        if candidate.exists():
+            return candidate
+        raise UserError(f"{where}: image '{value}' not found (looked in {candidate.parent}); fix the path")
+    bases: list[Path] = [prompts_path.parent]
+    if image_root is not None:
+        bases.append(image_root)
+    bases.append(Path("."))
+    looked: list[Path] = []
+    seen: set[Path] = set()
+    for base in bases:
+        key = _resolved(base)
+        if key in seen:
+            continue
+        seen.add(key)
+        looked.append(base)
+        path = base / candidate
+        if path.exists():
+            return path
+    places = ", ".join(f"'{_resolved(b)}'" for b in looked)
+    raise UserError(
+        f"{where}: image '{value}' not found (looked in {places}); fix the path or give an image root folder"
+    )
+
+
+def load_prompts(path: str | Path, image_root: Path | None = None) -> list[PromptItem]:
+    """Read a JSON-lines prompts file.
+
+    Each non-blank line that does not start with ``#`` must be an object
+    ``{"image": str, "question": str, "answer": str (optional)}``. ``answer`` may also be a number
+    (converted with ``str``) or ``null`` (no answer). A relative ``image`` is looked up next to the
+    prompts file, then under ``image_root`` (a folder, or a file whose folder is used), then in the
+    current directory; the first existing path wins. Images are only checked for existence, not
+    decoded — use :func:`load_image` for that.
+
+    Raises:
+        UserError: the file does not exist, cannot be read, is not UTF-8, has no items, or a line is
+            invalid (message starts with ``"<path>:<line>:"`` and says how to fix it).
+    """
+    prompts_path = Path(path).expanduser()
+    if not prompts_path.exists():
+        raise UserError(f"prompts file '{path}' does not exist")
+    if prompts_path.is_dir():
+        raise UserError(f"prompts file '{path}' is a directory; give a .jsonl file with one JSON object per line")
+    try:
+        text = prompts_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompts file '{path}' is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read prompts file '{path}' ({exc.strerror or exc})") from exc
+
+    root: Path | None = None
+    if image_root is not None:
+        root = Path(image_root).expanduser()
+        if root.is_file():
+            root = root.parent
+
+    items: list[PromptItem] = []
+    # split on "\n" only: JSON strings may legally contain other Unicode line separators.
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                f"each line must be one JSON object like {_EXAMPLE_LINE}"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise UserError(
+                f"{where}: expected a JSON object, got {_type_name(obj)}; write one object per line like {_EXAMPLE_LINE}"
+            )
+        unknown = [k for k in obj if k not in _PROMPT_KEYS]
+        if unknown:
+            names = ", ".join(f"'{k}'" for k in unknown)
+            allowed = ", ".join(f"'{k}'" for k in _PROMPT_KEYS)
+            raise UserError(f"{where}: unknown key(s) {names}; allowed keys are {allowed}")
+
+        values: dict[str, str] = {}
+        for key in ("image", "question"):
+            if key not in obj:
+                raise UserError(f'{where}: missing "{key}"; every line needs "image" and "question" strings')
+            value = obj[key]
+            if not isinstance(value, str):
+                raise UserError(f'{where}: "{key}" must be a string, got {_type_name(value)}; put it in quotes')
+            if not value.strip():
+                raise UserError(f'{where}: "{key}" is empty; give a non-empty string')
+            values[key] = value
+
+        answer_value = obj.get("answer")
+        answer: str | None
+        if answer_value is None:
+            answer = None
+        elif isinstance(answer_value, str):
+            answer = answer_value
+        elif isinstance(answer_value, (int, float)) and not isinstance(answer_value, bool):
+            answer = str(answer_value)
+        else:
+            raise UserError(
+                f'{where}: "answer" must be a string, a number or null, got {_type_name(answer_value)}; '
+                "put the expected answer in quotes"
+            )
+
+        image = _resolve_image(values["image"], prompts_path, root, where)
+        items.append(PromptItem(image=image, question=values["question"], answer=answer, line=number))
+
+    if not items:
+        raise UserError(
+            f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}"
+        )
+    return items

@@ -1,0 +1,547 @@
+"""Shared machinery of compression methods: attaching hooks, shortening the sequence during prefill.
+
+Every method is a dataclass whose fields are its hyperparameters. Calling it on a model returns a
+context manager that registers forward hooks and removes them on exit, also on error::
+
+    with press(model):
+        model.generate(**inputs, max_new_tokens=32)
+
+No model code is copied or patched: only ``register_forward_pre_hook`` / ``register_forward_hook``
+(with ``with_kwargs=True``) on the top model and on decoder layers.
+
+:class:`SequencePress` is the base of methods that shorten the sequence *inside* the decoder during
+prefill (LightKV, and later FastV and random dropping). A subclass says after which decoder layers it
+acts (:meth:`SequencePress.stage_layers`) and which tokens survive (:meth:`SequencePress.reduce`);
+the base does the rest, identically for every such method:
+
+- the layer's output is replaced by the shorter hidden states; the layer itself has already cached
+  the full sequence, later layers cache only what they process (``DynamicCache`` layers grow
+  independently), and layer 0 is never shortened so ``generate()`` keeps deriving positions and the
+  2-D mask from the uncompressed length;
+- later layers get the attention mask rebuilt for the shorter sequence (padding included) with
+  ``transformers.masking_utils.create_causal_mask``, and the position embeddings gathered at the
+  surviving positions (``positions="keep"``) or recomputed for renumbered positions
+  (``positions="renumber"``, 1-D RoPE only);
+- during decode, compressed layers get a mask built from their own cached length, and with
+  ``renumber`` positions shifted back by the number of removed tokens;
+- what happened is recorded in :attr:`SequencePress.last_prefill` (a :class:`PrefillRecord`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.models.adapters import FamilyAdapter, VisionLayout, adapter_for
+
+POSITION_MODES = ("keep", "renumber")
+
+
+class Press:
+    """Base class of every compression method. Subclasses are dataclasses of hyperparameters.
+
+    ``press(model)`` returns a context manager that attaches the method's hooks to ``model`` and
+    removes them when the block exits, whether normally or by an exception.
+    """
+
+    def __call__(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return self._attached(model)
+
+    @contextlib.contextmanager
+    def _attached(self, model: nn.Module) -> Iterator[nn.Module]:
+        adapter = adapter_for(model)
+        handles: list[Any] = []
+        try:
+            handles.extend(self._register(model, adapter))
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+            self._detach()
+
+    def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        """Drop per-model state after the hooks are removed."""
+
+
+@dataclass
+class StageRecord:
+    """What one reduction stage did during the last prefill.
+
+    Attributes:
+        layer: the decoder layer after which the stage ran.
+        seq_len_in, seq_len_out: sequence length before and after (same for every row).
+        vision_in, vision_out: vision tokens per row before and after.
+        guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
+    """
+
+    layer: int
+    seq_len_in: int
+    seq_len_out: int
+    vision_in: int
+    vision_out: int
+    guidance: torch.Tensor | None = None
+
+
+@dataclass
+class PrefillRecord:
+    """What a :class:`SequencePress` did to the last prefill it saw.
+
+    Attributes:
+        seq_len: prompt length ``S`` (padding included).
+        vision_tokens: vision tokens per row before compression.
+        num_layers: decoder layers ``L``.
+        stages: one :class:`StageRecord` per stage that removed at least one token.
+        layer_seq_lens: tokens each decoder layer processed (and cached), length ``L``.
+        layer_vision_tokens: vision tokens each decoder layer processed (and cached), length ``L``.
+        kept_index: for each stage that removed tokens, ``(B, seq_len_out)`` long indices into the
+            original prompt of the tokens that survived it (a merged token: its B token's index).
+    """
+
+    seq_len: int
+    vision_tokens: int
+    num_layers: int
+    stages: list[StageRecord] = field(default_factory=list)
+    layer_seq_lens: list[int] = field(default_factory=list)
+    layer_vision_tokens: list[int] = field(default_factory=list)
+    kept_index: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def vision_retention(self) -> float:
+        """Mean over all layers of (vision tokens cached / vision tokens before compression)."""
+        if self.vision_tokens == 0:
+            return 1.0
+        return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
+
+
+@dataclass
+class StageInput:
+    """Everything a stage may use, handed to :meth:`SequencePress.reduce`.
+
+    Attributes:
+        stage: index of the stage in the schedule.
+        layer: decoder layer after which it runs.
+        hidden: ``(B, S, D)`` the layer's output hidden states.
+        layer_input: ``(B, S, D)`` the layer's input hidden states.
+        layouts: per row, the current vision tokens (positions index ``hidden``'s sequence axis).
+        attention_mask_2d: ``(B, S)`` 1 for real tokens, 0 for padding.
+        position_embeddings: ``(cos, sin)``, each ``(B, S, head_dim)``, as the layer used them.
+        queries: ``(B, S, H·d)`` output of the layer's ``q_proj`` (pre-norm, pre-RoPE), or None.
+        keys: ``(B, S, H_kv·d)`` output of the layer's ``k_proj`` (pre-norm, pre-RoPE), or None.
+        module: the decoder layer.
+    """
+
+    stage: int
+    layer: int
+    hidden: torch.Tensor
+    layer_input: torch.Tensor
+    layouts: list[VisionLayout]
+    attention_mask_2d: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    queries: torch.Tensor | None
+    keys: torch.Tensor | None
+    module: nn.Module
+
+
+@dataclass
+class StageOutput:
+    """A stage's decision.
+
+    Attributes:
+        keep: ``(B, S)`` bool, tokens that survive; every row keeps the same number.
+        hidden: ``(B, S, D)`` hidden states to gather the survivors from (merged values written in
+            place of their B token).
+        guidance: ``(B, n_vision)`` float32 weights used, for the record (optional).
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor
+    guidance: torch.Tensor | None = None
+
+
+@dataclass
+class _Group:
+    """State of the layers after one stage (they all see the same shorter sequence)."""
+
+    first_layer: int
+    seq_len: int
+    mask_2d: torch.Tensor  # (B, S_k) long, padding of the surviving tokens
+    orig_index: torch.Tensor  # (B, S_k) long into the prompt
+    position_ids: torch.Tensor  # (B, S_k)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    removed: int  # tokens removed relative to the prompt (same for every row)
+    masks: dict = field(default_factory=dict)  # per forward: layer type -> mask
+
+
+@dataclass
+class _ForwardState:
+    phase: str  # "prefill" | "decode" | "off"
+    seq_len: int = 0
+    batch: int = 0
+    mask_2d: torch.Tensor | None = None  # prefill: (B, S); decode: (B, past + q) as passed to the model
+    layouts: list[VisionLayout] | None = None
+    cache: Any = None
+    groups: list[_Group] = field(default_factory=list)
+    record: PrefillRecord | None = None
+    captured: dict = field(default_factory=dict)  # layer -> {"q": ..., "k": ...}
+
+
+class SequencePress(Press):
+    """Base of methods that shorten the sequence inside the decoder during prefill.
+
+    Subclasses implement :meth:`stage_layers` and :meth:`reduce`, and set ``positions``.
+    ``needs_qk`` (class attribute) asks the base to capture the stage layers' ``q_proj`` and
+    ``k_proj`` outputs during prefill (for attention-based guidance) without changing the
+    model's attention implementation.
+    """
+
+    positions: str = "keep"
+    needs_qk: bool = False
+
+    # --- what a subclass provides ----------------------------------------------------------
+    def stage_layers(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    def reduce(self, inp: StageInput) -> StageOutput | None:
+        """Decide which tokens survive this stage; None (or keeping everything) means no change."""
+        raise NotImplementedError
+
+    def validate(self, adapter: FamilyAdapter) -> None:
+        """Raise ``UserError`` when the schedule does not fit the model."""
+
+    # --- public state ----------------------------------------------------------------------
+    @property
+    def last_prefill(self) -> PrefillRecord | None:
+        """What the last prefill under this press did (None before any prefill)."""
+        return getattr(self, "_last_prefill", None)
+
+    # --- hooks -----------------------------------------------------------------------------
+    def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if self.positions == "renumber" and not adapter.supports_renumber:
+            raise UnsupportedInputError(
+                f"positions='renumber' needs 1-D RoPE; the {adapter.family} family uses multi-axis positions: "
+                "use positions='keep'"
+            )
+        self.validate(adapter)
+        self._adapter = adapter
+        self._state = _ForwardState(phase="off")
+        self._last_prefill = None
+        L = adapter.num_layers
+        stages = self.stage_layers(L)
+        self._stage_of_layer = {lay: i for i, lay in enumerate(stages)}
+        handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
+        layers = adapter.layers
+        for lay in stages:
+            handles.append(layers[lay].register_forward_hook(self._stage_hook(lay), with_kwargs=True))
+            if self.needs_qk:
+                attn = layers[lay].self_attn
+                handles.append(attn.q_proj.register_forward_hook(self._capture_hook(lay, "q")))
+                handles.append(attn.k_proj.register_forward_hook(self._capture_hook(lay, "k")))
+        if stages:
+            for lay in range(min(stages) + 1, L):
+                handles.append(layers[lay].register_forward_pre_hook(self._layer_pre_hook(lay), with_kwargs=True))
+        return handles
+
+    def _detach(self) -> None:
+        self._state = _ForwardState(phase="off")
+
+    def _capture_hook(self, layer: int, what: str):
+        def hook(module, args, output):
+            st = self._state
+            if st.phase == "prefill":
+                st.captured.setdefault(layer, {})[what] = output
+
+        return hook
+
+    def _top_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        adapter = self._adapter
+        if past == 0:
+            if input_ids is None:
+                if inputs_embeds is not None:
+                    raise UnsupportedInputError(
+                        f"{type(self).__name__} needs input_ids to find the vision tokens; "
+                        "generate(inputs_embeds=...) without input_ids is not supported: pass input_ids"
+                    )
+                self._state = _ForwardState(phase="off")
+                return None
+            if cache is not None:
+                self._check_cache(cache)
+            layouts = adapter.vision_layouts(input_ids)
+            counts = {lay.count for lay in layouts}
+            if len(counts) > 1:
+                raise UnsupportedInputError(
+                    f"rows of the batch have different vision-token counts ({sorted(counts)}); "
+                    f"{type(self).__name__} needs the same count in every row: batch prompts with the same "
+                    "number of images, or run them one by one"
+                )
+            B, S = input_ids.shape[:2]
+            mask = kwargs.get("attention_mask")
+            if mask is None or mask.ndim != 2:
+                mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+            # The last prompt token predicts the first answer token: never merge it away.
+            for lay in layouts:
+                lay.mergeable = lay.mergeable & (lay.positions != S - 1)
+            n_vis = layouts[0].count if layouts else 0
+            self._state = _ForwardState(
+                phase="prefill" if n_vis else "off",
+                seq_len=S,
+                batch=B,
+                mask_2d=mask,
+                layouts=layouts,
+                cache=cache,
+                record=PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers),
+            )
+            if not n_vis:
+                self._last_prefill = self._state.record
+                self._finish_record(self._state)
+            return None
+        # decode (or a continued prefill)
+        st = self._state
+        if input_ids is not None and bool((input_ids == adapter.image_token_id()).any()):
+            raise UnsupportedInputError(
+                "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
+                "in a later turn); compress one complete prompt per prefill"
+            )
+        if st.phase in ("prefill", "decode") and st.groups and cache is st.cache:
+            mask = kwargs.get("attention_mask")
+            st.phase = "decode"
+            st.mask_2d = mask if (mask is not None and mask.ndim == 2) else None
+            for g in st.groups:
+                g.masks = {}
+            return None
+        if st.groups and cache is not st.cache:
+            raise UnsupportedInputError(
+                "decoding with a cache that this press did not fill; run the prefill inside the same "
+                "`with press(model):` block"
+            )
+        st.phase = "off"
+        return None
+
+    @staticmethod
+    def _check_cache(cache) -> None:
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return
+        for layer in layers:
+            if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+                raise UnsupportedInputError(
+                    f"{type(cache).__name__} with {type(layer).__name__} layers preallocates every layer to the "
+                    "same length, so shortening the sequence saves no memory and is not supported; use the "
+                    "default DynamicCache"
+                )
+
+    def _stage_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            return self._run_stage(layer, module, args, kwargs, output)
+
+        return hook
+
+    def _run_stage(self, layer: int, module, args, kwargs, output):
+        st = self._state
+        if st.phase != "prefill":
+            return None
+        if st.cache is None:
+            st.cache = kwargs.get("past_key_values")
+        stage = self._stage_of_layer[layer]
+        hidden = output[0] if isinstance(output, tuple) else output
+        layer_input = kwargs.get("hidden_states", args[0] if args else None)
+        if st.groups:
+            g = st.groups[-1]
+            mask_2d, pos_emb = g.mask_2d, g.position_embeddings
+        else:
+            mask_2d = st.mask_2d
+            pos_emb = kwargs["position_embeddings"]
+        captured = st.captured.pop(layer, {})
+        result = self.reduce(
+            StageInput(
+                stage=stage,
+                layer=layer,
+                hidden=hidden,
+                layer_input=layer_input,
+                layouts=st.layouts,
+                attention_mask_2d=mask_2d,
+                position_embeddings=pos_emb,
+                queries=captured.get("q"),
+                keys=captured.get("k"),
+                module=module,
+            )
+        )
+        record = st.record
+        n_in = st.layouts[0].count
+        seq_in = hidden.shape[1]
+        if result is None or bool(result.keep.all()):
+            if layer == max(self._stage_of_layer):
+                self._finish_record(st)
+            return None
+        keep = result.keep
+        counts = keep.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise RuntimeError(f"internal error: rows keep different token counts {counts.tolist()}")
+        new_hidden, group = self._apply(st, layer, keep, result.hidden, kwargs)
+        record.stages.append(
+            StageRecord(
+                layer=layer,
+                seq_len_in=seq_in,
+                seq_len_out=group.seq_len,
+                vision_in=n_in,
+                vision_out=st.layouts[0].count,
+                guidance=None if result.guidance is None else result.guidance.detach().float().cpu(),
+            )
+        )
+        record.kept_index.append(group.orig_index.detach().cpu())
+        if layer == max(self._stage_of_layer):
+            self._finish_record(st)
+        if isinstance(output, tuple):
+            return (new_hidden,) + tuple(output[1:])
+        return new_hidden
+
+    def _finish_record(self, st: _ForwardState) -> None:
+        rec = st.record
+        L = rec.num_layers
+        seq = [rec.seq_len] * L
+        vis = [rec.vision_tokens] * L
+        for s in rec.stages:
+            for lay in range(s.layer + 1, L):
+                seq[lay] = s.seq_len_out
+                vis[lay] = s.vision_out
+        rec.layer_seq_lens, rec.layer_vision_tokens = seq, vis
+        self._last_prefill = rec
+
+    def _apply(self, st: _ForwardState, layer: int, keep: torch.Tensor, hidden: torch.Tensor, kwargs):
+        """Gather the survivors and start a new layer group after ``layer``."""
+        B, S, D = hidden.shape
+        idx = torch.nonzero(keep, as_tuple=False)[:, 1].view(B, -1)  # (B, S') in sequence order
+        new_hidden = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
+        prev = st.groups[-1] if st.groups else None
+        if prev is None:
+            mask_2d = st.mask_2d
+            orig_index = torch.arange(S, device=hidden.device).unsqueeze(0).expand(B, -1)
+            pos_ids = kwargs.get("position_ids")
+            if pos_ids is None:
+                pos_ids = torch.arange(S, device=hidden.device).unsqueeze(0)
+            pos_ids = pos_ids.expand(B, -1)
+            cos, sin = kwargs["position_embeddings"]
+        else:
+            mask_2d, orig_index, pos_ids = prev.mask_2d, prev.orig_index, prev.position_ids
+            cos, sin = prev.position_embeddings
+        mask_2d = mask_2d.gather(1, idx)
+        orig_index = orig_index.gather(1, idx)
+        removed = st.seq_len - idx.shape[1]
+        if self.positions == "keep":
+            pos_ids = pos_ids.gather(1, idx)
+            d = cos.shape[-1]
+            gidx = idx.unsqueeze(-1).expand(-1, -1, d)
+            cos = cos.expand(B, -1, -1).gather(1, gidx)
+            sin = sin.expand(B, -1, -1).gather(1, gidx)
+        else:
+            pos_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)
+            cos, sin = self._adapter.language_model.rotary_emb(new_hidden, pos_ids)
+        # new vision layouts: positions in the shorter sequence
+        new_pos_of_old = keep.long().cumsum(-1) - 1  # (B, S)
+        layouts = []
+        for b, lay in enumerate(st.layouts):
+            kv = keep[b, lay.positions.to(keep.device)].cpu()
+            new_positions = new_pos_of_old[b, lay.positions.to(keep.device)][kv.to(keep.device)].cpu()
+            layouts.append(lay.select(kv, new_positions))
+        st.layouts = layouts
+        group = _Group(
+            first_layer=layer + 1,
+            seq_len=idx.shape[1],
+            mask_2d=mask_2d,
+            orig_index=orig_index,
+            position_ids=pos_ids,
+            position_embeddings=(cos, sin),
+            removed=removed,
+        )
+        st.groups.append(group)
+        return new_hidden, group
+
+    def _group_for(self, st: _ForwardState, layer: int) -> _Group | None:
+        found = None
+        for g in st.groups:
+            if g.first_layer <= layer:
+                found = g
+        return found
+
+    def _layer_pre_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            st = self._state
+            if st.phase not in ("prefill", "decode"):
+                return None
+            g = self._group_for(st, layer)
+            if g is None:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cache = kwargs.get("past_key_values")
+            config = self._adapter.text_config
+            layer_type = "full_attention"
+            types = getattr(config, "layer_types", None)
+            if types:
+                layer_type = types[layer]
+            if st.phase == "prefill":
+                mask_2d = g.mask_2d
+            else:
+                q = hidden.shape[1]
+                if st.mask_2d is not None:
+                    tail = st.mask_2d[:, st.seq_len :]
+                else:
+                    past_here = cache.get_seq_length(layer) if cache is not None else 0
+                    tail = torch.ones(
+                        g.mask_2d.shape[0], past_here - g.seq_len + q, dtype=g.mask_2d.dtype, device=g.mask_2d.device
+                    )
+                mask_2d = torch.cat([g.mask_2d, tail.to(g.mask_2d.dtype)], dim=1)
+            if layer_type not in g.masks:
+                g.masks[layer_type] = _make_mask(config, layer_type, hidden, mask_2d, cache, layer)
+            kwargs["attention_mask"] = g.masks[layer_type]
+            if st.phase == "prefill":
+                kwargs["position_ids"] = g.position_ids
+                kwargs["position_embeddings"] = g.position_embeddings
+            elif self.positions == "renumber":
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    past_here = cache.get_seq_length(layer) if cache is not None else g.seq_len
+                    pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) + past_here + g.removed
+                pos = pos - g.removed
+                key = "renumber_positions"
+                if key not in g.masks:
+                    g.masks[key] = (pos, self._adapter.language_model.rotary_emb(hidden, pos))
+                kwargs["position_ids"], kwargs["position_embeddings"] = g.masks[key]
+            return args, kwargs
+
+        return hook
+
+
+def _make_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, layer: int):
+    """The attention mask a layer of ``layer_type`` needs for ``hidden`` given a 2-D padding mask.
+
+    ``position_ids`` is deliberately not passed: gapped ids would make transformers build a
+    packed-sequence (block-diagonal) mask. With SDPA and no padding the result is ``None`` (the
+    kernel's own causal masking), which is correct.
+    """
+    from transformers import masking_utils
+
+    fn = masking_utils.create_causal_mask
+    if layer_type == "sliding_attention":
+        fn = masking_utils.create_sliding_window_causal_mask
+    return fn(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=mask_2d,
+        past_key_values=cache,
+        position_ids=None,
+        layer_idx=layer,
+    )
+

@@ -1,0 +1,191 @@
+"""Windowed bipartite token merging on the true token grid (LightKV, METHODS.md §1 steps 1-4).
+
+Pure functions on one prompt row; no model, no hooks. ``n`` is the number of mergeable vision
+tokens of the row, in sequence order (row-major on each image's grid).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# floor(ρ·n) is taken with this tolerance so that e.g. ρ=0.29, n=100 gives 29, not 28.
+_FLOOR_EPS = 1e-9
+
+
+def bands(index: torch.Tensor, size: torch.Tensor | int, num_bands: int) -> torch.Tensor:
+    """Band of each row (or column) index when ``size`` rows are split into ``num_bands`` bands.
+
+    Bands have near-equal sizes: the first ``size mod W`` bands get one more. When ``size < W`` the
+    first ``size`` bands have one row each and the rest are empty.
+
+    Args:
+        index: ``(n,)`` long row (or column) indices in ``[0, size)``.
+        size: grid height (or width), an int or an ``(n,)`` tensor (per token, for several images).
+        num_bands: ``W ≥ 1``.
+
+    Returns:
+        ``(n,)`` long band indices in ``[0, W)``.
+    """
+    size = torch.as_tensor(size, device=index.device)
+    small = torch.div(size, num_bands, rounding_mode="floor")
+    extra = size - small * num_bands
+    big = small + 1
+    cut = extra * big
+    return torch.where(
+        index < cut,
+        torch.div(index, big, rounding_mode="floor"),
+        extra + torch.div(index - cut, small.clamp(min=1), rounding_mode="floor"),
+    )
+
+
+def window_ids(coords: torch.Tensor, image: torch.Tensor, grids: list[tuple[int, int]], windows: int) -> torch.Tensor:
+    """Window of every token: images never share a window; each image has ``W × W`` windows.
+
+    Args:
+        coords: ``(n, 2)`` long (row, col) of each token on its image's grid.
+        image: ``(n,)`` long image index of each token.
+        grids: ``(rows, cols)`` of each image.
+        windows: ``W``, bands per axis.
+
+    Returns:
+        ``(n,)`` long window ids ``image·W² + band_row·W + band_col``.
+    """
+    dims = torch.tensor(grids, dtype=torch.long, device=coords.device).view(-1, 2)[image]
+    br = bands(coords[:, 0], dims[:, 0], windows)
+    bc = bands(coords[:, 1], dims[:, 1], windows)
+    return image * windows * windows + br * windows + bc
+
+
+def merges_per_window(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``r_w = min(floor(ρ·n_w), floor(n_w / 2))`` for window sizes ``n_w`` (``(W,)`` long)."""
+    r = torch.floor(sizes.double() * ratio + _FLOOR_EPS).long()
+    return torch.minimum(r, torch.div(sizes, 2, rounding_mode="floor"))
+
+
+@dataclass
+class MergePlan:
+    """Which tokens merge into which, for one row.
+
+    Attributes:
+        src: ``(m,)`` long, the merged A tokens (indices into the row's ``n`` tokens).
+        dst: ``(m,)`` long, the B token each merges into.
+        score: ``(m,)`` float32, the cosine similarity of each pair.
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    score: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.src.numel())
+
+    def top(self, m: int) -> "MergePlan":
+        """Keep the ``m`` most similar pairs (used to equalise counts across batch rows)."""
+        if m >= len(self):
+            return self
+        order = torch.argsort(self.score, descending=True, stable=True)[:m]
+        order = order.sort().values
+        return MergePlan(self.src[order], self.dst[order], self.score[order])
+
+
+def _window_slots(wid: torch.Tensor, num_windows: int):
+    order = torch.argsort(wid, stable=True)
+    sizes = torch.bincount(wid, minlength=num_windows)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(wid)
+    rank[order] = torch.arange(wid.numel(), device=wid.device) - starts[wid[order]]
+    return sizes, rank
+
+
+def bipartite_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ratio: float) -> MergePlan:
+    """Plan one stage's merges for one row.
+
+    Inside each window, tokens in sequence order alternate A (even) / B (odd). Every A token picks
+    the B token of its window with the highest cosine similarity of ``features``; A tokens are ranked
+    by that best score and the top ``r_w`` merge (several A may pick the same B).
+
+    Args:
+        features: ``(n, D)`` hidden states of the mergeable vision tokens (any float dtype; compared
+            in float32).
+        wid: ``(n,)`` long window id of each token (see :func:`window_ids`).
+        num_windows: number of window ids.
+        ratio: ``ρ``, the fraction of each window's tokens to remove (capped at one half).
+
+    Returns:
+        A :class:`MergePlan`. Memory: ``W·⌈n_max/2⌉·⌊n_max/2⌋`` similarities in float32.
+    """
+    device = features.device
+    empty = MergePlan(
+        torch.empty(0, dtype=torch.long, device=device),
+        torch.empty(0, dtype=torch.long, device=device),
+        torch.empty(0, dtype=torch.float32, device=device),
+    )
+    n = wid.numel()
+    if n < 2 or ratio <= 0:
+        return empty
+    sizes, rank = _window_slots(wid, num_windows)
+    r_w = merges_per_window(sizes, ratio)
+    if int(r_w.sum()) == 0:
+        return empty
+    max_size = int(sizes.max())
+    max_a, max_b = math.ceil(max_size / 2), max_size // 2
+    is_a = rank % 2 == 0
+    slot = torch.div(rank, 2, rounding_mode="floor")
+    tok = torch.arange(n, device=device)
+    a_tok = torch.full((num_windows, max_a), -1, dtype=torch.long, device=device)
+    b_tok = torch.full((num_windows, max_b), -1, dtype=torch.long, device=device)
+    a_tok[wid[is_a], slot[is_a]] = tok[is_a]
+    b_tok[wid[~is_a], slot[~is_a]] = tok[~is_a]
+    f = F.normalize(features.float(), dim=-1)
+    fa = f[a_tok.clamp(min=0)]  # (Wn, max_a, D)
+    fb = f[b_tok.clamp(min=0)]  # (Wn, max_b, D)
+    sim = torch.bmm(fa, fb.transpose(1, 2))
+    sim.masked_fill_((b_tok < 0).unsqueeze(1), float("-inf"))
+    best, best_k = sim.max(dim=-1)  # (Wn, max_a)
+    best = best.masked_fill(a_tok < 0, float("-inf"))
+    order = torch.argsort(best, dim=-1, descending=True, stable=True)
+    a_rank = torch.empty_like(order)
+    a_rank.scatter_(1, order, torch.arange(max_a, device=device).expand(num_windows, -1))
+    merge = (a_rank < r_w.unsqueeze(1)) & (a_tok >= 0)
+    src = a_tok[merge]
+    dst = b_tok.gather(1, best_k)[merge]
+    score = best[merge]
+    order = torch.argsort(src)
+    return MergePlan(src[order], dst[order], score[order])
+
+
+def simulate_counts(
+    grid: tuple[int, int], stages: list[tuple[int, float]], special: int = 0
+) -> list[int]:
+    """Vision tokens of one image left after each stage, predicted from the schedule alone.
+
+    Merges the first ``r_w`` A tokens of each window (any choice gives the same counts when the
+    windows of later stages nest in those of earlier ones, as 4-2-1 on an even grid does; otherwise
+    the real count can differ by a few tokens because survivors keep their B token's coordinates).
+
+    Args:
+        grid: ``(rows, cols)`` of the image.
+        stages: ``(windows, ratio)`` per stage, in order.
+        special: vision tokens of the image that are never merged (e.g. a CLS token).
+
+    Returns:
+        Token counts after each stage (``len(stages)`` ints), special tokens included.
+    """
+    rows, cols = grid
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    coords = torch.stack([r, c], 1)
+    counts = []
+    for windows, ratio in stages:
+        image = torch.zeros(coords.shape[0], dtype=torch.long)
+        wid = window_ids(coords, image, [grid], windows)
+        sizes, rank = _window_slots(wid, windows * windows)
+        r_w = merges_per_window(sizes, ratio)
+        drop = (rank % 2 == 0) & (torch.div(rank, 2, rounding_mode="floor") < r_w[wid])
+        coords = coords[~drop]
+        counts.append(int(coords.shape[0]) + special)
+    return counts
