@@ -239,7 +239,11 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _load_input(path: Path) -> ImageInput | Skipped:
+def load_image_input(path: Path) -> ImageInput | Skipped:
+    """Load one image file into an :class:`ImageInput`, or say why it cannot be used.
+
+    Never raises for a bad file: returns a :class:`Skipped` with the reason instead.
+    """
     try:
         if path.exists() and not path.is_file() and not path.is_dir():
             # FIFOs, sockets, devices: reading could block forever.
@@ -294,7 +298,7 @@ def collect_images(
         return True
 
     def attempt(p: Path) -> None:
-        result = _load_input(p)
+        result = load_image_input(p)
         if isinstance(result, Skipped):
             skipped.append(result)
         else:

@@ -1,0 +1,198 @@
+"""Prefill and greedy decode under a compression method, timed, with the KV cache read back.
+
+This is the measured path of the profiler. It mirrors what ``model.generate`` does for greedy
+decoding (positions from the 2-D attention mask, a ``DynamicCache``, the logits of the last
+position only) so that prefill and every decode step can be timed on their own, CUDA-synchronised
+on GPU. The cache is inspected right after prefill: what each layer holds is measured from the key
+and value tensors themselves, never assumed from the schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from lightkv_cli.telemetry import PeakMemory, Stopwatch
+
+
+@dataclass
+class CacheStats:
+    """What the KV cache holds after prefill, per request (batch row), measured from its tensors.
+
+    Attributes:
+        layer_seq_lens: tokens held by each layer's keys (``L`` ints).
+        layer_bytes: bytes of each layer's K and V tensors per request (``L`` ints).
+        vision_tokens: vision tokens of the prompt before compression.
+        text_tokens: non-vision tokens of the prompt (padding included); never compressed.
+        layer_vision_tokens: vision tokens held by each layer: ``layer_seq_lens - text_tokens``.
+    """
+
+    layer_seq_lens: list[int]
+    layer_bytes: list[int]
+    vision_tokens: int
+    text_tokens: int
+    layer_vision_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every K and V tensor held, per request."""
+        return sum(self.layer_bytes)
+
+    @property
+    def layer_vision_bytes(self) -> list[int]:
+        """Bytes of each layer's K and V entries that belong to vision tokens, per request."""
+        return [b * v // n if n else 0 for b, v, n in zip(self.layer_bytes, self.layer_vision_tokens, self.layer_seq_lens)]
+
+    @property
+    def vision_bytes(self) -> int:
+        return sum(self.layer_vision_bytes)
+
+    @property
+    def vision_retention(self) -> float:
+        """Mean over layers of (vision tokens held / vision tokens before compression)."""
+        if not self.vision_tokens:
+            return 1.0
+        return sum(self.layer_vision_tokens) / (len(self.layer_vision_tokens) * self.vision_tokens)
+
+
+def cache_stats(cache, vision_tokens: int) -> CacheStats:
+    """Measure a ``DynamicCache`` right after prefill.
+
+    Layer 0 is never shortened, so it holds the whole prompt; every token a layer lost is a vision
+    token (text is never compressed), hence ``vision held = held - text``.
+
+    Args:
+        cache: the ``DynamicCache`` filled by a prefill (keys ``(B, H_kv, S_l, d)`` per layer).
+        vision_tokens: vision tokens per row of the prompt.
+
+    Returns:
+        :class:`CacheStats` per request (bytes divided by the batch size).
+    """
+    lens, sizes = [], []
+    batch = 1
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        batch = k.shape[0]
+        lens.append(int(k.shape[-2]))
+        sizes.append((k.numel() * k.element_size() + v.numel() * v.element_size()) // batch)
+    text = lens[0] - vision_tokens
+    return CacheStats(
+        layer_seq_lens=lens,
+        layer_bytes=sizes,
+        vision_tokens=vision_tokens,
+        text_tokens=text,
+        layer_vision_tokens=[n - text for n in lens],
+    )
+
+
+@dataclass
+class GenerationResult:
+    """One measured greedy generation.
+
+    Attributes:
+        tokens: generated token ids per row, up to and excluding the end-of-sequence token.
+        first_logits: ``(B, V)`` float32 logits of the first generated token (on CPU).
+        prefill_ms: wall time of the prefill forward (vision encoder included) = time to first token.
+        decode_ms: wall time of each decode step (one token per row each), in ms.
+        cache: what the KV cache held after prefill.
+        peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
+        peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
+        seq_lens_processed: tokens each decoder layer processed in prefill (for FLOPs).
+    """
+
+    tokens: list[list[int]]
+    first_logits: torch.Tensor
+    prefill_ms: float
+    decode_ms: list[float]
+    cache: CacheStats
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    seq_lens_processed: list[int]
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    vision_tokens: int,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None,
+    press=None,
+) -> GenerationResult:
+    """Prefill ``inputs`` and decode greedily, timing prefill and each decode step.
+
+    Args:
+        model: a vision-language model (``LlavaForConditionalGeneration``, ...) in eval mode.
+        inputs: processor output on the model's device (``input_ids`` ``(B, S)``,
+            ``attention_mask`` ``(B, S)``, ``pixel_values``...).
+        vision_tokens: vision tokens per row (to split the cache into vision and text).
+        max_new_tokens: upper bound on generated tokens (≥ 1).
+        eos_token_id: stop a row when it emits this token (or any of these tokens).
+        press: a compression method (``LightKV(...)``) or None for the uncompressed model.
+
+    Returns:
+        :class:`GenerationResult`.
+
+    Raises:
+        torch.OutOfMemoryError: propagated, so the caller can record the run as ``oom``.
+    """
+    from transformers import DynamicCache
+
+    device = inputs["input_ids"].device
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(inputs["input_ids"])
+    batch = mask.shape[0]
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ctx = press(model) if press is not None else contextlib.nullcontext()
+    decode_ms: list[float] = []
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    with torch.inference_mode(), ctx, PeakMemory(device) as peak:
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        with Stopwatch(device) as sw:
+            out = model(
+                **{**inputs, "attention_mask": mask}, position_ids=position_ids, past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
+            )
+            logits = out.logits[:, -1]
+            next_tok = logits.argmax(-1)
+        prefill_ms = sw.ms
+        first_logits = logits.float().cpu()
+        stats = cache_stats(cache, vision_tokens)
+        record = getattr(press, "last_prefill", None) if press is not None else None
+        seq_lens = list(record.layer_seq_lens) if record is not None and record.layer_seq_lens else list(stats.layer_seq_lens)
+        last_pos = position_ids[:, -1:]
+        for step in range(max_new_tokens):
+            ids = next_tok.cpu()
+            for b in range(batch):
+                if not done[b]:
+                    if int(ids[b]) in eos:
+                        done[b] = True
+                    else:
+                        tokens[b].append(int(ids[b]))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            last_pos = last_pos + 1
+            with Stopwatch(device) as sw:
+                out = model(
+                    input_ids=next_tok.unsqueeze(1), attention_mask=mask, position_ids=last_pos,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )
+                next_tok = out.logits[:, -1].argmax(-1)
+            decode_ms.append(sw.ms)
+        del cache, out
+    return GenerationResult(
+        tokens=tokens,
+        first_logits=first_logits,
+        prefill_ms=prefill_ms,
+        decode_ms=decode_ms,
+        cache=stats,
+        peak_memory_bytes=int(peak.peak_bytes or 0),
+        peak_memory_kind=peak.kind or "",
+        seq_lens_processed=seq_lens,
+    )
