@@ -80,6 +80,8 @@ class StageRecord:
         seq_len_in, seq_len_out: sequence length before and after (same for every row).
         vision_in, vision_out: vision tokens per row before and after.
         guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
+        merge_pairs: per row, ``(m, 2)`` long original-prompt indices ``(merged token, token it
+            merged into)`` (None for methods that drop rather than merge).
     """
 
     layer: int
@@ -88,6 +90,7 @@ class StageRecord:
     vision_in: int
     vision_out: int
     guidance: torch.Tensor | None = None
+    merge_pairs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -159,11 +162,14 @@ class StageOutput:
         hidden: ``(B, S, D)`` hidden states to gather the survivors from (merged values written in
             place of their B token).
         guidance: ``(B, n_vision)`` float32 weights used, for the record (optional).
+        pairs: per row, ``(m, 2)`` long positions in the current sequence of (merged token, token
+            it merged into), for the record (optional).
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor
     guidance: torch.Tensor | None = None
+    pairs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -304,9 +310,7 @@ class SequencePress(Press):
                 cache=cache,
                 record=PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers),
             )
-            if not n_vis:
-                self._last_prefill = self._state.record
-                self._finish_record(self._state)
+            self._finish_record(self._state)
             return None
         # decode (or a continued prefill)
         st = self._state
@@ -383,13 +387,17 @@ class SequencePress(Press):
         n_in = st.layouts[0].count
         seq_in = hidden.shape[1]
         if result is None or bool(result.keep.all()):
-            if layer == max(self._stage_of_layer):
-                self._finish_record(st)
             return None
         keep = result.keep
         counts = keep.sum(dim=1)
         if bool((counts != counts[0]).any()):
             raise RuntimeError(f"internal error: rows keep different token counts {counts.tolist()}")
+        pairs = None
+        if result.pairs is not None:
+            current = st.groups[-1].orig_index if st.groups else None
+            pairs = [
+                (p if current is None else current[b].to(p.device)[p]).cpu() for b, p in enumerate(result.pairs)
+            ]
         new_hidden, group = self._apply(st, layer, keep, result.hidden, kwargs)
         record.stages.append(
             StageRecord(
@@ -399,16 +407,17 @@ class SequencePress(Press):
                 vision_in=n_in,
                 vision_out=st.layouts[0].count,
                 guidance=None if result.guidance is None else result.guidance.detach().float().cpu(),
+                merge_pairs=pairs,
             )
         )
         record.kept_index.append(group.orig_index.detach().cpu())
-        if layer == max(self._stage_of_layer):
-            self._finish_record(st)
+        self._finish_record(st)
         if isinstance(output, tuple):
             return (new_hidden,) + tuple(output[1:])
         return new_hidden
 
     def _finish_record(self, st: _ForwardState) -> None:
+        """(Re)compute the per-layer counts of the record from its stages; publish it."""
         rec = st.record
         L = rec.num_layers
         seq = [rec.seq_len] * L

@@ -234,6 +234,7 @@ class LightKV(SequencePress):
         g_all = self._guidance_weights(inp)  # (B, n) float32 over each row's vision tokens
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         out = hidden.clone()
+        pairs = []
         for b, lay in enumerate(inp.layouts):
             idx = mergeable_idx[b].to(hidden.device)
             pos = lay.positions.to(hidden.device)[idx]
@@ -248,7 +249,8 @@ class LightKV(SequencePress):
             merged = num[receivers] / den[receivers].clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
             out[b, pos[receivers]] = merged.to(hidden.dtype)
             keep[b, pos[src]] = False
-        return StageOutput(keep=keep, hidden=out, guidance=g_all)
+            pairs.append(torch.stack([pos[src], pos[dst]], dim=1))
+        return StageOutput(keep=keep, hidden=out, guidance=g_all, pairs=pairs)
 
     def _guidance_weights(self, inp: StageInput) -> torch.Tensor:
         """``(B, n)`` float32 guidance weights of each row's vision tokens (in layout order)."""
