@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -62,6 +63,19 @@ def _friendly(fn):
     return wrapper
 
 
+def _command_line(ctx) -> str:
+    """The command as it could be re-run: the subcommand and every option that differs from its default."""
+    parts = ["lightkv", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or not param.opts:
+            continue
+        flag = param.opts[0]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
 def parse_retentions(text: str) -> list[float]:
     """Parse ``"1.0,0.9,0.75"`` into floats in ``(0, 1]``.
 
@@ -85,7 +99,7 @@ def parse_retentions(text: str) -> list[float]:
     return values
 
 
-def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None):
+def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None = None):
     """Load images and pair them with questions. Prints one line per skipped file."""
     from lightkv_cli.inputs import (
         DEFAULT_PROMPT, ImageInput, PromptItem, Skipped, collect_images, describe_skipped, load_image_input, load_prompts,
@@ -100,6 +114,8 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None)
         root = images[0] if images else None
         cache: dict[Path, ImageInput | None] = {}
         for item in load_prompts(prompts, image_root=root):
+            if limit is not None and len(items) >= limit:
+                break
             key = item.image.resolve()
             if key not in cache:
                 got = load_image_input(item.image)
@@ -112,7 +128,7 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None)
     else:
         if not images:
             raise UserError("no inputs: give --images DIR (or image files), or --prompts FILE.jsonl")
-        found, skipped, ignored = collect_images(images)
+        found, skipped, ignored = collect_images(images, limit=limit)
         if ignored:
             names = ", ".join(p.name for p in ignored[:6]) + (" …" if len(ignored) > 6 else "")
             console.print(f"[dim]ignored {len(ignored)} non-image file(s): {names}[/]", highlight=False)
@@ -130,6 +146,7 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None)
 @app.command()
 @_friendly
 def profile(
+    ctx: typer.Context,
     images: Annotated[
         Optional[list[Path]],
         typer.Option("--images", "-i", help="Image directory or image files (repeat the option for several)."),
@@ -160,17 +177,21 @@ def profile(
     if positions not in POSITION_MODES:
         raise UserError(f"--positions must be one of {', '.join(POSITION_MODES)}, got '{positions}'")
     images = list(images or [])
-    loaded_images, items, skipped = _gather_inputs(images, prompt, prompts)
-    if limit is not None:
-        loaded_images, items = loaded_images[:limit], items[:limit]
-    if not items:
-        raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output '{output}' exists and is not a directory; give a directory for results.json")
+    loaded_images, items, skipped = _gather_inputs(images, prompt, prompts, limit)
+    if not items:
+        raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output '{output}': cannot create the directory ({exc.strerror or exc}); give a writable directory") from None
+    if not os.access(output, os.W_OK):
+        raise UserError(f"--output '{output}' is not writable; give a writable directory")
 
     from lightkv_cli.models.loader import load_model
     from lightkv_cli.profiler import ProfileSettings, Profiler, prepare_inputs
-    from lightkv_cli.report import recommendation_line, runs_table
+    from lightkv_cli.report import cost_table, quality_table, recommendation_line
 
     with console.status(f"loading model '{model}'…"):
         lm = load_model(model, init=init, device=device, dtype=dtype)
@@ -182,7 +203,7 @@ def profile(
     )
     inputs = prepare_inputs(lm, loaded_images, items)
     results_path = output / "results.json"
-    command = "lightkv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line(ctx)
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
@@ -204,7 +225,8 @@ def profile(
             done = len(profiler.results["runs"])
             err_console.print(f"[yellow]interrupted: {done} finished run(s) are in {results_path}[/]")
             raise typer.Exit(130) from None
-    console.print(runs_table(results))
+    console.print(cost_table(results))
+    console.print(quality_table(results))
     for r in results["runs"]:
         if r.get("status") != "ok":
             err_console.print(f"[red]{r['id']}: {r['status']}: {r.get('error', '')}[/]", highlight=False)

@@ -270,8 +270,9 @@ def _resolved(path: Path) -> Path:
 
 def collect_images(
     paths: Sequence[str | Path],
+    limit: int | None = None,
 ) -> tuple[list[ImageInput], list[Skipped], list[Path]]:
-    """Load every image named by ``paths`` (files and/or directories).
+    """Load every image named by ``paths`` (files and/or directories), or the first ``limit``.
 
     Directories are scanned non-recursively in name order: hidden entries (name starting with ``.``)
     and subdirectories are ignored silently, files whose extension is not in :data:`IMAGE_EXTENSIONS`
@@ -298,6 +299,8 @@ def collect_images(
         return True
 
     def attempt(p: Path) -> None:
+        if limit is not None and len(loaded) >= limit:
+            return
         result = load_image_input(p)
         if isinstance(result, Skipped):
             skipped.append(result)

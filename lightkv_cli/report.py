@@ -22,45 +22,74 @@ def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def runs_table(results: dict) -> Table:
-    """A rich table with one row per run: retention, KV bytes, times, FLOPs, memory, quality."""
-    env = results.get("environment", {})
-    on = "GPU" if env.get("cuda") else "CPU"
+def _title(results: dict, what: str) -> str:
+    on = "GPU" if results.get("environment", {}).get("cuda") else "CPU"
+    return f"lightkv profile · {results['model']['name']} · {len(results.get('inputs', []))} inputs · {on} · {what}"
+
+
+def _run_column(table: Table, runs: list[dict]) -> None:
+    width = max([len(r["id"]) for r in runs] + [3])
+    table.add_column("run", no_wrap=True, min_width=width)
+
+
+def _spread(s: dict | None, digits: int) -> str:
+    if s is None:
+        return "–"
+    return f"{s['median']:.{digits}f} ±{(s['p75'] - s['p25']) / 2:.{digits}f}"
+
+
+def cost_table(results: dict) -> Table:
+    """One row per run: target and measured vision retention, KV bytes, latency, FLOPs, peak memory.
+
+    Times are medians ± half the interquartile range over repeats and inputs, labelled CPU or GPU.
+    """
     runs = results.get("runs", [])
+    on = "GPU" if results.get("environment", {}).get("cuda") else "CPU"
     peak_kind = next((r.get("peak_memory_kind") for r in runs if r.get("peak_memory_kind")), "")
-    peak_label = "peak GPU alloc" if peak_kind == "cuda_allocator" else "peak RSS"
-    table = Table(title=f"lightkv profile · {results['model']['name']} · {len(results.get('inputs', []))} inputs · {on}")
-    for col, justify in [
-        ("run", "left"), ("target R", "right"), ("measured R", "right"), ("KV total", "right"),
-        ("KV vision", "right"), (f"prefill ms ({on})", "right"), (f"decode ms/tok ({on})", "right"),
-        ("FLOPs", "right"), (peak_label, "right"), ("answer match", "right"), ("token F1", "right"),
-        ("top-1", "right"), ("KL mean", "right"), ("accuracy", "right"),
-    ]:
-        table.add_column(col, justify=justify)
+    table = Table(title=_title(results, "cost"))
+    _run_column(table, runs)
+    for col in ("target R", "measured R", "KV total", "KV vision", f"prefill ms {on}", f"decode ms/tok {on}",
+                "prefill FLOPs", "peak GPU alloc" if peak_kind == "cuda_allocator" else "peak RSS"):
+        table.add_column(col, justify="right")
     rec = (results.get("recommendation") or {}).get("run")
     for r in runs:
         name = Text(r["id"], style="bold green" if r["id"] == rec else "")
         if r.get("status") != "ok":
-            table.add_row(name, _fmt(r.get("target_retention"), ".2f"), Text(r.get("status", "?"), style="red"),
-                          *[""] * 11)
+            table.add_row(name, _fmt(r.get("target_retention"), ".2f"), Text(r.get("status", "?"), style="red"), *[""] * 6)
             continue
-        q = r["quality"]
-        pre = r["prefill_ms"]
-        dec = r.get("decode_ms_per_token")
         table.add_row(
             name,
             f"{r['target_retention']:.2f}",
             f"{r['vision_retention']:.3f}",
             fmt_bytes(r["kv_bytes"]),
             fmt_bytes(r["kv_bytes_vision"]),
-            f"{pre['median']:.1f} ±{(pre['p75'] - pre['p25']) / 2:.1f}",
-            "–" if dec is None else f"{dec['median']:.2f} ±{(dec['p75'] - dec['p25']) / 2:.2f}",
+            _spread(r["prefill_ms"], 1),
+            _spread(r.get("decode_ms_per_token"), 2),
             _fmt(r.get("flops_ratio"), ".0%"),
             fmt_bytes(r.get("peak_memory_bytes")),
+        )
+    return table
+
+
+def quality_table(results: dict) -> Table:
+    """One row per run: quality against the uncompressed run of the same inputs (means over inputs)."""
+    runs = results.get("runs", [])
+    table = Table(title=_title(results, "quality vs. uncompressed"))
+    _run_column(table, runs)
+    for col in ("answer match", "token F1", "top-1 agree", "KL mean", "KL max", "accuracy"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        if r.get("status") != "ok":
+            table.add_row(r["id"], Text(r.get("status", "?"), style="red"), *[""] * 5)
+            continue
+        q = r["quality"]
+        table.add_row(
+            r["id"],
             f"{q['answer_match']:.2f}",
             f"{q['token_f1']:.2f}",
             f"{q['top1_agreement']:.2f}",
             f"{q['first_token_kl_mean']:.2e}",
+            f"{q['first_token_kl_max']:.2e}",
             _fmt(q.get("accuracy"), ".2f"),
         )
     return table

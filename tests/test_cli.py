@@ -317,6 +317,14 @@ def test_output_is_an_existing_file(runner, tmp_path, two_images, no_model_load)
     assert not no_model_load
 
 
+def test_output_that_cannot_be_created(runner, tmp_path, two_images, no_model_load):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _invoke(runner, ["--images", str(two_images), "--limit", "1", *FAST, "--output", str(blocker / "sub")])
+    _assert_user_error(result, "--output", "cannot create the directory")
+    assert not no_model_load
+
+
 # --------------------------------------------------------------------------------------------------
 # version, help, real console script
 # --------------------------------------------------------------------------------------------------
