@@ -152,8 +152,8 @@ class LightKV(SequencePress):
             raise UserError(f"retention must be in (0, 1], got {retention}")
         adapter = adapter_for(model)
         L = adapter.num_layers
-        if L < 4:
-            raise UserError(f"a LightKV schedule needs at least 4 decoder layers; this model has {L}")
+        if L < 5:
+            raise UserError(f"LightKV.for_retention needs at least 5 decoder layers; this model has {L}")
 
         def build(layers, windows, ratio, note):
             press = cls(layers, windows, [ratio] * len(layers), guidance=guidance, positions=positions)
@@ -166,7 +166,7 @@ class LightKV(SequencePress):
             counts = _predict_layer_counts(adapter, layers, windows, [ratio] * len(layers))
             return sum(counts) / (len(counts) * counts[0])
 
-        default_layers = _layers_at(DEFAULT_FRACTIONS, L, 1.0)
+        default_layers = _layers_at(DEFAULT_FRACTIONS, L, 1.0) or _layers_at(DEFAULT_FRACTIONS, L, 0.05)
         if retention >= 1.0:
             return build(default_layers, list(DEFAULT_WINDOWS), 0.0, "target 1.0: ratio 0, nothing is merged")
         for fractions, windows in (
@@ -188,8 +188,11 @@ class LightKV(SequencePress):
                     f"common ratio {ratio:.4f} solved for target {retention:g}"
                 )
                 return build(layers, list(windows), ratio, note)
-        floor_layers = _layers_at(DEFAULT_FRACTIONS + (EXTRA_FRACTION,), L, 0.05) or default_layers
-        lowest = retention_of(floor_layers, DEFAULT_WINDOWS + (EXTRA_WINDOWS,), 0.5)
+        floor_fractions, floor_windows = DEFAULT_FRACTIONS + (EXTRA_FRACTION,), DEFAULT_WINDOWS + (EXTRA_WINDOWS,)
+        floor_layers = _layers_at(floor_fractions, L, 0.05)
+        if floor_layers is None:  # too shallow for four stages
+            floor_layers, floor_windows = _layers_at(DEFAULT_FRACTIONS, L, 0.05), DEFAULT_WINDOWS
+        lowest = retention_of(floor_layers, floor_windows, 0.5)
         raise UserError(
             f"target retention {retention:g} is below the lowest this model reaches with LightKV "
             f"(about {lowest:.3f} with stages after layers {floor_layers}); choose a larger target"

@@ -339,3 +339,24 @@ def test_text_only_prompt_is_untouched(tiny):
             got = tiny.model(input_ids=ids).logits
     assert torch.equal(ref, got)
     assert press.last_prefill.vision_tokens == 0
+
+
+@pytest.mark.parametrize("num_layers", [4, 5, 8])
+def test_for_retention_on_shallow_models(tiny, num_layers):
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    config = copy.deepcopy(tiny.model.config)
+    config.text_config.num_hidden_layers = num_layers
+    model = LlavaForConditionalGeneration(config)
+    if num_layers < 5:
+        with pytest.raises(UserError, match="at least 5"):
+            LightKV.for_retention(0.6, model)
+        return
+    assert LightKV.for_retention(1.0, model).expected_retention == 1.0
+    press = LightKV.for_retention(0.6, model)
+    assert max(press.layers) <= num_layers - 2
+    assert abs(press.expected_retention - 0.6) < 0.05
+    with pytest.raises(UserError, match="below the lowest"):
+        LightKV.for_retention(0.05, model)
