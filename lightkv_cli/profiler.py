@@ -57,6 +57,7 @@ class ProfileSettings:
     min_fidelity: float = 0.95
 
     def to_dict(self) -> dict:
+        """The ``settings`` section of the results file."""
         return {
             "retentions": [float(r) for r in self.retentions],
             "guidance": self.guidance,
@@ -81,6 +82,7 @@ class ProfileInput:
     vision_tokens: int
 
     def to_dict(self) -> dict:
+        """One entry of the ``inputs`` section of the results file."""
         return {
             "id": self.id,
             "image": str(self.image.path),
@@ -104,6 +106,7 @@ class RunSpec:
     press: LightKV | None = None
 
     def params(self) -> dict:
+        """The method's parameters as recorded in the results file (empty when uncompressed)."""
         if self.press is None:
             return {}
         p = self.press

@@ -48,6 +48,7 @@ class CacheStats:
 
     @property
     def vision_bytes(self) -> int:
+        """Bytes of K and V entries that belong to vision tokens, all layers, per request."""
         return sum(self.layer_vision_bytes)
 
     @property

@@ -213,6 +213,7 @@ class SequencePress(Press):
 
     # --- what a subclass provides ----------------------------------------------------------
     def stage_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers (0-based, increasing) after which :meth:`reduce` runs, for an ``L``-layer model."""
         raise NotImplementedError
 
     def reduce(self, inp: StageInput) -> StageOutput | None:

@@ -103,12 +103,15 @@ class LightKV(SequencePress):
     # --- schedule ----------------------------------------------------------------------------
     @property
     def needs_qk(self) -> bool:  # type: ignore[override]
+        """Whether the stage layers' query/key projections must be captured (attention guidance)."""
         return self.guidance != "uniform" and self._fixed_guidance is None
 
     def stage_layers(self, num_layers: int) -> list[int]:
+        """The schedule's layers whose ratio is non-zero (a zero-ratio stage changes nothing)."""
         return [lay for lay, r in zip(self.layers, self.ratios) if r > 0]
 
     def validate(self, adapter: FamilyAdapter) -> None:
+        """Raise ``UserError`` when a stage layer leaves no later decoder layer to compress."""
         L = adapter.num_layers
         bad = [lay for lay in self.layers if lay > L - 2]
         if bad:
@@ -212,6 +215,12 @@ class LightKV(SequencePress):
 
     # --- one stage -----------------------------------------------------------------------------
     def reduce(self, inp: StageInput) -> StageOutput | None:
+        """One stage: plan merges per row (windows, bipartite matching), weight them by guidance, merge.
+
+        Returns None when no window can merge anything (the sequence is left untouched). Hidden
+        states are merged in float32 and cast back to the model dtype; unmerged tokens are copied
+        bit for bit.
+        """
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
         hidden = inp.hidden

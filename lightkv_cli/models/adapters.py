@@ -57,6 +57,7 @@ class VisionLayout:
 
     @property
     def count(self) -> int:
+        """Number of vision tokens ``n`` of the row."""
         return int(self.positions.numel())
 
     def select(self, keep: torch.Tensor, new_positions: torch.Tensor) -> "VisionLayout":
@@ -88,14 +89,17 @@ class FamilyAdapter:
 
     @property
     def layers(self) -> nn.ModuleList:
+        """The decoder layers of the language model."""
         return self.language_model.layers
 
     @property
     def text_config(self):
+        """The language model's config (``num_hidden_layers``, ``num_key_value_heads``, ...)."""
         return self.language_model.config
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers ``L``."""
         return len(self.layers)
 
     def rotary_function(self, layer_idx: int) -> Callable:
@@ -110,6 +114,7 @@ class FamilyAdapter:
 
     # --- vision tokens ---------------------------------------------------------------------
     def image_token_id(self) -> int:
+        """Id of the placeholder token that marks vision tokens in ``input_ids``."""
         raise NotImplementedError
 
     def vision_tokens_per_image(self) -> int:
@@ -212,6 +217,7 @@ _ADAPTERS: dict[str, type[FamilyAdapter]] = {"llava": LlavaAdapter}
 
 
 def supported_families() -> list[str]:
+    """``config.model_type`` values with an adapter."""
     return sorted(_ADAPTERS)
 
 
