@@ -369,3 +369,22 @@ def test_console_script_missing_directory(tmp_path):
     assert str(missing) in lines[0] and "does not exist" in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "lightkv-out").exists()
+
+
+def test_ctrl_c_keeps_finished_runs_and_exits_130(runner, tmp_path, two_images, monkeypatch):
+    import lightkv_cli.profiler as prof
+
+    real = prof.greedy_generate
+
+    def interrupted(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None):
+        if press is not None:
+            raise KeyboardInterrupt
+        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press)
+
+    monkeypatch.setattr(prof, "greedy_generate", interrupted)
+    out = tmp_path / "out"
+    result = _invoke(runner, ["--images", str(two_images), "--limit", "1", *FAST, "--output", str(out)])
+    assert result.exit_code == 130, _all_text(result)
+    assert "interrupted" in _flat(_all_text(result))
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["id"] for r in saved["runs"]] == ["uncompressed"] and saved["complete"] is False
