@@ -99,48 +99,17 @@ def parse_retentions(text: str) -> list[float]:
     return values
 
 
-def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None = None):
-    """Load images and pair them with questions. Prints one line per skipped file."""
-    from lightkv_cli.inputs import (
-        DEFAULT_PROMPT, ImageInput, PromptItem, Skipped, collect_images, describe_skipped, load_image_input, load_prompts,
-    )
+def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None):
+    """Load the inputs; print what was ignored or skipped (one line per skipped file)."""
+    from lightkv_cli.inputs import describe_skipped, gather_inputs
 
-    loaded: list[ImageInput] = []
-    items: list[PromptItem] = []
-    skipped: list[Skipped] = []
-    if prompts is not None:
-        if prompt is not None:
-            raise UserError("give either --prompt or --prompts, not both")
-        root = images[0] if images else None
-        cache: dict[Path, ImageInput | None] = {}
-        for item in load_prompts(prompts, image_root=root):
-            if limit is not None and len(items) >= limit:
-                break
-            key = item.image.resolve()
-            if key not in cache:
-                got = load_image_input(item.image)
-                cache[key] = got if isinstance(got, ImageInput) else None
-                if cache[key] is None:
-                    skipped.append(Skipped(item.image, f"{got.reason} (prompts line {item.line})"))
-            if cache[key] is not None:
-                loaded.append(cache[key])
-                items.append(item)
-    else:
-        if not images:
-            raise UserError("no inputs: give --images DIR (or image files), or --prompts FILE.jsonl")
-        found, skipped, ignored = collect_images(images, limit=limit)
-        if ignored:
-            names = ", ".join(p.name for p in ignored[:6]) + (" …" if len(ignored) > 6 else "")
-            console.print(f"[dim]ignored {len(ignored)} non-image file(s): {names}[/]", highlight=False)
-        question = prompt if prompt is not None else DEFAULT_PROMPT
-        if not question.strip():
-            raise UserError("--prompt is empty; give a question or instruction about the images")
-        for im in found:
-            loaded.append(im)
-            items.append(PromptItem(image=im.path, question=question, answer=None, line=0))
-    for s in skipped:
+    got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit)
+    if got.ignored:
+        names = ", ".join(p.name for p in got.ignored[:6]) + (" …" if len(got.ignored) > 6 else "")
+        console.print(f"[dim]ignored {len(got.ignored)} non-image file(s): {names}[/]", highlight=False)
+    for s in got.skipped:
         err_console.print(f"[yellow]{describe_skipped(s)}[/]", highlight=False, soft_wrap=True)
-    return loaded, items, skipped
+    return got.images, got.items, got.skipped
 
 
 @app.command()

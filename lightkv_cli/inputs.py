@@ -479,3 +479,74 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
             f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}"
         )
     return items
+
+
+@dataclass
+class Inputs:
+    """Images paired with questions, ready to profile.
+
+    Attributes:
+        images: one loaded image per item (the same image may appear for several questions).
+        items: the questions, with optional expected answers, in order.
+        skipped: files that could not be used, with the reason.
+        ignored: files in image directories that are not images by extension.
+    """
+
+    images: list[ImageInput]
+    items: list[PromptItem]
+    skipped: list[Skipped]
+    ignored: list[Path]
+
+
+def gather_inputs(
+    images: Sequence[str | Path],
+    prompt: str | None = None,
+    prompts: str | Path | None = None,
+    limit: int | None = None,
+) -> Inputs:
+    """Collect the (image, question) pairs of a profile.
+
+    With ``prompts`` (a JSON-lines file), each line names its image (resolved against the file's
+    folder, then ``images[0]``, then the current folder); each distinct image is loaded once.
+    Without it, every image found in ``images`` gets ``prompt`` (default :data:`DEFAULT_PROMPT`).
+
+    Args:
+        images: image files and/or directories.
+        prompt: the question asked about every image.
+        prompts: a prompts file (exclusive with ``prompt``).
+        limit: use at most this many pairs (stops loading once reached).
+
+    Raises:
+        UserError: both ``prompt`` and ``prompts``, no inputs at all, an empty ``prompt``, a missing
+            path, or a bad prompts file (with its line number).
+    """
+    loaded: list[ImageInput] = []
+    items: list[PromptItem] = []
+    skipped: list[Skipped] = []
+    ignored: list[Path] = []
+    if prompts is not None:
+        if prompt is not None:
+            raise UserError("give either --prompt or --prompts, not both")
+        root = Path(images[0]) if images else None
+        seen: dict[Path, ImageInput | None] = {}
+        for item in load_prompts(prompts, image_root=root):
+            if limit is not None and len(items) >= limit:
+                break
+            key = _resolved(item.image)
+            if key not in seen:
+                got = load_image_input(item.image)
+                seen[key] = got if isinstance(got, ImageInput) else None
+                if isinstance(got, Skipped):
+                    skipped.append(Skipped(item.image, f"{got.reason} (prompts line {item.line})"))
+            if seen[key] is not None:
+                loaded.append(seen[key])
+                items.append(item)
+        return Inputs(loaded, items, skipped, ignored)
+    if not images:
+        raise UserError("no inputs: give --images DIR (or image files), or --prompts FILE.jsonl")
+    question = DEFAULT_PROMPT if prompt is None else prompt
+    if not question.strip():
+        raise UserError("--prompt is empty; give a question or instruction about the images")
+    loaded, skipped, ignored = collect_images(images, limit=limit)
+    items = [PromptItem(image=im.path, question=question, answer=None, line=0) for im in loaded]
+    return Inputs(loaded, items, skipped, ignored)

@@ -456,3 +456,32 @@ def test_sample_prompts() -> None:
     assert all(item.image.is_file() and item.image.parent == SAMPLE_DIR for item in items)
     assert [i.line for i in items] == [1, 2, 3, 4]
     assert items[0].answer == "cat"
+
+
+def test_gather_inputs_pairs_prompts_with_images_and_limits(tmp_path):
+    from lightkv_cli.inputs import gather_inputs
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    lines = [
+        {"image": "a.png", "question": "q1", "answer": "x"},
+        {"image": "bad.png", "question": "q2"},
+        {"image": "a.png", "question": "q3"},
+        {"image": "a.png", "question": "q4"},
+    ]
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = gather_inputs([], prompts=pf)
+    assert [i.question for i in got.items] == ["q1", "q3", "q4"]
+    assert got.images[0] is got.images[1]  # each distinct image loaded once
+    assert len(got.skipped) == 1 and "line 2" in got.skipped[0].reason and "empty" in got.skipped[0].reason
+    limited = gather_inputs([], prompts=pf, limit=2)
+    assert [i.question for i in limited.items] == ["q1", "q3"]
+    with pytest.raises(UserError):
+        gather_inputs([tmp_path], prompt="x", prompts=pf)
+    with pytest.raises(UserError):
+        gather_inputs([])
+    with pytest.raises(UserError):
+        gather_inputs([tmp_path], prompt="   ")
+    plain = gather_inputs([tmp_path], limit=1)
+    assert len(plain.items) == 1 and plain.items[0].question == "Describe this image in one sentence."
