@@ -360,3 +360,58 @@ def test_for_retention_on_shallow_models(tiny, num_layers):
     assert abs(press.expected_retention - 0.6) < 0.05
     with pytest.raises(UserError, match="below the lowest"):
         LightKV.for_retention(0.05, model)
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_multi_token_decode_step_equals_reference(tiny, images, encode, positions):
+    """A decode forward with several new tokens at once (e.g. a follow-up turn) stays causal."""
+    inputs = encode(images[:1], [QUESTION])
+    press = LightKV(**SCHEDULE, guidance="uniform", positions=positions)
+    new = tiny.processor.tokenizer(" and more", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([inputs["input_ids"], new], dim=1)
+    with torch.no_grad(), press(tiny.model):
+        out = tiny.model(**inputs, use_cache=True)
+        step = tiny.model(input_ids=new, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values)
+        full = tiny.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
+    k = new.shape[1]
+    assert k >= 3
+    assert (step.logits - full.logits[:, -k:]).abs().max().item() <= 1e-4
+
+
+def test_eager_attention_gives_the_same_result_as_sdpa(tiny, images, encode):
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny.source, dtype=torch.float32, attn_implementation="eager").eval()
+    inputs = encode(images[:1], [QUESTION])
+    got_sdpa = _generate(tiny.model, inputs, n=4, press=LightKV(**SCHEDULE))
+    got_eager = _generate(eager, inputs, n=4, press=LightKV(**SCHEDULE))
+    for a, b in zip(got_sdpa.logits, got_eager.logits):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert torch.equal(got_sdpa.sequences, got_eager.sequences)
+
+
+def test_cls_token_of_full_feature_strategy_is_never_merged(tiny, images):
+    import copy
+
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    config = copy.deepcopy(tiny.model.config)
+    config.vision_feature_select_strategy = "full"
+    model = LlavaForConditionalGeneration(config).eval()
+    proc = LlavaProcessor(
+        image_processor=tiny.processor.image_processor, tokenizer=tiny.processor.tokenizer, patch_size=14,
+        vision_feature_select_strategy="full", num_additional_image_tokens=1,
+    )
+    inputs = proc(images=images[:1], text=[tiny.adapter.format_prompt(QUESTION)], return_tensors="pt")
+    vis = torch.nonzero(inputs["input_ids"][0] == config.image_token_id).flatten()
+    assert vis.numel() == 577
+    press = LightKV(layers=[2, 5], windows=[2, 1], ratios=[0.5, 0.5])
+    predicted = press.predict(model)
+    with torch.no_grad(), press(model):
+        model(**{k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+    rec = press.last_prefill
+    assert rec.layer_vision_tokens == predicted and predicted[-1] == 1 + 144
+    cls = int(vis[0])
+    for stage in rec.stages:
+        assert cls not in stage.merge_pairs[0].flatten().tolist()
+    assert all(cls in k[0].tolist() for k in rec.kept_index)
