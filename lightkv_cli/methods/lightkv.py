@@ -183,7 +183,7 @@ class LightKV(SequencePress):
                     continue
                 if retention_of(layers, windows, 0.5) > retention + 1e-9:
                     continue
-                ratio = _solve_ratio(lambda r: retention_of(layers, windows, r), retention)
+                ratio = _solve_ratio(lambda r, ls=layers, ws=windows: retention_of(ls, ws, r), retention)
                 where = "default depths" if step == 0 else f"depths scaled by {scale:.2f} (moved earlier)"
                 extra = "" if len(fractions) == 3 else ", with a fourth stage"
                 note = (
@@ -224,7 +224,6 @@ class LightKV(SequencePress):
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
         hidden = inp.hidden
-        B = hidden.shape[0]
         plans: list[MergePlan] = []
         mergeable_idx = []
         for b, lay in enumerate(inp.layouts):

@@ -157,7 +157,7 @@ class LlavaAdapter(FamilyAdapter):
         cfg = self.model.config
         tid = getattr(cfg, "image_token_id", None)
         if tid is None:
-            tid = getattr(cfg, "image_token_index")
+            tid = cfg.image_token_index
         return int(tid)
 
     def image_grid(self) -> tuple[int, int]:

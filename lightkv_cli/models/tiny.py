@@ -62,11 +62,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightkv"
 
 
-def build_tokenizer(image_token_id: int | None = None):
-    """Build the byte-level tokenizer (a ``PreTrainedTokenizerFast``).
-
-    Args:
-        image_token_id: unused placeholder for API symmetry; the ``<image>`` token always has id 4.
+def build_tokenizer():
+    """Build the byte-level tokenizer (a ``PreTrainedTokenizerFast``); ``<image>`` has id 4.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with bos ``<s>`` (added in front of every encoded
