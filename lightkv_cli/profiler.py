@@ -178,13 +178,27 @@ def plan_runs(loaded: LoadedModel, settings: ProfileSettings) -> list[RunSpec]:
     return runs
 
 
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file + rename in the same folder)."""
+    """Write ``data`` as strict JSON to ``path`` atomically (temporary file + rename in the same folder).
+
+    Non-finite numbers (an infinite KL divergence, say) are written as ``null``, since JSON has no
+    representation for them.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
+            json.dump(_finite(data), f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

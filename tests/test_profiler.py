@@ -118,3 +118,12 @@ def test_interrupt_keeps_finished_runs(tiny, two_inputs, tmp_path):
     saved = json.loads(path.read_text())
     assert [r["id"] for r in saved["runs"]] == ["uncompressed"]
     assert saved["complete"] is False
+
+
+def test_results_file_is_strict_json_even_with_infinite_kl(tmp_path):
+    from lightkv_cli.profiler import write_json_atomic
+
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"kl": float("inf"), "runs": [{"x": float("nan"), "y": 1.5}]})
+    assert json.loads(path.read_text()) == {"kl": None, "runs": [{"x": None, "y": 1.5}]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
