@@ -88,8 +88,8 @@ def quality_table(results: dict) -> Table:
             f"{q['answer_match']:.2f}",
             f"{q['token_f1']:.2f}",
             f"{q['top1_agreement']:.2f}",
-            f"{q['first_token_kl_mean']:.2e}",
-            f"{q['first_token_kl_max']:.2e}",
+            _fmt(q.get("first_token_kl_mean"), ".2e"),
+            _fmt(q.get("first_token_kl_max"), ".2e"),
             _fmt(q.get("accuracy"), ".2f"),
         )
     return table
