@@ -356,7 +356,7 @@ class Profiler:
             )
             qualities.append(q)
             c = o.result.cache
-            f = prefill_flops(text_config, o.result.seq_lens_processed)
+            f = prefill_flops(text_config, c.layer_seq_lens)
             flops.append(f)
             prefill_all += o.prefill_ms
             decode_all += o.decode_ms

@@ -101,7 +101,9 @@ class GenerationResult:
         cache: what the KV cache held after prefill.
         peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
         peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
-        seq_lens_processed: tokens each decoder layer processed in prefill (for FLOPs).
+
+    Each layer caches exactly what it processed, so ``cache.layer_seq_lens`` are also the tokens
+    each decoder layer processed in prefill (what the FLOPs estimate needs).
     """
 
     tokens: list[list[int]]
@@ -111,7 +113,6 @@ class GenerationResult:
     cache: CacheStats
     peak_memory_bytes: int
     peak_memory_kind: str
-    seq_lens_processed: list[int]
 
 
 def greedy_generate(
@@ -164,8 +165,6 @@ def greedy_generate(
         prefill_ms = sw.ms
         first_logits = logits.float().cpu()
         stats = cache_stats(cache, vision_tokens)
-        record = getattr(press, "last_prefill", None) if press is not None else None
-        seq_lens = list(record.layer_seq_lens) if record is not None and record.layer_seq_lens else list(stats.layer_seq_lens)
         last_pos = position_ids[:, -1:]
         for step in range(max_new_tokens):
             ids = next_tok.cpu()
@@ -195,5 +194,4 @@ def greedy_generate(
         cache=stats,
         peak_memory_bytes=int(peak.peak_bytes or 0),
         peak_memory_kind=peak.kind or "",
-        seq_lens_processed=seq_lens,
     )

@@ -53,12 +53,12 @@ def test_cache_stats_and_flops_follow_the_schedule(tiny, images, encode):
     comp = greedy_generate(tiny.model, inputs, n_vis, 2, eos_token_id=None, press=press)
     L = tiny.adapter.num_layers
     assert base.cache.layer_seq_lens == [S] * L
-    assert base.seq_lens_processed == [S] * L
-    assert comp.cache.layer_seq_lens == comp.seq_lens_processed == press.last_prefill.layer_seq_lens
+    assert base.cache.layer_seq_lens == [S] * L
+    assert comp.cache.layer_seq_lens == press.last_prefill.layer_seq_lens
     assert comp.cache.layer_vision_tokens == press.predict(tiny.model)
     assert comp.cache.text_tokens == base.cache.text_tokens == S - n_vis
     cfg = tiny.adapter.text_config
-    f_base = prefill_flops(cfg, base.seq_lens_processed)
-    f_comp = prefill_flops(cfg, comp.seq_lens_processed)
+    f_base = prefill_flops(cfg, base.cache.layer_seq_lens)
+    f_comp = prefill_flops(cfg, comp.cache.layer_seq_lens)
     assert f_comp < f_base
     assert f_comp == prefill_flops(cfg, press.last_prefill.layer_seq_lens)

@@ -129,10 +129,8 @@ class StageInput:
     """Everything a stage may use, handed to :meth:`SequencePress.reduce`.
 
     Attributes:
-        stage: index of the stage in the schedule.
         layer: decoder layer after which it runs.
         hidden: ``(B, S, D)`` the layer's output hidden states.
-        layer_input: ``(B, S, D)`` the layer's input hidden states.
         layouts: per row, the current vision tokens (positions index ``hidden``'s sequence axis).
         attention_mask_2d: ``(B, S)`` 1 for real tokens, 0 for padding.
         position_embeddings: ``(cos, sin)``, each ``(B, S, head_dim)``, as the layer used them.
@@ -141,10 +139,8 @@ class StageInput:
         module: the decoder layer.
     """
 
-    stage: int
     layer: int
     hidden: torch.Tensor
-    layer_input: torch.Tensor
     layouts: list[VisionLayout]
     attention_mask_2d: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -190,7 +186,6 @@ class _Group:
 class _ForwardState:
     phase: str  # "prefill" | "decode" | "off"
     seq_len: int = 0
-    batch: int = 0
     mask_2d: torch.Tensor | None = None  # prefill: (B, S); decode: (B, past + q) as passed to the model
     layouts: list[VisionLayout] | None = None
     cache: Any = None
@@ -244,7 +239,6 @@ class SequencePress(Press):
         self._last_prefill = None
         L = adapter.num_layers
         stages = self.stage_layers(L)
-        self._stage_of_layer = {lay: i for i, lay in enumerate(stages)}
         handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
         layers = adapter.layers
         for lay in stages:
@@ -305,7 +299,6 @@ class SequencePress(Press):
             self._state = _ForwardState(
                 phase="prefill" if n_vis else "off",
                 seq_len=S,
-                batch=B,
                 mask_2d=mask,
                 layouts=layouts,
                 cache=cache,
@@ -360,9 +353,7 @@ class SequencePress(Press):
             return None
         if st.cache is None:
             st.cache = kwargs.get("past_key_values")
-        stage = self._stage_of_layer[layer]
         hidden = output[0] if isinstance(output, tuple) else output
-        layer_input = kwargs.get("hidden_states", args[0] if args else None)
         if st.groups:
             g = st.groups[-1]
             mask_2d, pos_emb = g.mask_2d, g.position_embeddings
@@ -372,10 +363,8 @@ class SequencePress(Press):
         captured = st.captured.pop(layer, {})
         result = self.reduce(
             StageInput(
-                stage=stage,
                 layer=layer,
                 hidden=hidden,
-                layer_input=layer_input,
                 layouts=st.layouts,
                 attention_mask_2d=mask_2d,
                 position_embeddings=pos_emb,
@@ -479,6 +468,18 @@ class SequencePress(Press):
         st.groups.append(group)
         return new_hidden, group
 
+    @staticmethod
+    def _mask_2d(st: _ForwardState, g: _Group, hidden: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """2-D padding mask of a compressed layer: its surviving prompt tokens, then decoded tokens."""
+        if st.phase == "prefill":
+            return g.mask_2d
+        if st.mask_2d is not None:
+            tail = st.mask_2d[:, st.seq_len :]
+        else:
+            past_here = cache.get_seq_length(layer) if cache is not None else 0
+            tail = torch.ones(g.mask_2d.shape[0], past_here - g.seq_len + hidden.shape[1], device=g.mask_2d.device)
+        return torch.cat([g.mask_2d, tail.to(g.mask_2d.dtype)], dim=1)
+
     def _group_for(self, st: _ForwardState, layer: int) -> _Group | None:
         found = None
         for g in st.groups:
@@ -501,20 +502,8 @@ class SequencePress(Press):
             types = getattr(config, "layer_types", None)
             if types:
                 layer_type = types[layer]
-            if st.phase == "prefill":
-                mask_2d = g.mask_2d
-            else:
-                q = hidden.shape[1]
-                if st.mask_2d is not None:
-                    tail = st.mask_2d[:, st.seq_len :]
-                else:
-                    past_here = cache.get_seq_length(layer) if cache is not None else 0
-                    tail = torch.ones(
-                        g.mask_2d.shape[0], past_here - g.seq_len + q, dtype=g.mask_2d.dtype, device=g.mask_2d.device
-                    )
-                mask_2d = torch.cat([g.mask_2d, tail.to(g.mask_2d.dtype)], dim=1)
             if layer_type not in g.masks:
-                g.masks[layer_type] = _make_mask(config, layer_type, hidden, mask_2d, cache, layer)
+                g.masks[layer_type] = _make_mask(config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer)
             kwargs["attention_mask"] = g.masks[layer_type]
             if st.phase == "prefill":
                 kwargs["position_ids"] = g.position_ids

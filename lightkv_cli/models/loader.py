@@ -8,7 +8,6 @@ path; when they are not there, the error says how to get them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +207,6 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoProcessor
 
     if name == "tiny":
