@@ -1,0 +1,391 @@
+"""Operating-point profiles (``profiles/NAME.toml``) and sweep configurations (``sweep.toml``).
+
+A profile records one operating point so that it can be reused and guarded: the model, the method
+and its schedule, the thresholds it was chosen under, the figures measured when it was chosen, and a
+fingerprint of the inputs it was chosen on. ``lightkv sweep --save-profile NAME`` writes one;
+``lightkv check --profile`` re-runs it. Published default schedules (METHODS.md) ship as profiles of
+kind ``published-default``: not tuned for any domain, and without measured figures.
+
+Both files are TOML, validated with pydantic; a wrong field gives one line naming it, the closest
+valid name and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import difflib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lightkv_cli import __version__
+from lightkv_cli.errors import UserError
+from lightkv_cli.methods.registry import METHODS, Schedule
+from lightkv_cli.thresholds import Thresholds
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILE_FORMAT = "lightkv.profile/1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ThresholdsTable(_Strict):
+    """``[thresholds]``: see :class:`~lightkv_cli.thresholds.Thresholds` (omitted = not checked)."""
+
+    min_answer_match: Optional[float] = Field(default=None, ge=0, le=1)
+    min_top1_agreement: Optional[float] = Field(default=None, ge=0, le=1)
+    min_accuracy: Optional[float] = Field(default=None, ge=0, le=1)
+    max_kl: Optional[float] = Field(default=None, ge=0)
+    max_vision_retention: Optional[float] = Field(default=None, ge=0, le=1)
+    max_kv_bytes: Optional[float] = Field(default=None, ge=0)
+    max_prefill_ms: Optional[float] = Field(default=None, ge=0)
+
+    def to_thresholds(self) -> Thresholds:
+        """The :class:`Thresholds` this table sets (unset keys stay unset)."""
+        return Thresholds(**self.model_dump())
+
+
+class ProfileMeta(_Strict):
+    """``[profile]``: what this file is."""
+
+    format: Literal["lightkv.profile/1"] = PROFILE_FORMAT
+    name: str
+    kind: Literal["measured", "published-default"] = "measured"
+    description: str = ""
+    created: Optional[str] = None
+    tool_version: Optional[str] = None
+
+
+class ProfileModel(_Strict):
+    """``[model]``: the model the operating point is for."""
+
+    name: str
+    family: Optional[str] = None
+    layers: Optional[int] = Field(default=None, ge=1)
+    init: Literal["pretrained", "random"] = "pretrained"
+
+
+class ProfileMethod(_Strict):
+    """``[method]``: the method and its schedule."""
+
+    name: str
+    layers: list[int]
+    windows: list[int]
+    ratios: list[float]
+    positions: Literal["keep", "renumber"] = "keep"
+    target_retention: Optional[float] = Field(default=None, gt=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}'; known methods: {', '.join(METHODS)}")
+        return v
+
+    def schedule(self) -> Schedule:
+        """The explicit schedule (raises ``UserError`` when inconsistent)."""
+        return Schedule.build(self.layers, self.windows, self.ratios)
+
+
+class ProfileMeasured(_Strict):
+    """``[measured]``: the figures measured when the operating point was chosen."""
+
+    run: str
+    device: str
+    dtype: str
+    vision_retention: float
+    kv_bytes: float
+    kv_bytes_vision: float
+    kv_ratio: Optional[float] = None
+    flops_ratio: Optional[float] = None
+    prefill_ms: Optional[float] = None
+    time_to_first_token_ms: Optional[float] = None
+    decode_ms_per_token: Optional[float] = None
+    max_concurrent_requests: Optional[int] = None
+    answer_match: Optional[float] = None
+    top1_agreement: Optional[float] = None
+    first_token_kl_max: Optional[float] = None
+    accuracy: Optional[float] = None
+
+
+class ProfileInputs(_Strict):
+    """``[inputs]``: what the operating point was chosen on."""
+
+    fingerprint: str
+    count: int = Field(ge=1)
+    images: list[str] = []
+
+
+class ProfileSettings(_Strict):
+    """``[settings]``: decode settings of the measurement."""
+
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class Profile(_Strict):
+    """A whole ``profiles/NAME.toml``."""
+
+    profile: ProfileMeta
+    model: ProfileModel
+    method: ProfileMethod
+    thresholds: ThresholdsTable = ThresholdsTable()
+    measured: Optional[ProfileMeasured] = None
+    inputs: Optional[ProfileInputs] = None
+    settings: ProfileSettings = ProfileSettings()
+
+
+class ScheduleTable(_Strict):
+    """One ``[[schedules]]`` entry of a sweep configuration."""
+
+    layers: list[int]
+    windows: list[int]
+    ratios: list[float]
+
+
+class SweepConfig(_Strict):
+    """A ``sweep.toml``: every ``lightkv sweep`` option, so a sweep is repeatable.
+
+    Keys are the long option names with ``_`` for ``-`` (``max_new_tokens``); options given on the
+    command line override the file. Relative paths are relative to the file's folder.
+    """
+
+    model: Optional[str] = None
+    init: Optional[Literal["pretrained", "random"]] = None
+    images: Optional[list[str]] = None
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None
+    methods: Optional[list[str]] = None
+    retentions: Optional[list[float]] = None
+    schedules: Optional[list[ScheduleTable]] = None
+    positions: Optional[Literal["keep", "renumber"]] = None
+    max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    repeats: Optional[int] = Field(default=None, ge=1)
+    warmup: Optional[int] = Field(default=None, ge=0)
+    nvml_interval_ms: Optional[float] = Field(default=None, gt=0)
+    gpu_memory: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    limit: Optional[int] = Field(default=None, ge=1)
+    output: Optional[str] = None
+    save_profile: Optional[str] = None
+    thresholds: Optional[ThresholdsTable] = None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at ``loc`` (for "did you mean")."""
+    cls = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = cls.model_fields.get(str(part)) if cls else None
+        if info is None:
+            return []
+        ann = info.annotation
+        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            for a in getattr(ann, "__args__", ()):
+                nested += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        cls = nested[0] if nested else None
+    return list(cls.model_fields) if cls else []
+
+
+def _explain(exc: ValidationError, model: type[BaseModel], where: str, fix: str) -> UserError:
+    """One line for the first validation error: which key, what is wrong, how to fix it."""
+    # A misspelt key shows up both as unknown and as missing: name the unknown one, it is the cause.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(model, loc)
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        return UserError(f"{where}: unknown field '{key}'; {hint}valid fields here: {', '.join(known)}")
+    if err["type"] == "missing":
+        return UserError(f"{where}: missing field '{key}'; {fix}")
+    msg = err["msg"].removeprefix("Value error, ")
+    return UserError(f"{where}: field '{key}': {msg} (got {err.get('input')!r}); {fix}")
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} '{path}' is a directory; give a .toml file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} '{path}' is not valid TOML: {exc}") from None
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and validate ``profiles/NAME.toml``.
+
+    Raises:
+        UserError: missing file, invalid TOML, an unknown or missing field, a wrong value, a newer
+            profile format, or an inconsistent schedule.
+    """
+    data = _read_toml(Path(path), "profile")
+    fmt = data.get("profile", {}).get("format") if isinstance(data.get("profile"), dict) else None
+    if isinstance(fmt, str) and fmt != PROFILE_FORMAT and fmt.startswith("lightkv.profile/"):
+        raise UserError(f"profile '{path}' has format {fmt}; this lightkv {__version__} reads {PROFILE_FORMAT}: upgrade lightkv")
+    try:
+        prof = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, Profile, f"profile '{path}'", "see profiles/README.md for the fields") from None
+    try:
+        prof.method.schedule()
+    except UserError as exc:
+        raise UserError(f"profile '{path}': [method] {exc}") from None
+    return prof
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    """Read and validate a sweep configuration; relative paths become relative to its folder.
+
+    Raises:
+        UserError: missing file, invalid TOML, an unknown field or a wrong value.
+    """
+    path = Path(path)
+    data = _read_toml(path, "sweep config")
+    try:
+        cfg = SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, SweepConfig, f"sweep config '{path}'", "see `lightkv sweep --help` for the options") from None
+    base = path.parent
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str(p if Path(p).is_absolute() else base / p)
+
+    cfg.images = None if cfg.images is None else [rel(p) for p in cfg.images]
+    cfg.prompts = rel(cfg.prompts)
+    cfg.output = rel(cfg.output)
+    return cfg
+
+
+def check_profile_name(name: str) -> str:
+    """Validate a profile name (it becomes ``profiles/NAME.toml``).
+
+    Raises:
+        UserError: empty, a path, or characters other than letters, digits, ``.``, ``_``, ``-``.
+    """
+    if not _NAME_RE.match(name or "") or name.endswith(".toml"):
+        raise UserError(
+            f"--save-profile '{name}': give a plain name of letters, digits, '.', '_' or '-' (no path, no .toml); "
+            "it is written to profiles/NAME.toml"
+        )
+    return name
+
+
+def profile_from_results(results: dict, run_id: str, name: str) -> dict:
+    """The TOML-ready profile of run ``run_id`` of a results dictionary.
+
+    Raises:
+        UserError: the run does not exist, did not finish, or is the uncompressed reference.
+    """
+    run = next((r for r in results.get("runs", []) if r.get("id") == run_id), None)
+    if run is None or run.get("status") != "ok":
+        raise UserError(f"cannot save a profile: run '{run_id}' did not finish")
+    if run.get("method") == "uncompressed":
+        raise UserError(
+            "cannot save a profile: no compressed run met the thresholds (the recommendation is the uncompressed "
+            "model); relax the thresholds or add higher retentions"
+        )
+    p, q = run["params"], run.get("quality", {})
+    model = results["model"]
+    method = {"name": run["method"], "layers": p["layers"], "windows": p["windows"], "ratios": p["ratios"],
+              "positions": p.get("positions", "keep")}
+    if run.get("target_retention") is not None:
+        method["target_retention"] = run["target_retention"]
+
+    def median(x):
+        return x.get("median") if isinstance(x, dict) else x
+
+    measured = {
+        "run": run["id"],
+        "device": results.get("environment", {}).get("device_name") or model.get("device", ""),
+        "dtype": model.get("dtype", ""),
+        "vision_retention": run["vision_retention"],
+        "kv_bytes": run["kv_bytes"],
+        "kv_bytes_vision": run["kv_bytes_vision"],
+        "kv_ratio": run.get("kv_ratio"),
+        "flops_ratio": run.get("flops_ratio"),
+        "prefill_ms": median(run.get("prefill_ms")),
+        "time_to_first_token_ms": median(run.get("time_to_first_token_ms")),
+        "decode_ms_per_token": median(run.get("decode_ms_per_token")),
+        "max_concurrent_requests": (run.get("capacity") or {}).get("max_concurrent_requests"),
+        "answer_match": q.get("answer_match"),
+        "top1_agreement": q.get("top1_agreement"),
+        "first_token_kl_max": q.get("first_token_kl_max"),
+        "accuracy": q.get("accuracy"),
+    }
+    data = {
+        "profile": {
+            "format": PROFILE_FORMAT, "name": name, "kind": "measured",
+            "description": f"chosen by lightkv from {len(results.get('inputs', []))} inputs",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tool_version": __version__,
+        },
+        "model": {"name": model["name"], "family": model.get("family"), "layers": model.get("layers"),
+                  "init": model.get("init", "pretrained")},
+        "method": method,
+        "thresholds": {k: v for k, v in (results.get("thresholds") or {}).items() if v is not None},
+        "measured": measured,
+        "inputs": {"fingerprint": results.get("inputs_fingerprint", ""), "count": len(results.get("inputs", [])),
+                   "images": sorted({str(Path(i["image"]).parent) for i in results.get("inputs", [])})},
+        "settings": {"max_new_tokens": results.get("settings", {}).get("max_new_tokens", 32)},
+    }
+    return _drop_none(data)
+
+
+def _drop_none(obj):
+    """TOML has no null: leave unset values out."""
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def save_profile(data: dict, path: Path) -> Path:
+    """Validate ``data`` as a profile and write it to ``path`` as TOML, atomically.
+
+    Raises:
+        UserError: the folder cannot be created or written.
+    """
+    import tomli_w
+
+    Profile.model_validate(data)  # what we write, we can read back
+    path = Path(path)
+    header = (
+        f"# lightkv operating point '{data['profile']['name']}' ({data['profile']['kind']}).\n"
+        "# Check it in CI: lightkv check --profile " + str(path) + " --images <dir> [--prompts <file>]\n\n"
+    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write profile '{path}': {exc.strerror or exc}; give a writable --profiles-dir") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(header + tomli_w.dumps(data))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
