@@ -1,21 +1,24 @@
-"""The profile: the uncompressed model and LightKV at a sweep of target retentions, on the user's inputs.
+"""Sweeps and profiles: the uncompressed model and each method at each target retention or explicit
+schedule, on the user's inputs.
 
-Data flows one way: prepared inputs → one measured greedy generation per (run, input, repeat) →
-per-run aggregates (retention, bytes, times, FLOPs, quality against the uncompressed run) →
-a results dictionary following the schema in ``shared/docs/DESIGN.md``. Nothing here prints; the
-caller passes ``on_progress`` to show progress and ``results_path`` to have every finished run
-written to disk at once (atomically), so an interrupted profile loses nothing.
+Data flows one way: prepared inputs → one measured greedy generation per (run, input, repeat), with
+an NVML sampler running beside each run → per-run aggregates (retention, bytes, times, FLOPs,
+capacity, quality against the uncompressed run) → a results dictionary following
+``docs/results-schema.md``. Nothing here prints; the caller passes ``on_progress`` to show progress
+and ``results_path`` to have every finished run written to disk at once (atomically), so an
+interrupted sweep loses nothing and can be resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,53 +28,83 @@ from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
 from lightkv_cli.inputs import ImageInput, PromptItem
 from lightkv_cli.methods.lightkv import LightKV
+from lightkv_cli.methods.registry import Schedule, make_press
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.quality import InputQuality, score_input, summarize
 from lightkv_cli.runtime import GenerationResult, greedy_generate
-from lightkv_cli.telemetry import Spread, environment_info, prefill_flops
+from lightkv_cli.telemetry import (
+    NvmlSampler,
+    Spread,
+    Stopwatch,
+    detect_memory_budget,
+    environment_info,
+    kv_bytes_per_token,
+    max_concurrent_requests,
+    nvml_environment,
+    prefill_flops,
+)
+from lightkv_cli.thresholds import Thresholds, recommend
 
 SCHEMA = "lightkv.results/1"
+SCHEMA_NAME, SCHEMA_VERSION = "lightkv.results", 1
+#: Target retentions of ``lightkv profile`` (1.0 = the uncompressed reference).
 DEFAULT_RETENTIONS = (1.0, 0.9, 0.75, 0.55, 0.4)
 
 
 @dataclass
-class ProfileSettings:
-    """Knobs of a profile (the ``settings`` section of the results file).
+class SweepSettings:
+    """Knobs of a sweep (the ``settings`` and ``thresholds`` sections of the results file).
 
     Attributes:
-        retentions: target average vision retentions; 1.0 is the uncompressed reference, which
-            always runs first.
-        guidance, positions: LightKV modes (see :class:`~lightkv_cli.methods.lightkv.LightKV`).
+        methods: method names (:data:`~lightkv_cli.methods.registry.METHODS`) run at every target
+            retention and explicit schedule.
+        retentions: target average vision retentions; values of 1.0 are the uncompressed reference,
+            which always runs first, once.
+        schedules: explicit LightKV schedules, run for every method besides the targets.
+        positions: position ids of merged tokens (``keep`` or ``renumber``).
         max_new_tokens: greedy decode length bound.
         repeats: timed generations per (run, input); the first also gives the answer.
         warmup: untimed generations per run before measuring.
-        min_fidelity: the recommendation's threshold on answer match and top-1 agreement.
+        nvml_interval_ms: NVML sampling interval, milliseconds.
+        thresholds: what the recommended operating point must meet.
+        memory_budget: memory for capacity planning, bytes (default: the detected device's).
+        memory_source: where ``memory_budget`` came from (for the report).
     """
 
+    methods: Sequence[str] = ("lightkv",)
     retentions: Sequence[float] = DEFAULT_RETENTIONS
-    guidance: str = "cross"
+    schedules: Sequence[Schedule] = ()
     positions: str = "keep"
     max_new_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
-    min_fidelity: float = 0.95
+    nvml_interval_ms: float = 20.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    memory_budget: int | None = None
+    memory_source: str | None = None
 
     def to_dict(self) -> dict:
         """The ``settings`` section of the results file."""
         return {
+            "methods": list(self.methods),
             "retentions": [float(r) for r in self.retentions],
-            "guidance": self.guidance,
+            "schedules": [s.to_dict() for s in self.schedules],
             "positions": self.positions,
             "max_new_tokens": self.max_new_tokens,
             "repeats": self.repeats,
             "warmup": self.warmup,
-            "min_fidelity": self.min_fidelity,
+            "nvml_interval_ms": self.nvml_interval_ms,
         }
 
 
 @dataclass
 class ProfileInput:
-    """One (image, question) pair, with its processor output on the model's device."""
+    """One (image, question) pair, with its processor output on the model's device.
+
+    Attributes:
+        preprocess_ms: wall time of the processor (image resize/normalise, tokenisation) and the
+            copy to the device, milliseconds; part of the time to first token.
+    """
 
     id: str
     image: ImageInput
@@ -80,6 +113,7 @@ class ProfileInput:
     tensors: dict
     prompt_tokens: int
     vision_tokens: int
+    preprocess_ms: float = 0.0
 
     def to_dict(self) -> dict:
         """One entry of the ``inputs`` section of the results file."""
@@ -93,16 +127,36 @@ class ProfileInput:
             "answer": self.answer,
             "prompt_tokens": self.prompt_tokens,
             "vision_tokens": self.vision_tokens,
+            "preprocess_ms": self.preprocess_ms,
         }
+
+
+def inputs_fingerprint(inputs: Sequence[ProfileInput]) -> str:
+    """``sha256:<hex>`` over every input's image bytes hash, question and answer, in order.
+
+    Two runs with the same fingerprint saw the same images and prompts (file names do not matter).
+    """
+    h = hashlib.sha256()
+    for inp in inputs:
+        h.update(json.dumps([inp.image.sha256, inp.question, inp.answer]).encode())
+    return f"sha256:{h.hexdigest()}"
 
 
 @dataclass
 class RunSpec:
-    """One run: a method with its parameters at a target retention."""
+    """One run: a method at a target retention or with an explicit schedule (or the reference).
+
+    Attributes:
+        id: stable id (``uncompressed``, ``lightkv@0.55``, ``lightkv[L12-18-24/W4-2-1/r0.5-0.5-0.5]``).
+        method: method name, ``uncompressed`` for the reference.
+        target_retention: the target the schedule was generated for (1.0 for the reference,
+            None for an explicit schedule).
+        press: the compression method, None for the reference.
+    """
 
     id: str
     method: str
-    target_retention: float
+    target_retention: float | None
     press: LightKV | None = None
 
     def params(self) -> dict:
@@ -140,42 +194,95 @@ def prepare_inputs(
     for image, item in zip(images, prompts):
         ident = image.path.name if names.count(image.path.name) == 1 else f"{image.path.name}#L{item.line}"
         text = loaded.adapter.format_prompt(item.question)
-        enc = loaded.processor(images=image.image, text=text, return_tensors="pt")
-        tensors = {}
-        for k, v in enc.items():
-            if not isinstance(v, torch.Tensor):
-                continue
-            v = v.to(loaded.device)
-            if v.is_floating_point():
-                v = v.to(loaded.dtype)
-            tensors[k] = v
+        with Stopwatch(loaded.device) as sw:
+            enc = loaded.processor(images=image.image, text=text, return_tensors="pt")
+            tensors = {}
+            for k, v in enc.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                v = v.to(loaded.device)
+                if v.is_floating_point():
+                    v = v.to(loaded.dtype)
+                tensors[k] = v
         n_vis = int((tensors["input_ids"][0] == image_token).sum())
         if n_vis != vision_per_image:
             raise RuntimeError(f"processor produced {n_vis} vision tokens, expected {vision_per_image}")
         out.append(
             ProfileInput(
                 id=ident, image=image, question=item.question, answer=item.answer, tensors=tensors,
-                prompt_tokens=int(tensors["input_ids"].shape[1]), vision_tokens=n_vis,
+                prompt_tokens=int(tensors["input_ids"].shape[1]), vision_tokens=n_vis, preprocess_ms=sw.ms,
             )
         )
     return out
 
 
-def plan_runs(loaded: LoadedModel, settings: ProfileSettings) -> list[RunSpec]:
-    """The uncompressed reference, then LightKV at each target retention below 1, highest first.
+def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
+    """The grid: the uncompressed reference first, then for each method its target retentions
+    (highest first), then its explicit schedules.
 
     Raises:
-        UserError: a target outside ``(0, 1]`` or below what the model can reach.
+        UserError: a target outside ``(0, 1]`` or below what the model can reach, an unknown
+            method, or a schedule that does not fit the model.
     """
-    runs = [RunSpec(id="uncompressed", method="uncompressed", target_retention=1.0)]
-    for r in sorted({float(x) for x in settings.retentions}, reverse=True):
-        if not (0.0 < r <= 1.0) or math.isnan(r):
+    targets = []
+    for r in settings.retentions:
+        r = float(r)
+        if math.isnan(r) or not (0.0 < r <= 1.0):
             raise UserError(f"retention {r:g} is outside (0, 1]; give targets like 0.9,0.75,0.55")
-        if r == 1.0:
-            continue
-        press = LightKV.for_retention(r, loaded.model, guidance=settings.guidance, positions=settings.positions)
-        runs.append(RunSpec(id=f"lightkv@{r:g}", method="lightkv", target_retention=r, press=press))
+        if r < 1.0 and r not in targets:
+            targets.append(r)
+    targets.sort(reverse=True)
+    runs = [RunSpec(id="uncompressed", method="uncompressed", target_retention=1.0)]
+    for method in settings.methods:
+        for r in targets:
+            press = make_press(method, loaded.model, target=r, positions=settings.positions)
+            runs.append(RunSpec(id=f"{method}@{r:g}", method=method, target_retention=r, press=press))
+        for sched in settings.schedules:
+            press = make_press(method, loaded.model, schedule=sched, positions=settings.positions)
+            runs.append(RunSpec(id=f"{method}[{sched.label()}]", method=method, target_retention=None, press=press))
     return runs
+
+
+def check_schema(results: object, where: str) -> dict:
+    """Validate that ``results`` is a results dictionary this version can read.
+
+    Raises:
+        UserError: not a lightkv results file, or one written by a newer lightkv (newer schema).
+    """
+    schema = results.get("schema") if isinstance(results, dict) else None
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_NAME + "/"):
+        raise UserError(f"{where} is not a lightkv results file (no \"schema\": \"{SCHEMA}\"); give the results.json a sweep wrote")
+    try:
+        version = int(schema.split("/", 1)[1])
+    except ValueError:
+        raise UserError(f"{where}: unknown schema '{schema}'; expected {SCHEMA}") from None
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"{where} uses schema {schema}, newer than this lightkv {__version__} reads ({SCHEMA}); "
+            "upgrade lightkv (pip install -U lightkv) to read it"
+        )
+    if not isinstance(results.get("runs"), list):
+        raise UserError(f"{where}: the results file has no list of runs; it is damaged or not from lightkv")
+    return results
+
+
+def load_results(path: Path) -> dict:
+    """Read and validate a results file.
+
+    Raises:
+        UserError: missing or unreadable file, invalid JSON, not a results file, or a newer schema.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"results file '{path}' does not exist; give the results.json a sweep wrote") from None
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{path}' is not valid JSON (line {exc.lineno}: {exc.msg}); was the file cut short?") from None
+    return check_schema(data, str(path))
 
 
 def _finite(obj):
@@ -216,28 +323,37 @@ class _InputOutcome:
     peak: int
 
 
-class Profiler:
-    """Runs a profile and builds its results (see module docstring).
+class Sweep:
+    """Runs a sweep (or a profile, a sweep of one method) and builds its results (module docstring).
+
+    The uncompressed reference runs first; its answers and first-token logits are kept in memory
+    and every other run of the sweep is scored against them (computed once per input).
 
     Args:
-        loaded: the model.
+        loaded: the model (loaded once for the whole sweep).
         inputs: prepared inputs (:func:`prepare_inputs`).
-        settings: the profile's knobs.
+        settings: the grid and measurement knobs.
         command: the command line, recorded in the results.
         skipped: ``{"path", "reason"}`` of inputs that could not be used, recorded in the results.
         results_path: when given, the results are written there after every finished run.
         on_progress: called as ``on_progress(run_id, input_id)`` after every (run, input).
+        previous: the results of an interrupted sweep to resume (``--resume``): its runs with status
+            ``ok`` or ``oom`` are kept and not run again; runs that ended in ``error`` run again.
+
+    Raises:
+        UserError: ``previous`` was made with another model, other inputs or other decode settings.
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
         inputs: list[ProfileInput],
-        settings: ProfileSettings,
+        settings: SweepSettings,
         command: str = "",
         skipped: list[dict] | None = None,
         results_path: Path | None = None,
         on_progress: Callable[[str, str], None] | None = None,
+        previous: dict | None = None,
     ):
         self.loaded = loaded
         self.inputs = inputs
@@ -245,45 +361,97 @@ class Profiler:
         self.results_path = results_path
         self.on_progress = on_progress or (lambda run, inp: None)
         self.runs = plan_runs(loaded, settings)
+        budget, source = settings.memory_budget, settings.memory_source
+        if budget is None:
+            budget, source = detect_memory_budget(loaded.device)
+        model_info = loaded.info()
         self.results = {
             "schema": SCHEMA,
             "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
-            "environment": {**environment_info(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")},
-            "model": loaded.info(),
+            "environment": {
+                **environment_info(loaded.device),
+                "dtype": str(loaded.dtype).replace("torch.", ""),
+                "nvml": nvml_environment(loaded.device),
+            },
+            "model": model_info,
             "settings": settings.to_dict(),
+            "thresholds": settings.thresholds.to_dict(),
+            "capacity": {"memory_bytes": budget, "source": source, "weight_bytes": model_info["weight_bytes"]},
             "inputs": [i.to_dict() for i in inputs],
+            "inputs_fingerprint": inputs_fingerprint(inputs),
             "skipped": list(skipped or []),
             "runs": [],
             "recommendation": None,
             "complete": False,
         }
+        self.resumed: list[str] = []
+        if previous is not None:
+            self._adopt(previous)
+        done = {r["id"] for r in self.results["runs"]}
+        self.pending = [spec for spec in self.runs if spec.id not in done]
         self._reference: dict[str, _InputOutcome] = {}
+
+    def _adopt(self, previous: dict) -> None:
+        """Take the finished runs of an interrupted sweep, after checking it measured the same thing."""
+        check_schema(previous, "the results file to resume")
+        mine = self.results
+        problems = []
+        if previous.get("model", {}).get("name") != mine["model"]["name"] or previous.get("model", {}).get("init") != mine["model"]["init"]:
+            problems.append(f"model {previous.get('model', {}).get('name')!r} ({previous.get('model', {}).get('init')})")
+        if previous.get("inputs_fingerprint") != mine["inputs_fingerprint"]:
+            problems.append("other images or prompts")
+        for key in ("max_new_tokens", "positions"):
+            if previous.get("settings", {}).get(key) != mine["settings"][key]:
+                problems.append(f"{key} = {previous.get('settings', {}).get(key)!r}")
+        if previous.get("model", {}).get("dtype") != mine["model"]["dtype"] or previous.get("model", {}).get("device") != mine["model"]["device"]:
+            problems.append(f"{previous.get('model', {}).get('dtype')} on {previous.get('model', {}).get('device')}")
+        if problems:
+            raise UserError(
+                "cannot resume: the results file was made with " + ", ".join(problems)
+                + "; run without --resume (the old file is kept as results.json.bak) or use another --output"
+            )
+        kept = [r for r in previous["runs"] if r.get("status") in ("ok", "oom")]
+        mine["runs"] = kept
+        mine["created"] = previous.get("created", mine["created"])
+        self.resumed = [r["id"] for r in kept]
 
     @property
     def total_steps(self) -> int:
-        """(run, input) pairs to process, for a progress bar."""
-        return len(self.runs) * len(self.inputs)
+        """(run, input) pairs still to process, for a progress bar (the reference counts when it
+        must be recomputed for a resumed sweep)."""
+        extra = 1 if self.pending and self.pending[0].press is not None else 0
+        return (len(self.pending) + extra) * len(self.inputs)
 
     def run(self) -> dict:
-        """Run every planned run in order and return the results dictionary.
+        """Run every pending run in order and return the results dictionary.
 
         Raises:
             torch.OutOfMemoryError, RuntimeError: when the uncompressed reference itself fails
-                (nothing can be compared without it). A LightKV run that fails is recorded with
-                ``status: "oom"`` or ``"error"`` and the profile goes on.
+                (nothing can be compared without it). Any other run that fails is recorded with
+                ``status: "oom"`` or ``"error"`` and the sweep goes on.
+            KeyboardInterrupt: propagated after the finished runs are on disk.
         """
-        for spec in self.runs:
+        if self.pending and self.pending[0].press is not None:
+            # Resumed after the reference finished: recompute its answers and logits (not recorded again).
+            self._reference = self._measure(self.runs[0], repeats=1, warmup=0)[0]
+        for spec in self.pending:
             run = self._run_one(spec)
             self.results["runs"].append(run)
-            self.results["recommendation"] = recommend(self.results["runs"], self.settings.min_fidelity)
-            self._save()
+            self._finish_run()
         self.results["complete"] = True
-        self._save()
+        self._finish_run()
         return self.results
 
-    def _save(self) -> None:
+    def _finish_run(self) -> None:
+        runs = self.results["runs"]
+        base = next((r for r in runs if r.get("method") == "uncompressed" and r.get("status") == "ok"), None)
+        if base is not None:
+            for r in runs:
+                if r.get("status") == "ok":
+                    _add_ratios(r, base)
+        self.results["recommendation"] = recommend(runs, self.settings.thresholds)
         if self.results_path is not None:
             write_json_atomic(self.results_path, self.results)
 
@@ -297,15 +465,14 @@ class Profiler:
             press=spec.press,
         )
 
-    def _run_one(self, spec: RunSpec) -> dict:
+    def _measure(self, spec: RunSpec, repeats: int, warmup: int) -> tuple[dict[str, _InputOutcome], dict]:
         tokenizer = getattr(self.loaded.processor, "tokenizer", self.loaded.processor)
         outcomes: dict[str, _InputOutcome] = {}
-        status, error = "ok", None
-        try:
-            for _ in range(self.settings.warmup):
+        with NvmlSampler(self.loaded.device, interval_ms=self.settings.nvml_interval_ms) as sampler:
+            for _ in range(warmup):
                 self._generate(spec, self.inputs[0])
             for inp in self.inputs:
-                results = [self._generate(spec, inp) for _ in range(max(1, self.settings.repeats))]
+                results = [self._generate(spec, inp) for _ in range(max(1, repeats))]
                 first = results[0]
                 outcomes[inp.id] = _InputOutcome(
                     answer=tokenizer.decode(first.tokens[0], skip_special_tokens=True).strip(),
@@ -315,20 +482,29 @@ class Profiler:
                     peak=max(r.peak_memory_bytes for r in results),
                 )
                 self.on_progress(spec.id, inp.id)
+        return outcomes, sampler.to_dict()
+
+    def _run_one(self, spec: RunSpec) -> dict:
+        status, error, nvml = "ok", None, None
+        outcomes: dict[str, _InputOutcome] = {}
+        try:
+            outcomes, nvml = self._measure(spec, self.settings.repeats, self.settings.warmup)
         except torch.OutOfMemoryError as exc:
             if spec.press is None:
                 raise
-            status, error = "oom", f"out of memory: {str(exc).splitlines()[0]}"
+            status, error = "oom", f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'torch.OutOfMemoryError'}"
             _free_device_memory(self.loaded.device)
-        except Exception as exc:  # recorded, so that one failing run does not lose the profile
+        except Exception as exc:  # recorded, so that one failing run does not lose the sweep
             if spec.press is None:
                 raise
             status, error = "error", f"{type(exc).__name__}: {exc}"
         if spec.press is None:
             self._reference = outcomes
-        return self._summarise(spec, outcomes, status, error)
+        return self._summarise(spec, outcomes, status, error, nvml)
 
-    def _summarise(self, spec: RunSpec, outcomes: dict[str, _InputOutcome], status: str, error: str | None) -> dict:
+    def _summarise(
+        self, spec: RunSpec, outcomes: dict[str, _InputOutcome], status: str, error: str | None, nvml: dict | None
+    ) -> dict:
         run = {
             "id": spec.id,
             "method": spec.method,
@@ -343,8 +519,9 @@ class Profiler:
             return run
         text_config = self.loaded.adapter.text_config
         per_input, qualities = [], []
-        prefill_all, decode_all, flops, peaks = [], [], [], []
+        prefill_all, ttft_all, decode_all, flops, peaks = [], [], [], [], []
         n_layers = self.loaded.adapter.num_layers
+        n = len(self.inputs)
         layer_bytes = [0.0] * n_layers
         layer_vis = [0.0] * n_layers
         layer_seq = [0.0] * n_layers
@@ -359,12 +536,13 @@ class Profiler:
             f = prefill_flops(text_config, c.layer_seq_lens)
             flops.append(f)
             prefill_all += o.prefill_ms
+            ttft_all += [inp.preprocess_ms + ms for ms in o.prefill_ms]
             decode_all += o.decode_ms
             peaks.append(o.peak)
             for i in range(n_layers):
-                layer_bytes[i] += c.layer_bytes[i] / len(self.inputs)
-                layer_vis[i] += c.layer_vision_tokens[i] / len(self.inputs)
-                layer_seq[i] += c.layer_seq_lens[i] / len(self.inputs)
+                layer_bytes[i] += c.layer_bytes[i] / n
+                layer_vis[i] += c.layer_vision_tokens[i] / n
+                layer_seq[i] += c.layer_seq_lens[i] / n
             per_input.append(
                 {
                     "input": inp.id,
@@ -379,81 +557,65 @@ class Profiler:
                     "quality": q.to_dict(),
                 }
             )
-        n = len(self.inputs)
         kv_total = sum(p["kv_bytes"] for p in per_input) / n
-        kv_vis = sum(p["kv_bytes_vision"] for p in per_input) / n
         decode = Spread.of(decode_all) if decode_all else None
+        peak_kind = outcomes[self.inputs[0].id].result.peak_memory_kind
         run.update(
             {
                 "vision_retention": sum(p["vision_retention"] for p in per_input) / n,
                 "kv_bytes": kv_total,
-                "kv_bytes_vision": kv_vis,
+                "kv_bytes_vision": sum(p["kv_bytes_vision"] for p in per_input) / n,
                 "kv_bytes_per_layer": layer_bytes,
                 "cached_tokens_per_layer": layer_seq,
                 "vision_tokens_per_layer": layer_vis,
                 "prefill_ms": Spread.of(prefill_all).to_dict(),
-                "time_to_first_token_ms": Spread.of(prefill_all).median,
+                "time_to_first_token_ms": Spread.of(ttft_all).to_dict(),
                 "decode_ms_per_token": decode.to_dict() if decode else None,
                 "tokens_per_s": (1000.0 / decode.median) if decode and decode.median > 0 else None,
                 "peak_memory_bytes": max(peaks),
-                "peak_memory_kind": outcomes[self.inputs[0].id].result.peak_memory_kind,
+                "peak_memory_kind": peak_kind,
+                "nvml": nvml,
                 "flops_prefill": sum(flops) / n,
+                "capacity": self._capacity(kv_total, max(peaks), peak_kind),
                 "quality": summarize(qualities).to_dict(),
                 "per_input": per_input,
             }
         )
-        ref_run = next((r for r in self.results["runs"] if r["method"] == "uncompressed"), None)
-        base_flops = ref_run["flops_prefill"] if ref_run else run["flops_prefill"]
-        base_kv = ref_run["kv_bytes_vision"] if ref_run else run["kv_bytes_vision"]
-        run["flops_ratio"] = run["flops_prefill"] / base_flops if base_flops else None
-        run["kv_vision_ratio"] = run["kv_bytes_vision"] / base_kv if base_kv else None
         return run
+
+    def _capacity(self, kv_prefill: float, peak: int, peak_kind: str) -> dict:
+        """Concurrent requests fitting in the memory budget next to the weights (see ``capacity``)."""
+        cap = self.results["capacity"]
+        per_token = kv_bytes_per_token(self.loaded.adapter.text_config, self.loaded.dtype) * self.loaded.adapter.num_layers
+        per_request = kv_prefill + self.settings.max_new_tokens * per_token
+        # On GPU the allocator peak of one request minus weights and its cache is the activation
+        # memory prefill needs once; on CPU the process RSS says nothing about it.
+        reserve = max(0, peak - cap["weight_bytes"] - int(per_request)) if peak_kind == "cuda_allocator" else 0
+        fits = (
+            max_concurrent_requests(cap["memory_bytes"], cap["weight_bytes"], per_request, reserve)
+            if cap["memory_bytes"] else None
+        )
+        return {"kv_bytes_per_request": per_request, "activation_reserve_bytes": reserve,
+                "max_concurrent_requests": fits, "ratio_vs_uncompressed": None}
+
+
+#: Compatibility name: a profile is a sweep of one method.
+Profiler = Sweep
+
+
+def _add_ratios(run: dict, base: dict) -> None:
+    """This run's FLOPs, KV and capacity relative to the uncompressed run ``base``."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    run["flops_ratio"] = ratio(run.get("flops_prefill"), base.get("flops_prefill"))
+    run["kv_ratio"] = ratio(run.get("kv_bytes"), base.get("kv_bytes"))
+    run["kv_vision_ratio"] = ratio(run.get("kv_bytes_vision"), base.get("kv_bytes_vision"))
+    cap, base_cap = run.get("capacity") or {}, base.get("capacity") or {}
+    if cap:
+        cap["ratio_vs_uncompressed"] = ratio(cap.get("max_concurrent_requests"), base_cap.get("max_concurrent_requests"))
 
 
 def _free_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def recommend(runs: list[dict], min_fidelity: float) -> dict:
-    """The lowest-retention run whose answer match and top-1 agreement are both ≥ ``min_fidelity``.
-
-    The uncompressed run always qualifies (it is the reference), so a recommendation always exists;
-    when it is the uncompressed run, the reason names the closest compressed run and what it missed.
-
-    Returns:
-        ``{"run", "target_retention", "vision_retention", "kv_bytes_vision", "reason"}``.
-    """
-    ok = [r for r in runs if r.get("status") == "ok" and "quality" in r]
-    good = [
-        r for r in ok
-        if r["quality"]["answer_match"] >= min_fidelity and r["quality"]["top1_agreement"] >= min_fidelity
-    ]
-    if not good:
-        return {"run": None, "reason": "no run finished"}
-    best = min(good, key=lambda r: (r["vision_retention"], r["kv_bytes"]))
-    rec = {
-        "run": best["id"],
-        "target_retention": best["target_retention"],
-        "vision_retention": best["vision_retention"],
-        "kv_bytes_vision": best["kv_bytes_vision"],
-        "min_fidelity": min_fidelity,
-    }
-    if best["method"] == "uncompressed":
-        compressed = [r for r in ok if r["method"] != "uncompressed"]
-        if compressed:
-            near = max(compressed, key=lambda r: min(r["quality"]["answer_match"], r["quality"]["top1_agreement"]))
-            qq = near["quality"]
-            rec["reason"] = (
-                f"no compressed run kept answer match and top-1 agreement ≥ {min_fidelity:g}; closest: {near['id']} "
-                f"(answer match {qq['answer_match']:.2f}, top-1 {qq['top1_agreement']:.2f}); keep the full cache"
-            )
-        else:
-            rec["reason"] = "only the uncompressed run finished"
-    else:
-        qq = best["quality"]
-        rec["reason"] = (
-            f"lowest vision retention with answer match {qq['answer_match']:.2f} and top-1 agreement "
-            f"{qq['top1_agreement']:.2f} (both ≥ {min_fidelity:g})"
-        )
-    return rec

@@ -9,6 +9,10 @@ Two kinds of score are computed per input:
 * **Accuracy** compares the compressed run's answer with a ground-truth answer, when the
   input has one (``answer_correct``: normalized match or contiguous word containment).
 
+``summarize`` aggregates the per-input scores into means and gives each mean a percentile
+bootstrap confidence interval over inputs (``bootstrap_ci``; Efron & Tibshirani, *An
+Introduction to the Bootstrap*, 1993, ch. 13).
+
 Text normalization follows the SQuAD v1.1 evaluation script (lowercase, drop punctuation,
 drop the articles a/an/the, collapse whitespace), extended to Unicode punctuation.
 
@@ -18,11 +22,12 @@ Nothing here prints; the functions return numbers and the CLI decides how to sho
 from __future__ import annotations
 
 import math
+import random
 import re
 import string
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +37,7 @@ __all__ = [
     "InputQuality",
     "QualitySummary",
     "answer_correct",
+    "bootstrap_ci",
     "exact_match",
     "first_token_kl",
     "normalize_answer",
@@ -270,6 +276,65 @@ def score_input(
     )
 
 
+def _interpolated_percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of sorted values (numpy's default), q in [0, 1]; inf-safe."""
+    position = q * (len(ordered) - 1)
+    lower = int(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    fraction = position - lower
+    low, high = ordered[lower], ordered[upper]
+    if fraction == 0.0 or low == high:  # also avoids inf - inf = nan
+        return low
+    return low + (high - low) * fraction
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values``.
+
+    Draws ``resamples`` samples of ``len(values)`` values with replacement
+    (``random.Random(seed)``, so the interval is deterministic), takes the mean of each, and
+    returns the ``(1 − level)/2`` and ``(1 + level)/2`` percentiles of those means (linear
+    interpolation, as ``numpy.percentile``). Source: Efron & Tibshirani, *An Introduction to
+    the Bootstrap* (1993), ch. 13. With few inputs the interval is optimistic (too narrow).
+
+    Args:
+        values: one value per input (e.g. 0/1 exact matches, KL in nats); the interval is
+            in the same unit.
+        level: confidence level in (0, 1), e.g. 0.95.
+        resamples: number of bootstrap samples, ≥ 1.
+        seed: seed of the random generator.
+
+    Returns:
+        ``(low, high)`` with ``low ≤ high``. All values equal (or a single value) →
+        ``(v, v)``. An ``inf`` value can make a bound ``inf``; a NaN value gives
+        ``(nan, nan)``.
+
+    Raises:
+        ValueError: if ``values`` is empty, ``level`` is not in (0, 1) or ``resamples < 1``.
+    """
+    data = [float(v) for v in values]
+    if not data:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be ≥ 1, got {resamples}")
+    if any(math.isnan(v) for v in data):
+        return (math.nan, math.nan)
+    if all(v == data[0] for v in data):
+        return (data[0], data[0])
+    rng = random.Random(seed)
+    n = len(data)
+    means = sorted(sum(rng.choices(data, k=n)) / n for _ in range(resamples))
+    tail = (1.0 - level) / 2.0
+    return (_interpolated_percentile(means, tail), _interpolated_percentile(means, 1.0 - tail))
+
+
 @dataclass
 class QualitySummary:
     """Quality of one compression setting, aggregated over inputs.
@@ -283,6 +348,10 @@ class QualitySummary:
         accuracy: mean accuracy over the inputs that have a ground-truth answer; None if none do.
         n_inputs: number of inputs summarized.
         n_with_answers: number of those with a ground-truth answer.
+        ci: 95% percentile bootstrap intervals over inputs (``bootstrap_ci``), ``metric →
+            (low, high)``, for ``answer_match``, ``token_f1``, ``top1_agreement``,
+            ``first_token_kl_mean`` and ``accuracy`` (None when no input has an answer);
+            same units as the metric. Empty when built by hand.
     """
 
     answer_match: float
@@ -293,12 +362,23 @@ class QualitySummary:
     accuracy: float | None
     n_inputs: int
     n_with_answers: int
+    ci: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        """Plain-number dict for JSON output (floats, ints for the counts, None for no accuracy)."""
-        out: dict[str, float | int | None] = {}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-number dict for JSON output.
+
+        Floats for the metrics, ints for the counts, None for no accuracy, and ``"ci"`` as
+        ``{metric: [low, high] or None}``. Non-finite floats (an ``inf`` KL) are kept; the
+        results writer turns them into null.
+        """
+        out: dict[str, Any] = {}
         for key, value in asdict(self).items():
-            if value is None:
+            if key == "ci":
+                out[key] = {
+                    metric: None if bounds is None else [float(bounds[0]), float(bounds[1])]
+                    for metric, bounds in self.ci.items()
+                }
+            elif value is None:
                 out[key] = None
             elif key in ("n_inputs", "n_with_answers"):
                 out[key] = int(value)
@@ -307,15 +387,21 @@ class QualitySummary:
         return out
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
 def summarize(items: Sequence[InputQuality]) -> QualitySummary:
-    """Aggregate per-input scores into means (and the max KL).
+    """Aggregate per-input scores into means (and the max KL), with bootstrap intervals.
 
     Args:
         items: per-input scores, at least one.
 
     Returns:
         A ``QualitySummary``; ``accuracy`` is the mean over items whose accuracy is not None,
-        or None when no item has one.
+        or None when no item has one. ``ci`` holds the 95% bootstrap interval of each mean
+        (``bootstrap_ci`` with its default resamples and seed, so it is deterministic);
+        ``ci["accuracy"]`` is over the items with an answer, None when there are none.
 
     Raises:
         ValueError: if ``items`` is empty.
@@ -323,15 +409,25 @@ def summarize(items: Sequence[InputQuality]) -> QualitySummary:
     if len(items) == 0:
         raise ValueError("cannot summarize quality over zero inputs")
     n = len(items)
-    answered = [item.accuracy for item in items if item.accuracy is not None]
+    matches = [float(item.exact_match) for item in items]
+    f1s = [float(item.token_f1) for item in items]
+    agreements = [float(item.top1_agreement) for item in items]
     kls = [float(item.first_token_kl) for item in items]
+    answered = [float(item.accuracy) for item in items if item.accuracy is not None]
     return QualitySummary(
-        answer_match=sum(float(item.exact_match) for item in items) / n,
-        token_f1=sum(float(item.token_f1) for item in items) / n,
-        top1_agreement=sum(float(item.top1_agreement) for item in items) / n,
-        first_token_kl_mean=sum(kls) / n,
+        answer_match=_mean(matches),
+        token_f1=_mean(f1s),
+        top1_agreement=_mean(agreements),
+        first_token_kl_mean=_mean(kls),
         first_token_kl_max=max(kls),
-        accuracy=(sum(float(a) for a in answered) / len(answered)) if answered else None,
+        accuracy=_mean(answered) if answered else None,
         n_inputs=n,
         n_with_answers=len(answered),
+        ci={
+            "answer_match": bootstrap_ci(matches),
+            "token_f1": bootstrap_ci(f1s),
+            "top1_agreement": bootstrap_ci(agreements),
+            "first_token_kl_mean": bootstrap_ci(kls),
+            "accuracy": bootstrap_ci(answered) if answered else None,
+        },
     )

@@ -5,6 +5,7 @@ Reads results only; never measures, never loads a model.
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -24,7 +25,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _title(results: dict, what: str) -> str:
     on = "GPU" if results.get("environment", {}).get("cuda") else "CPU"
-    return f"lightkv profile · {results['model']['name']} · {len(results.get('inputs', []))} inputs · {on} · {what}"
+    return f"lightkv · {results['model']['name']} · {len(results.get('inputs', []))} inputs · {on} · {what}"
 
 
 def _run_column(table: Table, runs: list[dict]) -> None:
@@ -38,6 +39,12 @@ def _spread(s: dict | None, digits: int) -> str:
     return f"{s['median']:.{digits}f} ±{(s['p75'] - s['p25']) / 2:.{digits}f}"
 
 
+def _ci(interval) -> str:
+    if not interval or interval[0] is None:
+        return "–"
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def cost_table(results: dict) -> Table:
     """One row per run: target and measured vision retention, KV bytes, latency, FLOPs, peak memory.
 
@@ -48,25 +55,32 @@ def cost_table(results: dict) -> Table:
     peak_kind = next((r.get("peak_memory_kind") for r in runs if r.get("peak_memory_kind")), "")
     table = Table(title=_title(results, "cost"))
     _run_column(table, runs)
-    for col in ("target R", "measured R", "KV total", "KV vision", f"prefill ms {on}", f"decode ms/tok {on}",
-                "prefill FLOPs", "peak GPU alloc" if peak_kind == "cuda_allocator" else "peak RSS"):
+    for col in ("target R", "measured R", "KV total", "KV vision", f"prefill ms {on}", f"TTFT ms {on}",
+                f"decode ms/tok {on}", "tok/s", "prefill FLOPs", "peak GPU alloc" if peak_kind == "cuda_allocator" else "peak RSS",
+                "max concurrent"):
         table.add_column(col, justify="right")
     rec = (results.get("recommendation") or {}).get("run")
     for r in runs:
         name = Text(r["id"], style="bold green" if r["id"] == rec else "")
         if r.get("status") != "ok":
-            table.add_row(name, _fmt(r.get("target_retention"), ".2f"), Text(r.get("status", "?"), style="red"), *[""] * 6)
+            table.add_row(name, _fmt(r.get("target_retention"), ".2f"), Text(r.get("status", "?"), style="red"), *[""] * 9)
             continue
+        cap = r.get("capacity") or {}
+        fits = cap.get("max_concurrent_requests")
+        ratio = cap.get("ratio_vs_uncompressed")
         table.add_row(
             name,
-            f"{r['target_retention']:.2f}",
+            _fmt(r.get("target_retention"), ".2f"),
             f"{r['vision_retention']:.3f}",
             fmt_bytes(r["kv_bytes"]),
             fmt_bytes(r["kv_bytes_vision"]),
             _spread(r["prefill_ms"], 1),
+            _spread(r.get("time_to_first_token_ms") if isinstance(r.get("time_to_first_token_ms"), dict) else None, 1),
             _spread(r.get("decode_ms_per_token"), 2),
+            _fmt(r.get("tokens_per_s"), ".1f"),
             _fmt(r.get("flops_ratio"), ".0%"),
             fmt_bytes(r.get("peak_memory_bytes")),
+            "–" if fits is None else (f"{fits} ({ratio:.2f}×)" if ratio is not None else f"{fits}"),
         )
     return table
 
@@ -76,11 +90,11 @@ def quality_table(results: dict) -> Table:
     runs = results.get("runs", [])
     table = Table(title=_title(results, "quality vs. uncompressed"))
     _run_column(table, runs)
-    for col in ("answer match", "token F1", "top-1 agree", "KL mean", "KL max", "accuracy"):
+    for col in ("answer match", "token F1", "top-1 agree", "KL mean", "KL max", "accuracy", "answer match 95% CI"):
         table.add_column(col, justify="right")
     for r in runs:
         if r.get("status") != "ok":
-            table.add_row(r["id"], Text(r.get("status", "?"), style="red"), *[""] * 5)
+            table.add_row(r["id"], Text(r.get("status", "?"), style="red"), *[""] * 6)
             continue
         q = r["quality"]
         table.add_row(
@@ -91,22 +105,27 @@ def quality_table(results: dict) -> Table:
             _fmt(q.get("first_token_kl_mean"), ".2e"),
             _fmt(q.get("first_token_kl_max"), ".2e"),
             _fmt(q.get("accuracy"), ".2f"),
+            _ci((q.get("ci") or {}).get("answer_match")),
         )
     return table
 
 
 def recommendation_line(results: dict) -> str:
-    """One line: the recommended operating point and why (rich markup)."""
+    """The recommended operating point and why, or which threshold failed and by how much (rich markup)."""
     rec = results.get("recommendation") or {}
     if not rec.get("run"):
-        return f"[yellow]no recommendation: {rec.get('reason', 'no run finished')}[/]"
-    run = next(r for r in results["runs"] if r["id"] == rec["run"])
-    base = next((r for r in results["runs"] if r["method"] == "uncompressed"), run)
-    saved = 1 - run["kv_bytes"] / base["kv_bytes"] if base.get("kv_bytes") else 0.0
-    line = (
-        f"[bold]recommended:[/] {rec['run']} — measured vision retention {rec['vision_retention']:.3f}, "
-        f"KV cache {fmt_bytes(run['kv_bytes'])} per request ({saved:.0%} less than uncompressed); {rec['reason']}"
-    )
+        lines = [f"[yellow]no recommendation: {escape(rec.get('reason', 'no run finished'))}[/]"]
+    else:
+        run = next(r for r in results["runs"] if r["id"] == rec["run"])
+        base = next((r for r in results["runs"] if r["method"] == "uncompressed" and r.get("status") == "ok"), run)
+        saved = 1 - run["kv_bytes"] / base["kv_bytes"] if base.get("kv_bytes") else 0.0
+        lines = [
+            f"[bold]recommended:[/] {escape(rec['run'])} — measured vision retention {run['vision_retention']:.3f}, "
+            f"KV cache {fmt_bytes(run['kv_bytes'])} per request ({saved:.0%} less than uncompressed); {escape(rec['reason'])}"
+        ]
+    env = results.get("environment", {}).get("nvml") or {}
+    if env and not env.get("available") and env.get("note"):
+        lines.append(f"[dim]{escape(env['note'])}[/]")
     if not results.get("model", {}).get("weights_meaningful", True):
-        line += "\n[yellow]note: random weights — quality figures and this recommendation are not meaningful[/]"
-    return line
+        lines.append("[yellow]note: random weights — quality figures and this recommendation are not meaningful[/]")
+    return "\n".join(lines)

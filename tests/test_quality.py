@@ -10,7 +10,9 @@ import torch
 
 from lightkv_cli.quality import (
     InputQuality,
+    QualitySummary,
     answer_correct,
+    bootstrap_ci,
     exact_match,
     first_token_kl,
     normalize_answer,
@@ -176,3 +178,87 @@ def test_input_quality_to_dict_is_plain_json() -> None:
     assert set(d) == {"exact_match", "token_f1", "top1_agreement", "first_token_kl", "accuracy"}
     assert all(type(v) is float for v in d.values())
     assert json.loads(json.dumps(d)) == d
+
+
+def test_bootstrap_ci_all_equal_is_zero_width() -> None:
+    assert bootstrap_ci([0.7] * 20) == (0.7, 0.7)
+    assert bootstrap_ci([3.5]) == (3.5, 3.5)
+    assert bootstrap_ci([1]) == (1.0, 1.0) and isinstance(bootstrap_ci([1])[0], float)
+
+
+def test_bootstrap_ci_of_a_fair_coin() -> None:
+    # 100 values, mean 0.5, standard error 0.05: the 95% interval is about 0.5 ± 0.098.
+    low, high = bootstrap_ci([0.0, 1.0] * 50)
+    assert 0.35 <= low <= 0.45
+    assert 0.55 <= high <= 0.65
+    narrow_low, narrow_high = bootstrap_ci([0.0, 1.0] * 50, level=0.5)
+    assert low < narrow_low < 0.5 < narrow_high < high
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_mean() -> None:
+    values = [0.1, 0.5, 0.2, 0.9, 0.3, 0.0, 1.0, 0.4]
+    mean = sum(values) / len(values)
+    low, high = bootstrap_ci(values, seed=3)
+    assert (low, high) == bootstrap_ci(values, seed=3)
+    assert (low, high) != bootstrap_ci(values, seed=4)
+    assert 0.0 <= low < mean < high <= 1.0
+    single = bootstrap_ci(values, resamples=1)
+    assert single[0] == single[1]  # one resample: both percentiles are its mean
+
+
+def test_bootstrap_ci_with_infinite_values() -> None:
+    low, high = bootstrap_ci([0.0, 1.0, math.inf])
+    assert high == math.inf
+    assert not math.isnan(low) and low < math.inf  # some resamples miss the inf
+    assert bootstrap_ci([math.inf, math.inf]) == (math.inf, math.inf)
+    assert all(math.isnan(b) for b in bootstrap_ci([0.0, math.nan]))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"values": []}, {"values": [1.0], "level": 0.0}, {"values": [1.0], "level": 1.0}, {"values": [1.0], "resamples": 0}]
+)
+def test_bootstrap_ci_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        bootstrap_ci(**kwargs)
+
+
+def test_summarize_confidence_intervals() -> None:
+    items = [
+        InputQuality(exact_match=1.0, token_f1=1.0, top1_agreement=1.0, first_token_kl=0.0, accuracy=1.0),
+        InputQuality(exact_match=0.0, token_f1=0.5, top1_agreement=1.0, first_token_kl=0.3, accuracy=None),
+        InputQuality(exact_match=0.0, token_f1=0.0, top1_agreement=1.0, first_token_kl=0.9, accuracy=0.0),
+        InputQuality(exact_match=1.0, token_f1=0.9, top1_agreement=1.0, first_token_kl=0.1, accuracy=1.0),
+    ]
+    s = summarize(items)
+    assert set(s.ci) == {"answer_match", "token_f1", "top1_agreement", "first_token_kl_mean", "accuracy"}
+    assert s.ci["top1_agreement"] == (1.0, 1.0)  # every input agrees
+    assert s.ci["answer_match"] == bootstrap_ci([1.0, 0.0, 0.0, 1.0])
+    assert s.ci["token_f1"] == bootstrap_ci([1.0, 0.5, 0.0, 0.9])
+    assert s.ci["first_token_kl_mean"] == bootstrap_ci([0.0, 0.3, 0.9, 0.1])
+    assert s.ci["accuracy"] == bootstrap_ci([1.0, 0.0, 1.0])  # only the inputs with an answer
+    for metric in ("answer_match", "token_f1", "first_token_kl_mean", "accuracy"):
+        low, high = s.ci[metric]
+        assert low <= getattr(s, metric) <= high and low < high
+    d = s.to_dict()
+    assert d["ci"]["top1_agreement"] == [1.0, 1.0]
+    assert d["ci"]["accuracy"] == list(s.ci["accuracy"])
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_summarize_ci_without_answers_and_with_infinite_kl() -> None:
+    items = [InputQuality(1.0, 1.0, 1.0, 0.0, None), InputQuality(0.0, 0.2, 0.0, math.inf, None)]
+    s = summarize(items)
+    assert s.ci["accuracy"] is None
+    assert s.to_dict()["ci"]["accuracy"] is None
+    assert s.first_token_kl_mean == math.inf
+    assert s.ci["first_token_kl_mean"][1] == math.inf
+
+
+def test_quality_summary_built_by_hand_has_empty_ci() -> None:
+    s = QualitySummary(1.0, 1.0, 1.0, 0.0, 0.0, None, 1, 0)
+    assert s.ci == {}
+    assert s.to_dict()["ci"] == {}
+    assert list(s.to_dict())[:8] == [
+        "answer_match", "token_f1", "top1_agreement", "first_token_kl_mean",
+        "first_token_kl_max", "accuracy", "n_inputs", "n_with_answers",
+    ]  # fmt: skip
