@@ -105,6 +105,15 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None,
     from lightkv_cli.inputs import describe_skipped, gather_inputs
 
     got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit)
+    if not got.images and not got.skipped:
+        from lightkv_cli.inputs import IMAGE_EXTENSIONS
+
+        where = ", ".join(str(p) for p in images) or "the prompts file's images"
+        raise UserError(
+            f"no image files in {where}"
+            + (f" (ignored {len(got.ignored)} non-image file(s))" if got.ignored else "")
+            + f"; give a folder with {', '.join(sorted(IMAGE_EXTENSIONS))} images"
+        )
     if got.ignored:
         names = ", ".join(p.name for p in got.ignored[:6]) + (" …" if len(got.ignored) > 6 else "")
         console.print(f"[dim]ignored {len(got.ignored)} non-image file(s): {names}[/]", highlight=False)

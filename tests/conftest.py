@@ -7,10 +7,12 @@ touch the user's cache and never download anything.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = ROOT / "sample_images"
@@ -55,3 +57,36 @@ def encode(tiny):
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     return _encode
+
+
+# Fixtures shared by the command-line tests.
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail loudly if the command gets as far as loading a model."""
+    import lightkv_cli.models.loader as loader
+
+    calls = []
+
+    def _fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise AssertionError("load_model must not be called for this input error")
+
+    monkeypatch.setattr(loader, "load_model", _fake)
+    return calls
+
+
+@pytest.fixture
+def two_images(tmp_path) -> Path:
+    """A folder with two (small) sample images."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("skimage_chelsea.png", "skimage_coffee.png"):
+        shutil.copyfile(SAMPLE_IMAGES / name, d / name)
+    return d

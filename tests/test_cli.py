@@ -48,11 +48,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
 def _plain(text: str | None) -> str:
     """Text without ANSI codes."""
     return _ANSI.sub("", text or "")
@@ -98,31 +93,6 @@ def _assert_user_error(result, *fragments: str) -> str:
     for frag in fragments:
         assert frag in flat, f"{frag!r} not in output:\n{text}"
     return flat
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail loudly if the command gets as far as loading a model."""
-    import lightkv_cli.models.loader as loader
-
-    calls = []
-
-    def _fake(*args, **kwargs):
-        calls.append((args, kwargs))
-        raise AssertionError("load_model must not be called for this input error")
-
-    monkeypatch.setattr(loader, "load_model", _fake)
-    return calls
-
-
-@pytest.fixture
-def two_images(tmp_path) -> Path:
-    """A folder with two (small) sample images."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for name in ("skimage_chelsea.png", "skimage_coffee.png"):
-        shutil.copyfile(SAMPLE_IMAGES / name, d / name)
-    return d
 
 
 def _read_results(out: Path) -> dict:
