@@ -523,7 +523,7 @@ def check(
     prompts: PromptsOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model (default: the profile's). Must be the profile's model.")] = None,
     init: Annotated[Optional[str], typer.Option(help="pretrained or random (default: the profile's).")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="With a results file: the run to check (default: its recommended run).")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="With a results file: the run to check (default: the run with the --profile's schedule, else the recommended run).")] = None,
     min_answer_match: MinAnswerOpt = None,
     min_top1: MinTop1Opt = None,
     min_accuracy: MinAccOpt = None,
@@ -557,8 +557,8 @@ def check(
 
         data = load_results(results)
         base = prof.thresholds.to_thresholds() if prof else Thresholds.from_dict(data.get("thresholds") or {}, f"{results}: thresholds")
-        run_id = run or (data.get("recommendation") or {}).get("run")
         ids = [r.get("id") for r in data["runs"]]
+        run_id = run or (_profile_run(prof, data["runs"]) if prof else None) or (data.get("recommendation") or {}).get("run")
         if run_id is None:
             raise UserError(f"{results} has no recommended run; name the run to check with --run (runs: {', '.join(ids)})")
         if run_id not in ids:
@@ -591,6 +591,17 @@ def check(
         console.print(f"junit: {junit}", highlight=False)
     failed = checks is None or any(not c.passed for c in checks)
     raise typer.Exit(1 if failed else 0)
+
+
+def _profile_run(prof, runs: list[dict]) -> str | None:
+    """The id of the run in ``runs`` with the profile's method and schedule, if there is one."""
+    m = prof.method
+    for r in runs:
+        p = r.get("params") or {}
+        if (r.get("method") == m.name and p.get("layers") == m.layers and p.get("windows") == m.windows
+                and [round(x, 6) for x in p.get("ratios", [])] == [round(x, 6) for x in m.ratios]):
+            return r.get("id")
+    return None
 
 
 def _rerun_profile(ctx, prof, profile_path, images, prompt, prompts, model, init, repeats, warmup, device, dtype, limit, output):

@@ -98,6 +98,13 @@ def test_check_results_file(runner, swept, no_model_load):
     other = _check(runner, path, "--run", "uncompressed", "--max-kl", "0")
     assert other.exit_code == 0, _all_text(other)
     _assert_user_error(_check(runner, path, "--run", "nope"), "has no run 'nope'", "uncompressed")
+    # With a profile: the run with the profile's schedule is checked (not the recommended one).
+    from lightkv_cli.profiles import profile_from_results, save_profile
+
+    other = next(r["id"] for r in swept["results"]["runs"] if r["id"] not in (rec, "uncompressed"))
+    prof = save_profile(profile_from_results(swept["results"], other, "other"), swept["tmp"] / "other.toml")
+    with_profile = _check(runner, path, "--profile", str(prof), "--min-answer-match", "0", "--min-top1", "0")
+    assert with_profile.exit_code == 0 and f"lightkv check · {other}" in _flat(_all_text(with_profile))
     _assert_user_error(_check(runner, path, "--min-accuracy", "0.5"), "min_accuracy is set", "--prompts with answers")
 
 
