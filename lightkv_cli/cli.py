@@ -200,7 +200,7 @@ def parse_schedules(layers: list[str], windows: list[str], ratios: list[str]):
     for ls in layer_lists:
         for ws in window_lists:
             for rs in ratio_lists:
-                w = ws if ws is not None else ([4, 2, 1][: len(ls)] if len(ls) <= 3 else [1])
+                w = ws if ws is not None else ([4, 2, 1] + [1] * len(ls))[: len(ls)]  # default 4-2-1, then 1
                 sched = Schedule.build(ls, w, rs)
                 if sched not in out:
                     out.append(sched)
@@ -233,7 +233,6 @@ class _SweepRequest:
     resume: bool
     save_profile: str | None
     profiles_dir: Path
-    title: str = "sweep"
 
 
 def _check_output_dir(output: Path) -> None:
@@ -398,7 +397,7 @@ def profile(
         max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup,
         thresholds=Thresholds(min_answer_match=min_fidelity, min_top1_agreement=min_fidelity),
         gpu_memory=gpu_memory, nvml_interval_ms=20.0, device=device, dtype=dtype, limit=limit, output=output,
-        resume=resume, save_profile=save_profile, profiles_dir=profiles_dir, title="profile",
+        resume=resume, save_profile=save_profile, profiles_dir=profiles_dir,
     )
     _execute_sweep(ctx, req)
 
@@ -416,7 +415,7 @@ def sweep(
     methods: Annotated[str, typer.Option(help="Methods, comma-separated: lightkv (published, cross guidance), lightkv-prompt, lightkv-uniform.")] = "lightkv",
     retentions: Annotated[str, typer.Option(help="Target average vision retentions (schedules generated per target), comma-separated. Default 0.9,0.75,0.55,0.4 unless explicit schedules are given.")] = "0.9,0.75,0.55,0.4",
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Explicit schedule: stage layers, e.g. 12,18,24 (repeat for a grid).")] = None,
-    windows: Annotated[Optional[list[str]], typer.Option("--windows", help="Explicit schedule: windows per stage, e.g. 4,2,1 (repeat for a grid).")] = None,
+    windows: Annotated[Optional[list[str]], typer.Option("--windows", help="Explicit schedule: windows per grid axis per stage, e.g. 4,2,1 (default 4,2,1; repeat for a grid).")] = None,
     ratios: Annotated[Optional[list[str]], typer.Option("--ratios", help="Explicit schedule: merge ratio per stage or one for all, e.g. 0.5 (repeat for a grid).")] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
@@ -440,38 +439,37 @@ def sweep(
     profiles_dir: ProfilesDirOpt = Path("profiles"),
 ) -> None:
     """Sweep methods × schedules × target retentions; report, recommend and optionally save an operating point."""
-    from lightkv_cli.methods.registry import parse_methods
+    from lightkv_cli.methods.registry import Schedule, parse_methods
     from lightkv_cli.thresholds import Thresholds
 
     opts = dict(ctx.params)
     thresholds = Thresholds()
+    config_schedules: list[Schedule] = []
+    retentions_given = ctx.get_parameter_source("retentions").name != "DEFAULT"
     if config is not None:
         from lightkv_cli.profiles import load_sweep_config
 
         cfg = load_sweep_config(config)
-        for key, value in cfg.model_dump(exclude_none=True, exclude={"thresholds", "schedules"}).items():
-            if ctx.get_parameter_source(key).name == "DEFAULT":
-                if key == "retentions":
-                    opts["retentions_from_config"] = True
-                if key in ("methods", "retentions"):
-                    value = ",".join(str(v) for v in value)
-                elif key in ("images", "prompts", "output"):
-                    value = [Path(v) for v in value] if key == "images" else Path(value)
-                opts[key] = value
+        values = cfg.model_dump(exclude_none=True, exclude={"thresholds", "schedules"})
+        for key, value in values.items():
+            if ctx.get_parameter_source(key).name != "DEFAULT":
+                continue  # the command line wins
+            if key in ("methods", "retentions"):
+                value = ",".join(str(v) for v in value)
+            elif key == "images":
+                value = [Path(v) for v in value]
+            elif key in ("prompts", "output"):
+                value = Path(value)
+            opts[key] = value
+        retentions_given = retentions_given or "retentions" in values
         if cfg.thresholds is not None:
-            thresholds = Thresholds(**{**Thresholds().to_dict(), **cfg.thresholds.model_dump(exclude_none=True)})
+            thresholds = Thresholds(**{**thresholds.to_dict(), **cfg.thresholds.model_dump(exclude_none=True)})
         if cfg.schedules and not layers:
-            opts["layers"] = [",".join(map(str, s.layers)) for s in cfg.schedules]
-            opts["schedules_from_config"] = cfg.schedules
+            config_schedules = [Schedule.build(s.layers, s.windows, s.ratios) for s in cfg.schedules]
     thresholds = thresholds.merged(**_threshold_overrides(
         min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms))
-    if "schedules_from_config" in opts:
-        from lightkv_cli.methods.registry import Schedule
-
-        schedules = [Schedule.build(s.layers, s.windows, s.ratios) for s in opts["schedules_from_config"]]
-    else:
-        schedules = parse_schedules(opts.get("layers") or [], windows or [], ratios or [])
-    retentions_given = ctx.get_parameter_source("retentions").name != "DEFAULT" or "retentions_from_config" in opts
+    schedules = config_schedules or parse_schedules(layers or [], windows or [], ratios or [])
+    # Explicit schedules alone sweep only those; targets run too when given.
     targets = parse_retentions(opts["retentions"]) if (retentions_given or not schedules) else []
     req = _SweepRequest(
         images=list(opts.get("images") or []), model=opts["model"], init=opts["init"], prompt=opts.get("prompt"),

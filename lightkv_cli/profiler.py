@@ -599,10 +599,6 @@ class Sweep:
                 "max_concurrent_requests": fits, "ratio_vs_uncompressed": None}
 
 
-#: Compatibility name: a profile is a sweep of one method.
-Profiler = Sweep
-
-
 def _add_ratios(run: dict, base: dict) -> None:
     """This run's FLOPs, KV and capacity relative to the uncompressed run ``base``."""
     def ratio(a, b):
