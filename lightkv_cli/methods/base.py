@@ -343,7 +343,9 @@ class SequencePress(Press):
 
     def _stage_hook(self, layer: int):
         def hook(module, args, kwargs, output):
-            return self._run_stage(layer, module, args, kwargs, output)
+            # Named range so `torch.profiler` shows what the compression step costs (benchmarks).
+            with torch.profiler.record_function("lightkv::stage"):
+                return self._run_stage(layer, module, args, kwargs, output)
 
         return hook
 
@@ -503,7 +505,10 @@ class SequencePress(Press):
             if types:
                 layer_type = types[layer]
             if layer_type not in g.masks:
-                g.masks[layer_type] = _make_mask(config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer)
+                with torch.profiler.record_function("lightkv::mask"):
+                    g.masks[layer_type] = _make_mask(
+                        config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer
+                    )
             kwargs["attention_mask"] = g.masks[layer_type]
             if st.phase == "prefill":
                 kwargs["position_ids"] = g.position_ids

@@ -223,6 +223,21 @@ class LightKV(SequencePress):
         """
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
+        with torch.profiler.record_function("lightkv::match"):
+            plans, mergeable_idx = self._plan(inp, windows, ratio)
+        m = min(len(p) for p in plans)
+        if m == 0:
+            return None
+        # Rows must keep the same number of tokens; windows that do not nest across stages can give
+        # rows different counts, so rows with more candidate merges keep their m most similar.
+        plans = [p.top(m) for p in plans]
+        with torch.profiler.record_function("lightkv::guidance"):
+            g_all = self._guidance_weights(inp)  # (B, n) float32 over each row's vision tokens
+        with torch.profiler.record_function("lightkv::merge"):
+            return self._merge(inp, plans, mergeable_idx, g_all)
+
+    def _plan(self, inp: StageInput, windows: int, ratio: float) -> tuple[list[MergePlan], list[torch.Tensor]]:
+        """Per row: the bipartite merge plan of its mergeable vision tokens, and their layout indices."""
         hidden = inp.hidden
         plans: list[MergePlan] = []
         mergeable_idx = []
@@ -236,13 +251,11 @@ class LightKV(SequencePress):
             num_windows = len(lay.grids) * windows * windows
             feats = hidden[b, lay.positions[idx].to(hidden.device)]
             plans.append(bipartite_plan(feats, wid.to(hidden.device), num_windows, ratio))
-        m = min(len(p) for p in plans)
-        if m == 0:
-            return None
-        # Rows must keep the same number of tokens; windows that do not nest across stages can give
-        # rows different counts, so rows with more candidate merges keep their m most similar.
-        plans = [p.top(m) for p in plans]
-        g_all = self._guidance_weights(inp)  # (B, n) float32 over each row's vision tokens
+        return plans, mergeable_idx
+
+    def _merge(self, inp: StageInput, plans: list[MergePlan], mergeable_idx: list[torch.Tensor], g_all: torch.Tensor) -> StageOutput:
+        """Guidance-weighted mean of each merged A token into its B token (float32); survivors mask."""
+        hidden = inp.hidden
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         out = hidden.clone()
         pairs = []
