@@ -129,3 +129,58 @@ def recommendation_line(results: dict) -> str:
     if not results.get("model", {}).get("weights_meaningful", True):
         lines.append("[yellow]note: random weights — quality figures and this recommendation are not meaningful[/]")
     return "\n".join(lines)
+
+
+def bench_markdown(bench: dict) -> str:
+    """A benchmark result (``lightkv bench``) as Markdown: environment, the cell table, largest
+    batches and the compression-step breakdown. Ratios are to the uncompressed run of the same cell,
+    measured in the same process; absolute times are for the named device only."""
+    env = bench.get("environment", {})
+    on = "GPU" if env.get("cuda") else "CPU"
+    s = bench.get("settings", {})
+    peak = "peak alloc" if env.get("cuda") else "peak RSS"
+    lines = [
+        f"**{bench.get('architecture')}** ({bench.get('description', '')}) · {env.get('device_name')} ({on}) · "
+        f"{env.get('dtype')} · torch {env.get('torch')} · transformers {env.get('transformers')}"
+        + (f" · driver {env['nvml_driver']}" if env.get("nvml_driver") else ""),
+        "",
+        f"{s.get('prompt_tokens')} text tokens per prompt, {s.get('new_tokens')} new tokens (EOS disabled), "
+        f"medians of {s.get('repeats')} repeats after {s.get('warmup')} warm-up; KV bytes for the whole batch after prefill.",
+        "",
+        f"| method | batch | images | measured R | KV total | KV vision (×) | prefill ms {on} (×) | decode ms/tok {on} (×) | {peak} (×) | NVML peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def x(v):
+        return "" if v is None else f" ({v:.2f}×)"
+
+    for c in bench.get("cells", []):
+        if c.get("status") != "ok":
+            lines.append(f"| {c['method']} | {c['batch']} | {c['images']} | {c.get('status')} | | | | | | |")
+            continue
+        dec = c.get("decode_ms_per_token") or {}
+        lines.append(
+            f"| {c['method']} | {c['batch']} | {c['images']} | {c['vision_retention']:.3f} | {fmt_bytes(c['kv_bytes'])} | "
+            f"{fmt_bytes(c['kv_bytes_vision'])}{x(c.get('kv_vision_ratio'))} | {c['prefill_ms']['median']:.1f}{x(c.get('prefill_ratio'))} | "
+            f"{_fmt(dec.get('median'), '.2f')}{x(c.get('decode_ratio'))} | {fmt_bytes(c.get('peak_memory_bytes'))}{x(c.get('peak_ratio'))} | "
+            f"{fmt_bytes(c.get('nvml_peak_used_bytes'))} |"
+        )
+    if bench.get("largest_batch"):
+        lines += ["", "| method | images | largest batch that fits |", "|---|---:|---:|"]
+        lines += [f"| {m['method']} | {m['images']} | {m['largest_batch']} |" for m in bench["largest_batch"]]
+    elif bench.get("largest_batch_note"):
+        lines += ["", f"Largest batch: {bench['largest_batch_note']}."]
+    br = bench.get("compression_breakdown")
+    if br:
+        parts = ", ".join(
+            f"{k.split('::')[1]} {(v['device_ms'] if br.get('clock') == 'device' else v['cpu_ms']):.1f} ms"
+            for k, v in br["ranges"].items()
+        )
+        share = br.get("share_of_uncompressed_prefill")
+        lines += [
+            "",
+            f"Compression step ({br['method']}, batch {br['batch']}, {br['clock']} time, torch.profiler): "
+            f"{br['stage_ms']:.1f} ms" + (f" = {share:.1%} of the uncompressed prefill ({br['uncompressed_prefill_ms']:.1f} ms)" if share is not None else "")
+            + f"; by range: {parts} (match, guidance and merge are inside stage).",
+        ]
+    return "\n".join(lines) + "\n"
