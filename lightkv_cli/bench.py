@@ -154,9 +154,9 @@ def measure(bm: BenchModel, press: LightKV | None, batch: int, images: int, new_
     try:
         with NvmlSampler(bm.device, interval_ms=nvml_interval_ms) as sampler:
             for _ in range(warmup):
-                greedy_generate(bm.model, inputs, n_vis, new_tokens, None, press=press)
+                greedy_generate(bm.model, inputs, n_vis, new_tokens, None, press=press, suppress_token_ids=[bm.image_token_id])
             for _ in range(repeats):
-                res = greedy_generate(bm.model, inputs, n_vis, new_tokens, None, press=press)
+                res = greedy_generate(bm.model, inputs, n_vis, new_tokens, None, press=press, suppress_token_ids=[bm.image_token_id])
                 prefill.append(res.prefill_ms)
                 decode += res.decode_ms
                 peaks.append(res.peak_memory_bytes)
@@ -164,6 +164,10 @@ def measure(bm: BenchModel, press: LightKV | None, batch: int, images: int, new_
         del inputs
         _free(bm.device)
         return {"status": "oom", "error": str(exc).splitlines()[0] if str(exc) else "out of memory"}
+    except Exception as exc:  # recorded, so that one failing cell does not lose the benchmark
+        del inputs
+        _free(bm.device)
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     nv = sampler.to_dict()
     c = res.cache
     out = {
@@ -230,10 +234,10 @@ def compression_profile(bm: BenchModel, press: LightKV, batch: int, images: int)
 
     inputs = synthetic_inputs(bm, batch, images)
     n_vis = images * bm.vision_tokens_per_image
-    greedy_generate(bm.model, inputs, n_vis, 1, None, press=press)  # warm
+    greedy_generate(bm.model, inputs, n_vis, 1, None, press=press, suppress_token_ids=[bm.image_token_id])  # warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bm.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        greedy_generate(bm.model, inputs, n_vis, 1, None, press=press)
+        greedy_generate(bm.model, inputs, n_vis, 1, None, press=press, suppress_token_ids=[bm.image_token_id])
     ranges = {}
     for evt in prof.key_averages():
         if evt.key.startswith("lightkv::"):

@@ -463,6 +463,7 @@ class Sweep:
             max_new_tokens=self.settings.max_new_tokens,
             eos_token_id=self.loaded.model.generation_config.eos_token_id,
             press=spec.press,
+            suppress_token_ids=[self.loaded.adapter.image_token_id()],
         )
 
     def _measure(self, spec: RunSpec, repeats: int, warmup: int) -> tuple[dict[str, _InputOutcome], dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -122,6 +122,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | list[int] | None,
     press=None,
+    suppress_token_ids: Sequence[int] = (),
 ) -> GenerationResult:
     """Prefill ``inputs`` and decode greedily, timing prefill and each decode step.
 
@@ -133,6 +134,9 @@ def greedy_generate(
         max_new_tokens: upper bound on generated tokens (≥ 1).
         eos_token_id: stop a row when it emits this token (or any of these tokens).
         press: a compression method (``LightKV(...)``) or None for the uncompressed model.
+        suppress_token_ids: tokens never generated (their logits are set to ``-inf`` before the
+            argmax), e.g. the image placeholder token, which a model with random weights may
+            otherwise emit; ``first_logits`` are recorded before suppression.
 
     Returns:
         :class:`GenerationResult`.
@@ -144,6 +148,7 @@ def greedy_generate(
 
     device = inputs["input_ids"].device
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    suppress = list(suppress_token_ids)
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
@@ -161,7 +166,7 @@ def greedy_generate(
                 use_cache=True, logits_to_keep=1,
             )
             logits = out.logits[:, -1]
-            next_tok = logits.argmax(-1)
+            next_tok = _suppressed(logits, suppress).argmax(-1)
         prefill_ms = sw.ms
         first_logits = logits.float().cpu()
         stats = cache_stats(cache, vision_tokens)
@@ -183,7 +188,7 @@ def greedy_generate(
                     input_ids=next_tok.unsqueeze(1), attention_mask=mask, position_ids=last_pos,
                     past_key_values=cache, use_cache=True, logits_to_keep=1,
                 )
-                next_tok = out.logits[:, -1].argmax(-1)
+                next_tok = _suppressed(out.logits[:, -1], suppress).argmax(-1)
             decode_ms.append(sw.ms)
         del cache, out
     return GenerationResult(
@@ -195,3 +200,12 @@ def greedy_generate(
         peak_memory_bytes=int(peak.peak_bytes or 0),
         peak_memory_kind=peak.kind or "",
     )
+
+
+def _suppressed(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """``logits`` ``(B, V)`` with the given token ids at ``-inf`` (a copy; unchanged when none)."""
+    if not token_ids:
+        return logits
+    out = logits.clone()
+    out[:, token_ids] = float("-inf")
+    return out

@@ -346,10 +346,10 @@ def test_ctrl_c_keeps_finished_runs_and_exits_130(runner, tmp_path, two_images, 
 
     real = prof.greedy_generate
 
-    def interrupted(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None):
+    def interrupted(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None, **kw):
         if press is not None:
             raise KeyboardInterrupt
-        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press)
+        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press, **kw)
 
     monkeypatch.setattr(prof, "greedy_generate", interrupted)
     out = tmp_path / "out"

@@ -128,9 +128,9 @@ def test_resume_skips_finished_runs(runner, swept, tmp_path, monkeypatch):
     seen = []
     real = prof.greedy_generate
 
-    def spy(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None):
+    def spy(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None, **kw):
         seen.append(None if press is None else round(press.expected_retention, 1))
-        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press)
+        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press, **kw)
 
     monkeypatch.setattr(prof, "greedy_generate", spy)
     args = ["--images", str(swept["imgs"]), "--methods", "lightkv,lightkv-uniform", "--retentions", "0.8,0.5",

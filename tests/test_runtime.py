@@ -62,3 +62,17 @@ def test_cache_stats_and_flops_follow_the_schedule(tiny, images, encode):
     f_comp = prefill_flops(cfg, comp.cache.layer_seq_lens)
     assert f_comp < f_base
     assert f_comp == prefill_flops(cfg, press.last_prefill.layer_seq_lens)
+
+
+def test_suppressed_tokens_are_never_generated(tiny, images, encode):
+    inputs = encode(images[:1], [QUESTION])
+    n_vis = tiny.adapter.vision_tokens_per_image()
+    first = greedy_generate(tiny.model, inputs, n_vis, 4, eos_token_id=None)
+    banned = sorted(set(first.tokens[0]))
+    again = greedy_generate(tiny.model, inputs, n_vis, 4, eos_token_id=None, suppress_token_ids=banned)
+    assert not set(again.tokens[0]) & set(banned) and len(again.tokens[0]) == 4
+    # The first token is the best one outside the banned set; recorded logits are unsuppressed.
+    logits = first.first_logits[0].clone()
+    assert torch.equal(again.first_logits[0], logits)
+    logits[banned] = float("-inf")
+    assert again.tokens[0][0] == int(logits.argmax())

@@ -94,10 +94,10 @@ def test_out_of_memory_in_one_run_is_recorded_and_the_sweep_goes_on(tiny, two_in
 
     real = prof.greedy_generate
 
-    def flaky(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None):
+    def flaky(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=None, **kw):
         if press is not None and abs(press.expected_retention - 0.75) < 0.05:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press)
+        return real(model, inputs, vision_tokens, max_new_tokens, eos_token_id, press=press, **kw)
 
     monkeypatch.setattr(prof, "greedy_generate", flaky)
     settings = SweepSettings(retentions=[1.0, 0.75, 0.5], **FAST)
