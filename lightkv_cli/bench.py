@@ -20,7 +20,6 @@ the ``lightkv bench`` command prints and writes them.
 from __future__ import annotations
 
 import gc
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -348,18 +347,5 @@ def run_benchmark(
     return out
 
 
-def ratio_check(cells: list[dict]) -> list[str]:
-    """Problems with the invariant "vision KV bytes = measured retention × uncompressed" (empty = holds)."""
-    problems = []
-    for c in cells:
-        if c["status"] != "ok" or c["method"] == "uncompressed":
-            continue
-        base = next(b for b in cells if b["method"] == "uncompressed" and b["batch"] == c["batch"] and b["images"] == c["images"])
-        want = c["vision_retention"] * base["kv_bytes_vision"]
-        if not math.isclose(c["kv_bytes_vision"], want, rel_tol=1e-9):
-            problems.append(f"{c['method']} batch {c['batch']}: vision KV {c['kv_bytes_vision']} != {want}")
-    return problems
-
-
 __all__ = ["ARCHITECTURES", "BenchModel", "build_model", "compression_profile", "largest_batch", "measure",
-           "method_grid", "ratio_check", "run_benchmark", "synthetic_inputs"]
+           "method_grid", "run_benchmark", "synthetic_inputs"]

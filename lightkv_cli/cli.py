@@ -546,8 +546,9 @@ def bench(
             err_console.print(f"[yellow]interrupted: the finished cells are in {path}[/]")
             raise typer.Exit(130) from None
     md = bench_markdown(res)
-    md_path = path.with_suffix(".md")
-    md_path.write_text(md)
+    from lightkv_cli.files import write_text_atomic
+
+    md_path = write_text_atomic(path.with_suffix(".md"), md)
     console.print(Markdown(md))
     console.print(f"results: {path}, {md_path}", highlight=False)
 

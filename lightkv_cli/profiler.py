@@ -11,13 +11,10 @@ interrupted sweep loses nothing and can be resumed.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +23,7 @@ import torch
 
 from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
+from lightkv_cli.files import write_text_atomic
 from lightkv_cli.inputs import ImageInput, PromptItem
 from lightkv_cli.methods.lightkv import LightKV
 from lightkv_cli.methods.registry import Schedule, make_press
@@ -301,17 +299,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     Non-finite numbers (an infinite KL divergence, say) are written as ``null``, since JSON has no
     representation for them.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 @dataclass

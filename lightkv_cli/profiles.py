@@ -12,13 +12,10 @@ valid name and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import difflib
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -26,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
+from lightkv_cli.files import write_text_atomic
 from lightkv_cli.methods.registry import METHODS, Schedule
 from lightkv_cli.thresholds import Thresholds
 
@@ -376,16 +374,7 @@ def save_profile(data: dict, path: Path) -> Path:
         "# Check it in CI: lightkv check --profile " + str(path) + " --images <dir> [--prompts <file>]\n\n"
     )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_text_atomic(path, header + tomli_w.dumps(data))
     except OSError as exc:
         raise UserError(f"cannot write profile '{path}': {exc.strerror or exc}; give a writable --profiles-dir") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(header + tomli_w.dumps(data))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path

@@ -10,15 +10,13 @@ command line, error messages) is HTML-escaped.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from lightkv_cli import plots
+from lightkv_cli.files import write_text_atomic
 from lightkv_cli.plots import spread_median
 from lightkv_cli.report import fmt_bytes
 
@@ -589,19 +587,6 @@ def render_html(results: dict, image_root: Path | None = None) -> str:
             f"<body><h1>{_e(title)}</h1>{body}</body></html>\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_reports(results: dict, out_dir: Path, image_root: Path | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out_dir`` (created if missing); return their paths.
 
@@ -616,6 +601,6 @@ def write_reports(results: dict, out_dir: Path, image_root: Path | None = None) 
     html_text = render_html(results, image_root=image_root)
     md_text = render_markdown(results)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _write_atomic(html_path, html_text)
-    _write_atomic(md_path, md_text)
+    write_text_atomic(html_path, html_text)
+    write_text_atomic(md_path, md_text)
     return html_path, md_path
