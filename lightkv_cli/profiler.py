@@ -25,8 +25,8 @@ from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
 from lightkv_cli.inputs import ImageInput, PromptItem
-from lightkv_cli.methods.lightkv import LightKV
-from lightkv_cli.methods.registry import Schedule, make_press
+from lightkv_cli.methods.base import Press
+from lightkv_cli.methods.registry import METHODS, Schedule, make_press
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.quality import InputQuality, score_input, summarize
 from lightkv_cli.runtime import GenerationResult, greedy_generate
@@ -155,21 +155,13 @@ class RunSpec:
     id: str
     method: str
     target_retention: float | None
-    press: LightKV | None = None
+    press: Press | None = None
 
     def params(self) -> dict:
         """The method's parameters as recorded in the results file (empty when uncompressed)."""
         if self.press is None:
             return {}
-        p = self.press
-        return {
-            "layers": list(p.layers),
-            "windows": list(p.windows),
-            "ratios": [round(r, 6) for r in p.ratios],
-            "guidance": p.guidance,
-            "positions": p.positions,
-            "schedule_note": p.schedule_note,
-        }
+        return self.press.describe()
 
 
 def prepare_inputs(
@@ -235,7 +227,7 @@ def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
         for r in targets:
             press = make_press(method, loaded.model, target=r, positions=settings.positions)
             runs.append(RunSpec(id=f"{method}@{r:g}", method=method, target_retention=r, press=press))
-        for sched in settings.schedules:
+        for sched in settings.schedules if METHODS[method].schedules else ():
             press = make_press(method, loaded.model, schedule=sched, positions=settings.positions)
             runs.append(RunSpec(id=f"{method}[{sched.label()}]", method=method, target_retention=None, press=press))
     return runs
@@ -522,7 +514,7 @@ class Sweep:
             )
             qualities.append(q)
             c = o.result.cache
-            f = prefill_flops(text_config, c.layer_seq_lens)
+            f = prefill_flops(text_config, c.processed_seq_lens)
             flops.append(f)
             prefill_all += o.prefill_ms
             ttft_all += [inp.preprocess_ms + ms for ms in o.prefill_ms]

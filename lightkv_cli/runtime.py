@@ -26,15 +26,20 @@ class CacheStats:
         layer_seq_lens: tokens held by each layer's keys (``L`` ints).
         layer_bytes: bytes of each layer's K and V tensors per request (``L`` ints).
         vision_tokens: vision tokens of the prompt before compression.
-        text_tokens: non-vision tokens of the prompt (padding included); never compressed.
-        layer_vision_tokens: vision tokens held by each layer: ``layer_seq_lens - text_tokens``.
+        text_tokens: non-vision tokens of the prompt (padding included).
+        layer_vision_tokens: vision tokens held by each layer. In-prefill methods never touch text, so
+            this is ``layer_seq_lens - text_tokens``; after post-prefill eviction (which also evicts
+            text, per KV head) it is the mean over KV heads of the vision entries kept (a float).
+        processed_seq_lens: tokens each layer processed during prefill (what the FLOPs estimate
+            needs): the cached lengths for in-prefill methods, the whole prompt for eviction.
     """
 
     layer_seq_lens: list[int]
     layer_bytes: list[int]
     vision_tokens: int
     text_tokens: int
-    layer_vision_tokens: list[int] = field(default_factory=list)
+    layer_vision_tokens: list[float] = field(default_factory=list)
+    processed_seq_lens: list[int] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -44,7 +49,7 @@ class CacheStats:
     @property
     def layer_vision_bytes(self) -> list[int]:
         """Bytes of each layer's K and V entries that belong to vision tokens, per request."""
-        return [b * v // n if n else 0 for b, v, n in zip(self.layer_bytes, self.layer_vision_tokens, self.layer_seq_lens)]
+        return [int(b * v // n) if n else 0 for b, v, n in zip(self.layer_bytes, self.layer_vision_tokens, self.layer_seq_lens)]
 
     @property
     def vision_bytes(self) -> int:
@@ -59,19 +64,25 @@ class CacheStats:
         return sum(self.layer_vision_tokens) / (len(self.layer_vision_tokens) * self.vision_tokens)
 
 
-def cache_stats(cache, vision_tokens: int) -> CacheStats:
+def cache_stats(cache, vision_tokens: int, record=None) -> CacheStats:
     """Measure a ``DynamicCache`` right after prefill.
 
-    Layer 0 is never shortened, so it holds the whole prompt; every token a layer lost is a vision
-    token (text is never compressed), hence ``vision held = held - text``.
+    Without eviction, layer 0 is never shortened, so it holds the whole prompt; every token a layer
+    lost is a vision token (in-prefill methods never touch text), hence ``vision held = held - text``.
+    After post-prefill eviction (``record`` an :class:`~lightkv_cli.methods.eviction.EvictionRecord`)
+    the vision entries each layer kept come from the record's kept indices, and every layer
+    processed the whole prompt.
 
     Args:
         cache: the ``DynamicCache`` filled by a prefill (keys ``(B, H_kv, S_l, d)`` per layer).
         vision_tokens: vision tokens per row of the prompt.
+        record: the press's ``last_prefill`` (or None).
 
     Returns:
         :class:`CacheStats` per request (bytes divided by the batch size).
     """
+    from lightkv_cli.methods.eviction import EvictionRecord
+
     lens, sizes = [], []
     batch = 1
     for layer in cache.layers:
@@ -79,6 +90,15 @@ def cache_stats(cache, vision_tokens: int) -> CacheStats:
         batch = k.shape[0]
         lens.append(int(k.shape[-2]))
         sizes.append((k.numel() * k.element_size() + v.numel() * v.element_size()) // batch)
+    if isinstance(record, EvictionRecord):
+        return CacheStats(
+            layer_seq_lens=lens,
+            layer_bytes=sizes,
+            vision_tokens=vision_tokens,
+            text_tokens=record.seq_len - vision_tokens,
+            layer_vision_tokens=list(record.layer_vision_tokens),
+            processed_seq_lens=record.processed_seq_lens,
+        )
     text = lens[0] - vision_tokens
     return CacheStats(
         layer_seq_lens=lens,
@@ -86,6 +106,7 @@ def cache_stats(cache, vision_tokens: int) -> CacheStats:
         vision_tokens=vision_tokens,
         text_tokens=text,
         layer_vision_tokens=[n - text for n in lens],
+        processed_seq_lens=list(lens),
     )
 
 
@@ -102,8 +123,8 @@ class GenerationResult:
         peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
         peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
 
-    Each layer caches exactly what it processed, so ``cache.layer_seq_lens`` are also the tokens
-    each decoder layer processed in prefill (what the FLOPs estimate needs).
+    ``cache.processed_seq_lens`` are the tokens each decoder layer processed in prefill (what the
+    FLOPs estimate needs).
     """
 
     tokens: list[list[int]]
@@ -169,7 +190,7 @@ def greedy_generate(
             next_tok = _suppressed(logits, suppress).argmax(-1)
         prefill_ms = sw.ms
         first_logits = logits.float().cpu()
-        stats = cache_stats(cache, vision_tokens)
+        stats = cache_stats(cache, vision_tokens, getattr(press, "last_prefill", None))
         last_pos = position_ids[:, -1:]
         for step in range(max_new_tokens):
             ids = next_tok.cpu()

@@ -106,6 +106,17 @@ class LightKV(SequencePress):
         """Whether the stage layers' query/key projections must be captured (attention guidance)."""
         return self.guidance != "uniform" and self._fixed_guidance is None
 
+    def describe(self) -> dict:
+        """Parameters for results files: schedule, guidance, positions and how the schedule was chosen."""
+        return {
+            "layers": list(self.layers),
+            "windows": list(self.windows),
+            "ratios": [round(r, 6) for r in self.ratios],
+            "guidance": self.guidance,
+            "positions": self.positions,
+            "schedule_note": self.schedule_note,
+        }
+
     def stage_layers(self, num_layers: int) -> list[int]:
         """The schedule's layers whose ratio is non-zero (a zero-ratio stage changes nothing)."""
         return [lay for lay, r in zip(self.layers, self.ratios) if r > 0]

@@ -14,31 +14,56 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.methods.lightkv import LightKV
 
 
+#: How a method compresses (shown by ``lightkv methods`` and in reports).
+KIND_MERGE, KIND_DROP, KIND_EVICT = "in-prefill merge", "in-prefill drop", "post-prefill eviction"
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """One named method.
 
     Attributes:
         name: the name users type and results record.
-        summary: one line for ``--help`` and reports.
-        guidance: LightKV guidance mode of this entry.
+        summary: one line for ``lightkv methods``, ``--help`` and reports.
+        kind: :data:`KIND_MERGE`, :data:`KIND_DROP` or :data:`KIND_EVICT`.
+        guidance: LightKV guidance mode of this entry (None for other methods).
+        schedules: whether the method runs explicit LightKV schedules (``--layers/--windows/--ratios``).
     """
 
     name: str
     summary: str
-    guidance: str
+    kind: str
+    guidance: str | None = None
+    schedules: bool = False
+
+    @property
+    def target(self) -> str:
+        """What a sweep's target retention ``R`` means for this method."""
+        if self.kind == KIND_EVICT:
+            return "KV budget equal to an in-prefill method's at vision retention R (α = 1 − (1 − R)·vision/prompt)"
+        return "average vision retention R over layers"
 
 
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
-        MethodInfo("lightkv", "LightKV (TMLR 2026): prompt-guided vision-token merging in prefill, cross guidance (published)", "cross"),
-        MethodInfo("lightkv-prompt", "LightKV with guidance from the attention the prompt pays to each vision token", "prompt"),
-        MethodInfo("lightkv-uniform", "LightKV without prompt guidance (plain mean merge): the paper's ablation", "uniform"),
+        MethodInfo("lightkv", "LightKV (TMLR 2026): prompt-guided vision-token merging in prefill, cross guidance (published)",
+                   KIND_MERGE, "cross", True),
+        MethodInfo("lightkv-prompt", "LightKV with guidance from the attention the prompt pays to each vision token",
+                   KIND_MERGE, "prompt", True),
+        MethodInfo("lightkv-uniform", "LightKV without prompt guidance (plain mean merge): the paper's ablation",
+                   KIND_MERGE, "uniform", True),
+        MethodInfo("vlcache", "VL-Cache (ICLR 2025): post-prefill eviction of vision and text, sparsity-aware layer budgets",
+                   KIND_EVICT),
+        MethodInfo("fastv", "FastV (ECCV 2024): drop the least-attended vision tokens before layer 2", KIND_DROP),
+        MethodInfo("snapkv", "SnapKV (NeurIPS 2024): post-prefill eviction by an observation window's attention",
+                   KIND_EVICT),
+        MethodInfo("random", "Random drop on LightKV's stages (seeded): the floor every method must beat",
+                   KIND_DROP, None, True),
     )
 }
 #: The method name for each LightKV guidance mode (``lightkv profile --guidance``).
-METHOD_FOR_GUIDANCE = {m.guidance: m.name for m in METHODS.values()}
+METHOD_FOR_GUIDANCE = {m.guidance: m.name for m in METHODS.values() if m.guidance}
 
 
 @dataclass(frozen=True)
@@ -114,29 +139,55 @@ def make_press(
     target: float | None = None,
     schedule: Schedule | None = None,
     positions: str = "keep",
-) -> LightKV:
-    """The press of ``method`` for a target average vision retention or an explicit schedule.
+):
+    """The press of ``method`` for a target retention or an explicit schedule.
 
     Args:
         method: a name in :data:`METHODS`.
         model: the model (schedules are generated for its depth and vision grid).
-        target: target average vision retention in ``(0, 1)``; exclusive with ``schedule``.
-        schedule: an explicit schedule.
-        positions: ``keep`` or ``renumber``.
+        target: target ``R`` in ``(0, 1)``: average vision retention for in-prefill methods; for
+            eviction methods the KV budget that keeps as many entries as ``R`` does in-prefill
+            (see :attr:`MethodInfo.target`). Exclusive with ``schedule``.
+        schedule: an explicit LightKV schedule (methods with ``schedules=True`` only).
+        positions: ``keep`` or ``renumber`` (in-prefill methods; eviction never moves positions).
+
+    Returns:
+        A press (:class:`LightKV`, :class:`RandomDrop`, :class:`FastV`, :class:`VLCache` or
+        :class:`SnapKV`) with ``expected_retention`` set where it can be predicted.
 
     Raises:
-        UserError: an unknown method, a target the model cannot reach, or a schedule that does not
-            fit the model's depth.
+        UserError: an unknown method, a target the model cannot reach, a schedule given to a method
+            that takes none, or a schedule that does not fit the model's depth.
     """
+    from lightkv_cli.methods.fastv import FastV
+    from lightkv_cli.methods.random_drop import RandomDrop
+    from lightkv_cli.methods.snapkv import SnapKV
+    from lightkv_cli.methods.vlcache import VLCache
+
     info = METHODS.get(method)
     if info is None:
         raise UserError(f"unknown method '{method}'; known methods: {', '.join(METHODS)}")
     if (target is None) == (schedule is None):
         raise ValueError("give exactly one of target and schedule")
+    if schedule is not None and not info.schedules:
+        raise UserError(
+            f"method '{method}' does not take a LightKV schedule (--layers/--windows/--ratios); "
+            f"give it target retentions instead (methods with schedules: "
+            f"{', '.join(m.name for m in METHODS.values() if m.schedules)})"
+        )
+    if info.kind == KIND_EVICT:
+        cls = VLCache if method == "vlcache" else SnapKV
+        press = cls(match_retention=target)
+        press.schedule_note = f"KV budget matched to vision retention {target:g}"
+        return press
+    if method == "fastv":
+        return FastV.for_retention(target, model, positions=positions)
+    cls = RandomDrop if method == "random" else LightKV
+    kwargs = {} if method == "random" else {"guidance": info.guidance}
     if schedule is not None:
-        press = LightKV(layers=list(schedule.layers), windows=list(schedule.windows), ratios=list(schedule.ratios),
-                        guidance=info.guidance, positions=positions)
+        press = cls(layers=list(schedule.layers), windows=list(schedule.windows), ratios=list(schedule.ratios),
+                    positions=positions, **kwargs)
         press.predict(model)
         press.schedule_note = f"explicit schedule {schedule.label()}"
         return press
-    return LightKV.for_retention(target, model, guidance=info.guidance, positions=positions)
+    return cls.for_retention(target, model, positions=positions, **kwargs)
