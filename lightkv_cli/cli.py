@@ -412,7 +412,7 @@ def sweep(
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
-    methods: Annotated[str, typer.Option(help="Methods, comma-separated: lightkv (published, cross guidance), lightkv-prompt, lightkv-uniform.")] = "lightkv",
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated (see `lightkv methods`): lightkv, lightkv-prompt, lightkv-uniform, vlcache, fastv, snapkv, random. Eviction methods (vlcache, snapkv) get the KV budget of each target retention.")] = "lightkv",
     retentions: Annotated[str, typer.Option(help="Target average vision retentions (schedules generated per target), comma-separated. Default 0.9,0.75,0.55,0.4 unless explicit schedules are given.")] = "0.9,0.75,0.55,0.4",
     layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Explicit schedule: stage layers, e.g. 12,18,24 (repeat for a grid).")] = None,
     windows: Annotated[Optional[list[str]], typer.Option("--windows", help="Explicit schedule: windows per grid axis per stage, e.g. 4,2,1 (default 4,2,1; repeat for a grid).")] = None,
@@ -645,6 +645,10 @@ def _profile_run(prof, runs: list[dict]) -> str | None:
     m = prof.method
     for r in runs:
         p = r.get("params") or {}
+        if not m.uses_schedule:
+            if r.get("method") == m.name and r.get("target_retention") == m.target_retention:
+                return r.get("id")
+            continue
         if (r.get("method") == m.name and p.get("layers") == m.layers and p.get("windows") == m.windows
                 and [round(x, 6) for x in p.get("ratios", [])] == [round(x, 6) for x in m.ratios]):
             return r.get("id")
@@ -676,9 +680,10 @@ def _rerun_profile(ctx, prof, profile_path, images, prompt, prompts, model, init
             f"{lm.adapter.num_layers} decoder layers: save a profile for this model with lightkv sweep --save-profile"
         )
     m = prof.method
-    sched = Schedule.build(m.layers, m.windows, m.ratios)
+    sched = Schedule.build(m.layers, m.windows, m.ratios) if m.uses_schedule else None
     settings = SweepSettings(
-        methods=[m.name], retentions=[1.0], schedules=[sched], positions=m.positions,
+        methods=[m.name], retentions=[1.0] if sched else [1.0, m.target_retention],
+        schedules=[sched] if sched else [], positions=m.positions,
         max_new_tokens=prof.settings.max_new_tokens, repeats=repeats, warmup=warmup,
         thresholds=prof.thresholds.to_thresholds(),
     )

@@ -30,6 +30,10 @@ _METHOD_COLOURS = {
     "lightkv": "#1f77b4",
     "lightkv-prompt": "#2ca02c",
     "lightkv-uniform": "#ff7f0e",
+    "vlcache": "#9467bd",
+    "fastv": "#8c564b",
+    "snapkv": "#17becf",
+    "random": "#7f7f7f",
 }
 _EXTRA_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728")
 _GIB = 2**30
@@ -245,6 +249,62 @@ def quality_vs_retention(results: dict) -> bytes | None:
     return _png(fig)
 
 
+def quality_vs_cost(results: dict) -> bytes | None:
+    """Quality against what it costs, every method on the same axes: KV bytes and prefill time.
+
+    Left panel: the quality metric (accuracy against the expected answers when any run has it, else
+    answer match with the uncompressed run) vs. KV-cache bytes per request after prefill (MiB);
+    right panel: the same metric vs. median prefill time (ms). Retention is not the x axis here
+    because eviction methods also drop text entries: KV bytes and time are what every method pays.
+    Each method's points are joined in order of KV bytes; the uncompressed run is a diamond and the
+    recommended run a gold star.
+
+    Returns PNG bytes, or None when no ok compressed run has the metric and KV bytes.
+    """
+    runs = ok_runs(results)
+    use_acc = any(_num((r.get("quality") or {}).get("accuracy")) is not None for r in runs)
+    key, label = ("accuracy", "accuracy") if use_acc else ("answer_match", "answer match")
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        if _num((r.get("quality") or {}).get(key)) is None or _num(r.get("kv_bytes")) is None:
+            continue
+        by_method.setdefault(str(r.get("method") or "?"), []).append(r)
+    if not any(m != "uncompressed" for m in by_method):
+        return None
+    fig = _new_figure((FIGSIZE[0] + 1.6, FIGSIZE[1]))
+    axes = fig.subplots(1, 2, sharey=True, squeeze=False)[0]
+    rec = _recommended(results)
+    xs_of = (
+        ("KV cache per request after prefill (MiB)", lambda r: _num(r.get("kv_bytes")) / _MIB),
+        (f"prefill time, median ({_device(results)} ms)", lambda r: spread_median(r.get("prefill_ms"))),
+    )
+    for ax, (xlabel, xf) in zip(axes, xs_of):
+        for method, rs in by_method.items():
+            # joined in order of KV bytes (the method's compression order) in both panels
+            ordered = sorted(rs, key=lambda r: _num(r.get("kv_bytes")))
+            pts = [(x, _num(r["quality"][key])) for r in ordered if (x := xf(r)) is not None]
+            if not pts:
+                continue
+            if method == "uncompressed":
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="D", ms=6, ls="none",
+                        color=method_colour(method), label=method, zorder=4)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.3,
+                        color=method_colour(method), label=_text(method))
+        if rec is not None:
+            _mark_recommended(ax, xf(rec), _num((rec.get("quality") or {}).get(key)))
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"{label} (fraction of inputs, 0–1)")
+    axes[0].set_ylim(-0.03, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += _recommended_handle(rec)
+    labels += [h.get_label() for h in _recommended_handle(rec)]
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
+    fig.suptitle(f"{label.capitalize()} vs. KV bytes and prefill time, every method", fontsize=11)
+    return _png(fig)
+
+
 def kv_bytes_vs_retention(results: dict) -> bytes | None:
     """KV-cache bytes per request after prefill (MiB) vs. measured vision retention, per method.
 
@@ -420,6 +480,7 @@ def layer_tokens(results: dict) -> bytes | None:
 
 ALL_PLOTS = (
     ("quality", quality_vs_retention),
+    ("quality_cost", quality_vs_cost),
     ("kv_bytes", kv_bytes_vs_retention),
     ("prefill", prefill_vs_retention),
     ("nvml", nvml_timeline),

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
@@ -77,12 +77,12 @@ class ProfileModel(_Strict):
 
 
 class ProfileMethod(_Strict):
-    """``[method]``: the method and its schedule."""
+    """``[method]``: the method and its schedule (LightKV-family and random) or its target (others)."""
 
     name: str
-    layers: list[int]
-    windows: list[int]
-    ratios: list[float]
+    layers: Optional[list[int]] = None
+    windows: Optional[list[int]] = None
+    ratios: Optional[list[float]] = None
     positions: Literal["keep", "renumber"] = "keep"
     target_retention: Optional[float] = Field(default=None, gt=0, le=1)
 
@@ -92,6 +92,21 @@ class ProfileMethod(_Strict):
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}'; known methods: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ProfileMethod":
+        if METHODS[self.name].schedules:
+            missing = [k for k in ("layers", "windows", "ratios") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"method '{self.name}' needs a schedule: missing {', '.join(missing)}")
+        elif self.target_retention is None:
+            raise ValueError(f"method '{self.name}' takes no schedule: give target_retention")
+        return self
+
+    @property
+    def uses_schedule(self) -> bool:
+        """Whether the operating point is an explicit schedule (else a target retention)."""
+        return METHODS[self.name].schedules
 
     def schedule(self) -> Schedule:
         """The explicit schedule (raises ``UserError`` when inconsistent)."""
@@ -248,7 +263,8 @@ def load_profile(path: Path) -> Profile:
     except ValidationError as exc:
         raise _explain(exc, Profile, f"profile '{path}'", "see profiles/README.md for the fields") from None
     try:
-        prof.method.schedule()
+        if prof.method.uses_schedule:
+            prof.method.schedule()
     except UserError as exc:
         raise UserError(f"profile '{path}': [method] {exc}") from None
     return prof
@@ -307,8 +323,9 @@ def profile_from_results(results: dict, run_id: str, name: str) -> dict:
         )
     p, q = run["params"], run.get("quality", {})
     model = results["model"]
-    method = {"name": run["method"], "layers": p["layers"], "windows": p["windows"], "ratios": p["ratios"],
-              "positions": p.get("positions", "keep")}
+    method = {"name": run["method"], "positions": p.get("positions", "keep")}
+    if METHODS[run["method"]].schedules:
+        method.update({"layers": p["layers"], "windows": p["windows"], "ratios": p["ratios"]})
     if run.get("target_retention") is not None:
         method["target_retention"] = run["target_retention"]
 

@@ -176,6 +176,19 @@ def _weights_note(results: dict) -> str | None:
     return None
 
 
+def eviction_note(results: dict) -> str | None:
+    """A caveat when post-prefill eviction methods are compared on first-token metrics."""
+    from lightkv_cli.methods.registry import KIND_EVICT, METHODS
+
+    names = sorted({r.get("method") for r in results.get("runs") or []
+                    if r.get("method") in METHODS and METHODS[r["method"]].kind == KIND_EVICT})
+    if not names:
+        return None
+    return (f"{', '.join(names)} evict after prefill: the first generated token comes from the unchanged prefill, "
+            "so their top-1 agreement and KL are 1 and 0 by construction; judge them by answer match, token F1 "
+            "and accuracy (longer --max-new-tokens shows more).")
+
+
 def _summary_line(results: dict) -> str:
     model = results.get("model") or {}
     env = results.get("environment") or {}
@@ -220,9 +233,9 @@ def render_markdown(results: dict) -> str:
     model = results.get("model") or {}
     rec_id, rec_text = _recommendation_text(results)
     out = [f"# lightkv report — {_md(model.get('name', '?'))}", "", _md(_summary_line(results)), ""]
-    note = _weights_note(results)
-    if note:
-        out += [f"> **Note:** {note}", ""]
+    for note in (_weights_note(results), eviction_note(results)):
+        if note:
+            out += [f"> **Note:** {note}", ""]
     if results.get("complete") is False:
         out += ["> **Incomplete:** the sweep was still running or was interrupted when this file was written.", ""]
     rows = []
@@ -315,6 +328,8 @@ _CAPTIONS = {
     "quality": ("Answer match and top-1 agreement with the uncompressed run (and accuracy when answers were "
                 "given) against measured vision retention, one line per method; error bars are 95 % bootstrap "
                 "intervals when recorded, the star is the recommended run and dashed lines are thresholds."),
+    "quality_cost": ("Accuracy (or answer match) against KV-cache bytes per request and against prefill time, every "
+                     "method on the same axes: this is the comparison at equal cost."),
     "kv_bytes": ("KV-cache bytes held per request after prefill (MiB), all tokens (solid) and vision tokens "
                  "only (dashed), against measured vision retention per method."),
     "prefill": ("Prefill time (median, bars p25–p75 over repeats × inputs) against measured vision retention "
@@ -326,6 +341,7 @@ _CAPTIONS = {
 }
 _MISSING = {
     "quality": "No plot: no finished run has quality figures.",
+    "quality_cost": "No plot: no finished compressed run has quality figures and KV bytes.",
     "kv_bytes": "No plot: no finished run has KV bytes.",
     "prefill": "No plot: no finished run has prefill times.",
     "layer_tokens": "No plot: no finished run has cached tokens per layer.",
@@ -375,9 +391,9 @@ def _section_summary(results: dict) -> str:
     ]))
     if results.get("command"):
         out.append(f"<p>command: <code>{_e(results['command'])}</code></p>")
-    note = _weights_note(results)
-    if note:
-        out.append(f'<div class="box warn"><strong>Note:</strong> {_e(note)}</div>')
+    for note in (_weights_note(results), eviction_note(results)):
+        if note:
+            out.append(f'<div class="box warn"><strong>Note:</strong> {_e(note)}</div>')
     body = f"<strong>{_e(rec_text)}</strong>" if rec_id else _e(rec_text)
     fails = _failures(results)
     if not rec_id and fails:

@@ -128,6 +128,11 @@ def recommendation_line(results: dict) -> str:
         lines.append(f"[dim]{escape(env['note'])}[/]")
     if not results.get("model", {}).get("weights_meaningful", True):
         lines.append("[yellow]note: random weights — quality figures and this recommendation are not meaningful[/]")
+    from lightkv_cli.render import eviction_note
+
+    note = eviction_note(results)
+    if note:
+        lines.append(f"[dim]note: {escape(note)}[/]")
     return "\n".join(lines)
 
 

@@ -74,7 +74,7 @@ def test_good_profile_loads(tmp_path):
         (("windows = [4, 2, 1]", "windows = [4, 2]"), "one window count and one ratio per layer"),
         (("min_answer_match = 0.9", "min_answer_match = 1.5"), "field 'thresholds.min_answer_match'"),
         (('format = "lightkv.profile/1"', 'format = "lightkv.profile/7"'), "upgrade lightkv"),
-        (("layers = [6, 9, 12]\n", ""), "missing field 'method.layers'"),
+        (("layers = [6, 9, 12]\n", ""), "needs a schedule: missing layers"),
     ],
 )
 def test_bad_profile_is_one_clear_line(tmp_path, edit, fragment):

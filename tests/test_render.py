@@ -262,14 +262,14 @@ def test_markdown_without_recommendation_lists_failures(rich):
 
 def test_html_embeds_all_plots_with_nvml_timeline(rich_html):
     pngs = _pngs(rich_html)
-    assert len(pngs) == 5
+    assert len(pngs) == len(plots.ALL_PLOTS) == 6
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     assert "NVML not available" not in rich_html
     assert "NVIDIA H100 80GB HBM3" in rich_html
 
 
-def test_html_without_nvml_has_four_plots_and_the_note(cpu_html):
-    assert len(_pngs(cpu_html)) == 4
+def test_html_without_nvml_has_five_plots_and_the_note(cpu_html):
+    assert len(_pngs(cpu_html)) == 5
     assert "NVML not available: no NVIDIA driver (CPU-only run)" in cpu_html
     assert "prefill ms (CPU)" in cpu_html
 
@@ -322,7 +322,7 @@ def test_legacy_results_file_renders(image_dir):
     assert rows[1].startswith("| lightkv@0.75 ★ | lightkv | 0.756 | 3.8 MiB | 3.4 MiB | 143.9 | 143.9 | 8.38 |")
     assert "Random weights" in md and "Random weights" in out
     assert "min fidelity, older results file" in md
-    assert len(_pngs(out)) == 4 and "NVML not available" in out
+    assert len(_pngs(out)) == 5 and "NVML not available" in out
     assert "No capacity budget recorded" in out and "image not available" in out
 
 
@@ -333,7 +333,7 @@ def test_write_reports_atomic(rich, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]
     assert md_path.read_text(encoding="utf-8") == render_markdown(rich)
     text = html_path.read_text(encoding="utf-8")
-    assert text.startswith("<!DOCTYPE html>") and len(_pngs(text)) == 5
+    assert text.startswith("<!DOCTYPE html>") and len(_pngs(text)) == 6
     write_reports({"model": {"name": "second"}, "runs": []}, out)  # overwrite in place
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]
     assert "second" in md_path.read_text(encoding="utf-8") and "data:image/png" not in html_path.read_text()

@@ -136,6 +136,7 @@ class VLCache(EvictionPress):
             "sparsity_threshold": self.sparsity_threshold,
             "recent_fraction": self.recent_fraction,
             "min_layer_fraction": self.min_layer_fraction,
+            "schedule_note": self.schedule_note,
         }
 
     def observation(self, seq_len: int, vision: torch.Tensor) -> torch.Tensor | None:
