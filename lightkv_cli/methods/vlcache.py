@@ -45,6 +45,8 @@ def layer_budgets(density: Sequence[float], alpha: float, seq_len: int, min_frac
     d = torch.tensor([max(0.0, float(x)) for x in density], dtype=torch.float64)
     if float(d.sum()) <= 0:
         d = torch.ones(L, dtype=torch.float64)
+    # a layer of density 0 still gets a share once every denser layer is full (keeps the total reachable)
+    d = d.clamp(min=1e-9 * float(d.max()))
 
     def real(c: float) -> torch.Tensor:
         return (c * d * S).clamp(min=lo, max=S)
@@ -52,7 +54,9 @@ def layer_budgets(density: Sequence[float], alpha: float, seq_len: int, min_frac
     c = alpha * L / float(d.sum())  # the paper's factor; exact when nothing is clipped
     if abs(float(real(c).sum()) - total) > 1e-6:
         low, high = 0.0, 1.0
-        while float(real(high).sum()) < total:
+        for _ in range(200):
+            if float(real(high).sum()) >= total:
+                break
             high *= 2
         for _ in range(200):
             c = (low + high) / 2
