@@ -12,7 +12,7 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -100,11 +100,11 @@ def parse_retentions(text: str) -> list[float]:
     return values
 
 
-def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None):
+def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None, videos: list[Path] = ()):
     """Load the inputs; print what was ignored or skipped (one line per skipped file)."""
     from lightkv_cli.inputs import describe_skipped, gather_inputs
 
-    got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit)
+    got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit, videos=videos)
     if not got.images and not got.skipped:
         from lightkv_cli.inputs import IMAGE_EXTENSIONS
 
@@ -128,7 +128,9 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None,
 ImagesOpt = Annotated[
     Optional[list[Path]], typer.Option("--images", "-i", help="Image directory or image files (repeat the option for several).")
 ]
-ModelHelp = "tiny (embedded, no download), llava, a Hugging Face id in the local cache, or a checkpoint path."
+ModelHelp = ("tiny (embedded, no download; also tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), an alias "
+             "(llava, llava-next, llava-next-mistral, qwen2-vl, qwen2.5-vl; see `lightkv models`), a Hugging Face id "
+             "in the local cache, or a checkpoint path.")
 InitHelp = "pretrained: the checkpoint's weights; random: its architecture with random weights (memory/latency planning; quality not meaningful)."
 PromptOpt = Annotated[Optional[str], typer.Option(help="Question asked about every image (default: a describe-the-image prompt).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option(help='JSON-lines file of {"image", "question", "answer"?} per line.')]
@@ -233,6 +235,7 @@ class _SweepRequest:
     resume: bool
     save_profile: str | None
     profiles_dir: Path
+    videos: list[Path] = field(default_factory=list)
 
 
 def _check_output_dir(output: Path) -> None:
@@ -300,7 +303,7 @@ def _execute_sweep(ctx, req: _SweepRequest) -> None:
         previous = load_results(results_path)
     elif req.resume:
         console.print(f"[yellow]note:[/] nothing to resume in {req.output}; starting a new sweep", highlight=False)
-    loaded_images, items, skipped = _gather_inputs(req.images, req.prompt, req.prompts, req.limit)
+    loaded_images, items, skipped = _gather_inputs(req.images, req.prompt, req.prompts, req.limit, req.videos)
     if not items:
         raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
     _check_output_dir(req.output)
@@ -311,6 +314,12 @@ def _execute_sweep(ctx, req: _SweepRequest) -> None:
         lm = load_model(req.model, init=req.init, device=req.device, dtype=req.dtype)
     for note in lm.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    from lightkv_cli.methods.registry import METHODS
+
+    no_schedule = [m for m in req.methods if not METHODS[m].schedules]
+    if req.schedules and no_schedule:
+        console.print(f"[yellow]note:[/] {', '.join(no_schedule)} take(s) no LightKV schedule: the explicit "
+                      "--layers/--windows/--ratios schedules run for the other methods only", highlight=False)
     settings = SweepSettings(
         methods=req.methods, retentions=req.retentions, schedules=req.schedules, positions=req.positions,
         max_new_tokens=req.max_new_tokens, repeats=req.repeats, warmup=req.warmup,
@@ -367,8 +376,10 @@ def profile(
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
+    video: Annotated[Optional[list[Path]], typer.Option("--video", help="A video for the Qwen families: a folder of frame images, or a video file (needs the video extra: pip install \"lightkv[video]\"). Repeat for several.")] = None,
     retentions: Annotated[str, typer.Option(help="Target average vision retentions, comma-separated; 1.0 is the uncompressed reference, which always runs.")] = "1.0,0.9,0.75,0.55,0.4",
     guidance: Annotated[str, typer.Option(help="LightKV merge guidance: cross (published), prompt or uniform.")] = "cross",
+    methods: Annotated[Optional[str], typer.Option(help="Instead of one LightKV guidance: methods to compare, comma-separated (see `lightkv methods`), e.g. lightkv,lightkv-prompt,lightkv-uniform,random.")] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
     repeats: RepeatsOpt = 3,
@@ -388,16 +399,20 @@ def profile(
     from lightkv_cli.methods.registry import METHOD_FOR_GUIDANCE
     from lightkv_cli.thresholds import Thresholds
 
+    from lightkv_cli.methods.registry import parse_methods
+
     targets = parse_retentions(retentions)
     if guidance not in GUIDANCE_MODES:
         raise UserError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got '{guidance}'")
+    if methods is not None and ctx.get_parameter_source("guidance").name != "DEFAULT":
+        raise UserError("give either --guidance or --methods, not both (--methods lightkv-prompt is --guidance prompt)")
     req = _SweepRequest(
         images=list(images or []), model=model, init=init, prompt=prompt, prompts=prompts,
-        methods=[METHOD_FOR_GUIDANCE[guidance]], retentions=targets, schedules=[], positions=positions,
+        methods=parse_methods(methods) if methods is not None else [METHOD_FOR_GUIDANCE[guidance]], retentions=targets, schedules=[], positions=positions,
         max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup,
         thresholds=Thresholds(min_answer_match=min_fidelity, min_top1_agreement=min_fidelity),
         gpu_memory=gpu_memory, nvml_interval_ms=20.0, device=device, dtype=dtype, limit=limit, output=output,
-        resume=resume, save_profile=save_profile, profiles_dir=profiles_dir,
+        resume=resume, save_profile=save_profile, profiles_dir=profiles_dir, videos=list(video or []),
     )
     _execute_sweep(ctx, req)
 
@@ -480,6 +495,56 @@ def sweep(
         output=Path(opts["output"]), resume=resume, save_profile=opts.get("save_profile"), profiles_dir=profiles_dir,
     )
     _execute_sweep(ctx, req)
+
+
+@app.command("models")
+@_friendly
+def models_command() -> None:
+    """List the model names lightkv knows: family, decoder layers, whether the weights are here, published schedule."""
+    from rich.table import Table
+
+    from lightkv_cli.models.loader import list_models
+
+    table = Table(title="models (lightkv profile --model NAME)", title_justify="left")
+    for col in ("name", "checkpoint", "family", "layers", "weights", "published schedule"):
+        table.add_column(col, style="bold" if col == "name" else None)
+    for m in list_models():
+        sched = m["published_schedule"]
+        text = (f"layers {','.join(map(str, sched['layers']))} · windows {','.join(map(str, sched['windows']))} · "
+                f"ratios {','.join(f'{r:g}' for r in sched['ratios'])}") if sched else "—"
+        table.add_row(m["name"], m["source"], m["family"], str(m["layers"]), m["weights"], text)
+    console.print(table)
+    console.print(
+        "weights: 'embedded' models are built on first use (random weights); 'local' = in the Hugging Face cache; "
+        "'missing' = run `hf download <checkpoint>` on a machine with internet, or use --init random. "
+        "Published schedules are starting points from the LightKV paper (profiles/*.published.toml), not tuned for your domain.",
+        highlight=False,
+    )
+
+
+@app.command("methods")
+@_friendly
+def methods_command() -> None:
+    """List the compression methods a sweep can run, with what each does and what its target means."""
+    from rich.table import Table
+
+    from lightkv_cli.methods.registry import METHODS
+
+    table = Table(title="methods (lightkv sweep --methods a,b,...)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("kind")
+    table.add_column("schedules")
+    table.add_column("what it does")
+    for m in METHODS.values():
+        table.add_row(m.name, m.kind, "yes" if m.schedules else "no", m.summary)
+    console.print(table)
+    console.print(
+        "Target retention R: in-prefill methods keep an average share R of the vision tokens over the layers; "
+        "eviction methods keep the same number of KV entries (vision and text) as R does in-prefill, so every "
+        "method is compared at equal KV bytes. Explicit --layers/--windows/--ratios schedules apply to the "
+        "methods with schedules.",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -703,7 +768,7 @@ def _rerun_profile(ctx, prof, profile_path, images, prompt, prompts, model, init
         raise typer.Exit(130) from None
     if output is not None:
         _write_reports(data, output)
-    return data, f"{m.name}[{sched.label()}]"
+    return data, (f"{m.name}[{sched.label()}]" if sched else f"{m.name}@{m.target_retention:g}")
 
 
 def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> None:

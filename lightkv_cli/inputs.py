@@ -34,7 +34,9 @@ from .errors import UserError
 __all__ = [
     "DEFAULT_PROMPT",
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "ImageInput",
+    "VideoInput",
     "ImageLoadError",
     "PromptItem",
     "Skipped",
@@ -42,13 +44,21 @@ __all__ = [
     "describe_skipped",
     "load_image",
     "load_prompts",
+    "load_video",
 ]
 
 #: File name extensions (lower case) that a directory scan treats as images. Matching ignores case.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
+#: File name extensions (lower case) read as video files (decoded with PyAV, the ``video`` extra).
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
 #: The question asked about each image when the user gives no prompts file.
 DEFAULT_PROMPT = "Describe this image in one sentence."
+#: The question asked about each video when the user gives no prompt.
+DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
+#: Frames taken from one video at most (spread evenly over it).
+MAX_VIDEO_FRAMES = 8
 
 _PROMPT_KEYS = ("image", "question", "answer")
 _MAX_DETAIL_CHARS = 100
@@ -92,6 +102,28 @@ class ImageInput:
     width: int
     height: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """One loaded video: a directory of frames or a short video file.
+
+    ``frames`` are fully loaded RGB images in time order (at most :data:`MAX_VIDEO_FRAMES`, taken
+    evenly over the video); ``width`` and ``height`` are the first frame's size in pixels; ``sha256``
+    is the hex digest of the file's bytes, or of the frame files' digests in order for a directory.
+    ``frames`` take no part in equality comparison.
+    """
+
+    path: Path
+    frames: list = field(compare=False, repr=False)
+    width: int
+    height: int
+    sha256: str
+
+    @property
+    def image(self):
+        """The first frame (for thumbnails)."""
+        return self.frames[0]
 
 
 @dataclass(frozen=True)
@@ -335,6 +367,62 @@ def collect_images(
     return loaded, skipped, ignored
 
 
+def _evenly(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``n <= k``)."""
+    if n <= k:
+        return list(range(n))
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)] if k > 1 else [0]
+
+
+def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> VideoInput:
+    """Load a video for the Qwen families: a directory of frame images or a video file.
+
+    A directory's image files (:data:`IMAGE_EXTENSIONS`) are frames in file-name order; it needs
+    nothing beyond Pillow. A video file is decoded with PyAV (``pip install "lightkv[video]"``).
+    At most ``max_frames`` frames are kept, spread evenly over the video.
+
+    Raises:
+        UserError: the path does not exist, a directory without frame images, an unreadable frame,
+            a video file without PyAV installed, or a file PyAV cannot decode.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"video '{path}' does not exist; give a directory of frames or a video file")
+    if p.is_dir():
+        files = sorted((e for e in p.iterdir() if e.is_file() and not e.name.startswith(".") and _is_image_name(e)),
+                       key=lambda e: e.name)
+        if not files:
+            raise UserError(f"video folder '{path}' has no frame images ({', '.join(IMAGE_EXTENSIONS)}); put one image per frame in it")
+        files = [files[i] for i in _evenly(len(files), max_frames)]
+        frames, digests = [], []
+        for f in files:
+            try:
+                data = _read_bytes(f)
+                frames.append(_decode(data))
+            except ImageLoadError as exc:
+                raise UserError(f"video folder '{path}': frame {f.name}: {exc.reason}") from None
+            digests.append(hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
+    else:
+        try:
+            import av  # optional: the "video" extra
+        except ImportError:
+            raise UserError(
+                f"reading the video file '{path}' needs PyAV: pip install \"lightkv[video]\" (or pass a folder of frame images)"
+            ) from None
+        data = _read_bytes(p)
+        try:
+            with av.open(str(p)) as container:
+                decoded = [frame.to_image() for frame in container.decode(video=0)]
+        except Exception as exc:  # PyAV raises its own error types for damaged or unknown files
+            raise UserError(f"cannot decode video '{path}' ({_short(exc)}); give a short video file or a folder of frames") from None
+        if not decoded:
+            raise UserError(f"video '{path}' has no frames")
+        frames = [decoded[i].convert("RGB") for i in _evenly(len(decoded), max_frames)]
+        digest = hashlib.sha256(data).hexdigest()
+    return VideoInput(path=p, frames=frames, width=frames[0].width, height=frames[0].height, sha256=digest)
+
+
 def describe_skipped(s: Skipped) -> str:
     """One line for the user, e.g. ``"skipped broken.jpg: truncated or corrupt image (...)"``."""
     return f"skipped {s.path.name}: {s.reason}"
@@ -492,7 +580,7 @@ class Inputs:
         ignored: files in image directories that are not images by extension.
     """
 
-    images: list[ImageInput]
+    images: list[ImageInput | VideoInput]
     items: list[PromptItem]
     skipped: list[Skipped]
     ignored: list[Path]
@@ -503,8 +591,12 @@ def gather_inputs(
     prompt: str | None = None,
     prompts: str | Path | None = None,
     limit: int | None = None,
+    videos: Sequence[str | Path] = (),
 ) -> Inputs:
     """Collect the (image, question) pairs of a profile.
+
+    Each of ``videos`` (a folder of frames or a video file, see :func:`load_video`) adds one
+    (video, question) pair after the images, asked ``prompt`` (default :data:`DEFAULT_VIDEO_PROMPT`).
 
     With ``prompts`` (a JSON-lines file), each line names its image (resolved against the file's
     folder, then ``images[0]``, then the current folder); each distinct image is loaded once.
@@ -541,12 +633,25 @@ def gather_inputs(
             if seen[key] is not None:
                 loaded.append(seen[key])
                 items.append(item)
+        _add_videos(videos, prompt, limit, loaded, items)
         return Inputs(loaded, items, skipped, ignored)
-    if not images:
-        raise UserError("no inputs: give --images DIR (or image files), or --prompts FILE.jsonl")
+    if not images and not videos:
+        raise UserError("no inputs: give --images DIR (or image files), --video DIR_OR_FILE, or --prompts FILE.jsonl")
     question = DEFAULT_PROMPT if prompt is None else prompt
     if not question.strip():
         raise UserError("--prompt is empty; give a question or instruction about the images")
-    loaded, skipped, ignored = collect_images(images, limit=limit)
+    if images:
+        loaded, skipped, ignored = collect_images(images, limit=limit)
     items = [PromptItem(image=im.path, question=question, answer=None, line=0) for im in loaded]
+    _add_videos(videos, prompt, limit, loaded, items)
     return Inputs(loaded, items, skipped, ignored)
+
+
+def _add_videos(videos, prompt, limit, loaded: list, items: list) -> None:
+    question = DEFAULT_VIDEO_PROMPT if prompt is None else prompt
+    for v in videos:
+        if limit is not None and len(items) >= limit:
+            return
+        video = load_video(v)
+        loaded.append(video)
+        items.append(PromptItem(image=video.path, question=question, answer=None, line=0))

@@ -24,7 +24,7 @@ import torch
 from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
-from lightkv_cli.inputs import ImageInput, PromptItem
+from lightkv_cli.inputs import ImageInput, PromptItem, VideoInput
 from lightkv_cli.methods.base import Press
 from lightkv_cli.methods.registry import METHODS, Schedule, make_press
 from lightkv_cli.models.loader import LoadedModel
@@ -105,7 +105,7 @@ class ProfileInput:
     """
 
     id: str
-    image: ImageInput
+    image: ImageInput | VideoInput
     question: str
     answer: str | None
     tensors: dict
@@ -118,6 +118,7 @@ class ProfileInput:
         return {
             "id": self.id,
             "image": str(self.image.path),
+            "kind": "video" if isinstance(self.image, VideoInput) else "image",
             "sha256": self.image.sha256,
             "width": self.image.width,
             "height": self.image.height,
@@ -179,13 +180,22 @@ def prepare_inputs(
     """
     names = [im.path.name for im in images]
     out = []
-    vision_per_image = loaded.adapter.vision_tokens_per_image()
-    image_token = loaded.adapter.image_token_id()
+    adapter = loaded.adapter
+    vision_ids = adapter.vision_token_ids()
+    if any(isinstance(im, VideoInput) for im in images) and not adapter.supports_video:
+        raise UserError(
+            f"model '{loaded.name}' ({adapter.family}) takes no video input; use a Qwen2-VL or Qwen2.5-VL model "
+            "(e.g. --model tiny-qwen2-vl or qwen2.5-vl) for --video"
+        )
     for image, item in zip(images, prompts):
         ident = image.path.name if names.count(image.path.name) == 1 else f"{image.path.name}#L{item.line}"
-        text = loaded.adapter.format_prompt(item.question)
+        is_video = isinstance(image, VideoInput)
+        text = adapter.format_prompt(item.question, num_images=0 if is_video else 1, num_videos=int(is_video))
         with Stopwatch(loaded.device) as sw:
-            enc = loaded.processor(images=image.image, text=text, return_tensors="pt")
+            if is_video:
+                enc = loaded.processor(text=text, videos=[image.frames], return_tensors="pt")
+            else:
+                enc = loaded.processor(images=image.image, text=text, return_tensors="pt")
             tensors = {}
             for k, v in enc.items():
                 if not isinstance(v, torch.Tensor):
@@ -194,9 +204,9 @@ def prepare_inputs(
                 if v.is_floating_point():
                     v = v.to(loaded.dtype)
                 tensors[k] = v
-        n_vis = int((tensors["input_ids"][0] == image_token).sum())
-        if n_vis != vision_per_image:
-            raise RuntimeError(f"processor produced {n_vis} vision tokens, expected {vision_per_image}")
+        n_vis = int(torch.isin(tensors["input_ids"][0], torch.tensor(vision_ids, device=loaded.device)).sum())
+        if not adapter.dynamic_resolution and not is_video and n_vis != adapter.vision_tokens_per_image():
+            raise RuntimeError(f"processor produced {n_vis} vision tokens, expected {adapter.vision_tokens_per_image()}")
         out.append(
             ProfileInput(
                 id=ident, image=image, question=item.question, answer=item.answer, tensors=tensors,
@@ -301,6 +311,7 @@ class _InputOutcome:
     prefill_ms: list[float]
     decode_ms: list[float]
     peak: int
+    per_image_retention: list[float] | None = None
 
 
 class Sweep:
@@ -443,7 +454,7 @@ class Sweep:
             max_new_tokens=self.settings.max_new_tokens,
             eos_token_id=self.loaded.model.generation_config.eos_token_id,
             press=spec.press,
-            suppress_token_ids=[self.loaded.adapter.image_token_id()],
+            suppress_token_ids=self.loaded.adapter.vision_token_ids(),
         )
 
     def _measure(self, spec: RunSpec, repeats: int, warmup: int) -> tuple[dict[str, _InputOutcome], dict]:
@@ -453,7 +464,9 @@ class Sweep:
             for _ in range(warmup):
                 self._generate(spec, self.inputs[0])
             for inp in self.inputs:
-                results = [self._generate(spec, inp) for _ in range(max(1, repeats))]
+                results = [self._generate(spec, inp)]
+                record = getattr(spec.press, "last_prefill", None)  # of the first generation
+                results += [self._generate(spec, inp) for _ in range(max(1, repeats) - 1)]
                 first = results[0]
                 outcomes[inp.id] = _InputOutcome(
                     answer=tokenizer.decode(first.tokens[0], skip_special_tokens=True).strip(),
@@ -461,6 +474,7 @@ class Sweep:
                     prefill_ms=[r.prefill_ms for r in results],
                     decode_ms=[ms for r in results for ms in r.decode_ms],
                     peak=max(r.peak_memory_bytes for r in results),
+                    per_image_retention=getattr(record, "per_image_retention", None),
                 )
                 self.on_progress(spec.id, inp.id)
         return outcomes, sampler.to_dict()
@@ -538,6 +552,8 @@ class Sweep:
                     "quality": q.to_dict(),
                 }
             )
+            if o.per_image_retention is not None:
+                per_input[-1]["per_image_retention"] = o.per_image_retention
         kv_total = sum(p["kv_bytes"] for p in per_input) / n
         decode = Spread.of(decode_all) if decode_all else None
         peak_kind = outcomes[self.inputs[0].id].result.peak_memory_kind

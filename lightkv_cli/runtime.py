@@ -174,7 +174,11 @@ def greedy_generate(
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
     batch = mask.shape[0]
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    # Positions as generate() computes them, per family (1-D from the mask; Qwen's 3-D M-RoPE).
+    from lightkv_cli.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    position_ids = adapter.prefill_position_ids(inputs, mask)
     ctx = press(model) if press is not None else contextlib.nullcontext()
     decode_ms: list[float] = []
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -191,7 +195,7 @@ def greedy_generate(
         prefill_ms = sw.ms
         first_logits = logits.float().cpu()
         stats = cache_stats(cache, vision_tokens, getattr(press, "last_prefill", None))
-        last_pos = position_ids[:, -1:]
+        last_pos = adapter.next_position_ids(position_ids) - 1
         for step in range(max_new_tokens):
             ids = next_tok.cpu()
             for b in range(batch):

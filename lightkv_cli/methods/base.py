@@ -82,6 +82,7 @@ class StageRecord:
         guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
         merge_pairs: per row, ``(m, 2)`` long original-prompt indices ``(merged token, token it
             merged into)`` (None for methods that drop rather than merge).
+        inputs_out: vision tokens of each visual input (image or video) of row 0 after the stage.
     """
 
     layer: int
@@ -91,6 +92,7 @@ class StageRecord:
     vision_out: int
     guidance: torch.Tensor | None = None
     merge_pairs: list[torch.Tensor] | None = None
+    inputs_out: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +108,10 @@ class PrefillRecord:
         layer_vision_tokens: vision tokens each decoder layer processed (and cached), length ``L``.
         kept_index: for each stage that removed tokens, ``(B, seq_len_out)`` long indices into the
             original prompt of the tokens that survived it (a merged token: its B token's index).
+        input_tokens: vision tokens of each visual input (image or video, prompt order) of row 0
+            before compression, special tokens included.
+        grids: ``(rows, cols)`` of every grid of row 0 (see ``VisionLayout.grids``).
+        special_tokens: never-merged vision tokens of row 0 (e.g. LLaVA-NeXT newlines).
     """
 
     seq_len: int
@@ -115,6 +121,9 @@ class PrefillRecord:
     layer_seq_lens: list[int] = field(default_factory=list)
     layer_vision_tokens: list[int] = field(default_factory=list)
     kept_index: list[torch.Tensor] = field(default_factory=list)
+    input_tokens: list[int] = field(default_factory=list)
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    special_tokens: int = 0
 
     @property
     def vision_retention(self) -> float:
@@ -122,6 +131,22 @@ class PrefillRecord:
         if self.vision_tokens == 0:
             return 1.0
         return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
+
+    @property
+    def per_image_retention(self) -> list[float]:
+        """Vision retention of each visual input (image or video) of row 0, in prompt order: mean over
+        all layers of its cached tokens / its tokens before compression."""
+        out = []
+        for i, n in enumerate(self.input_tokens):
+            total = 0
+            for lay in range(self.num_layers):
+                c = n
+                for s in self.stages:
+                    if s.layer < lay and i < len(s.inputs_out):
+                        c = s.inputs_out[i]
+                total += c
+            out.append(total / (self.num_layers * n) if n else 1.0)
+        return out
 
 
 @dataclass
@@ -184,8 +209,9 @@ class _Group:
 
 @dataclass
 class _ForwardState:
-    phase: str  # "prefill" | "decode" | "off"
+    phase: str  # "pending" (prompt seen, layouts not yet) | "prefill" | "decode" | "off"
     seq_len: int = 0
+    input_ids: torch.Tensor | None = None
     mask_2d: torch.Tensor | None = None  # prefill: (B, S); decode: (B, past + q) as passed to the model
     layouts: list[VisionLayout] | None = None
     cache: Any = None
@@ -239,7 +265,12 @@ class SequencePress(Press):
         self._last_prefill = None
         L = adapter.num_layers
         stages = self.stage_layers(L)
-        handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
+        handles = [
+            model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
+            # The vision layout is read where the decoder's inputs are complete (image features in
+            # the embeddings, M-RoPE positions): the language model's own pre-hook.
+            adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
+        ]
         layers = adapter.layers
         for lay in stages:
             handles.append(layers[lay].register_forward_hook(self._stage_hook(lay), with_kwargs=True))
@@ -280,35 +311,17 @@ class SequencePress(Press):
                 return None
             if cache is not None:
                 self._check_cache(cache)
-            layouts = adapter.vision_layouts(input_ids)
-            counts = {lay.count for lay in layouts}
-            if len(counts) > 1:
-                raise UnsupportedInputError(
-                    f"rows of the batch have different vision-token counts ({sorted(counts)}); "
-                    f"{type(self).__name__} needs the same count in every row: batch prompts with the same "
-                    "number of images, or run them one by one"
-                )
             B, S = input_ids.shape[:2]
             mask = kwargs.get("attention_mask")
             if mask is None or mask.ndim != 2:
                 mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-            # The last prompt token predicts the first answer token: never merge it away.
-            for lay in layouts:
-                lay.mergeable = lay.mergeable & (lay.positions != S - 1)
-            n_vis = layouts[0].count if layouts else 0
-            self._state = _ForwardState(
-                phase="prefill" if n_vis else "off",
-                seq_len=S,
-                mask_2d=mask,
-                layouts=layouts,
-                cache=cache,
-                record=PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers),
-            )
-            self._finish_record(self._state)
+            adapter.check_prompt(input_ids)
+            # Layouts are found in the language model's pre-hook (``_lm_pre_hook``).
+            self._state = _ForwardState(phase="pending", seq_len=S, mask_2d=mask, cache=cache, input_ids=input_ids)
             return None
         # decode (or a continued prefill)
         st = self._state
-        if input_ids is not None and bool((input_ids == adapter.image_token_id()).any()):
+        if input_ids is not None and bool(torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any()):
             raise UnsupportedInputError(
                 "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
                 "in a later turn); compress one complete prompt per prefill"
@@ -326,6 +339,50 @@ class SequencePress(Press):
                 "`with press(model):` block"
             )
         st.phase = "off"
+        return None
+
+    def _lm_pre_hook(self, module, args, kwargs):
+        """Prefill: locate the vision tokens in what the decoder receives and start the record.
+
+        Raises:
+            UnsupportedInputError: rows with different vision-token counts (padding the reduced
+                sequences of such rows is not implemented: each row would need its own stage
+                schedule and mask), or a vision run the adapter cannot place on a grid.
+        """
+        st = self._state
+        if st.phase != "pending":
+            return None
+        adapter = self._adapter
+        input_ids = st.input_ids
+        layouts = adapter.vision_layouts(
+            input_ids, inputs_embeds=kwargs.get("inputs_embeds"), position_ids=kwargs.get("position_ids")
+        )
+        counts = {lay.count for lay in layouts}
+        if len(counts) > 1:
+            raise UnsupportedInputError(
+                f"rows of the batch have different vision-token counts ({sorted(counts)}); "
+                f"{type(self).__name__} needs the same count in every row: batch prompts with the same "
+                "number of images (of the same size for dynamic-resolution models), or run them one by one"
+            )
+        S = st.seq_len
+        n_vis = layouts[0].count if layouts else 0
+        record = PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers)
+        if layouts:
+            record.input_tokens = layouts[0].input_counts()
+            record.grids = list(layouts[0].grids)
+            record.special_tokens = int((~layouts[0].mergeable).sum())
+        # The last prompt token predicts the first answer token: never merge it away.
+        for lay in layouts:
+            lay.mergeable = lay.mergeable & (lay.positions != S - 1)
+        self._state = _ForwardState(
+            phase="prefill" if n_vis else "off",
+            seq_len=S,
+            mask_2d=st.mask_2d,
+            layouts=layouts,
+            cache=st.cache,
+            record=record,
+        )
+        self._finish_record(self._state)
         return None
 
     @staticmethod
@@ -400,6 +457,7 @@ class SequencePress(Press):
                 vision_out=st.layouts[0].count,
                 guidance=None if result.guidance is None else result.guidance.detach().float().cpu(),
                 merge_pairs=pairs,
+                inputs_out=st.layouts[0].input_counts(),
             )
         )
         record.kept_index.append(group.orig_index.detach().cpu())
@@ -433,7 +491,6 @@ class SequencePress(Press):
             pos_ids = kwargs.get("position_ids")
             if pos_ids is None:
                 pos_ids = torch.arange(S, device=hidden.device).unsqueeze(0)
-            pos_ids = pos_ids.expand(B, -1)
             cos, sin = kwargs["position_embeddings"]
         else:
             mask_2d, orig_index, pos_ids = prev.mask_2d, prev.orig_index, prev.position_ids
@@ -442,11 +499,9 @@ class SequencePress(Press):
         orig_index = orig_index.gather(1, idx)
         removed = st.seq_len - idx.shape[1]
         if self.positions == "keep":
-            pos_ids = pos_ids.gather(1, idx)
-            d = cos.shape[-1]
-            gidx = idx.unsqueeze(-1).expand(-1, -1, d)
-            cos = cos.expand(B, -1, -1).gather(1, gidx)
-            sin = sin.expand(B, -1, -1).gather(1, gidx)
+            # Multi-axis (M-RoPE) ids and tables are gathered on their sequence axis by the adapter.
+            pos_ids = self._adapter.gather_positions(pos_ids, idx)
+            cos, sin = self._adapter.gather_position_embeddings((cos, sin), idx)
         else:
             pos_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)
             cos, sin = self._adapter.language_model.rotary_emb(new_hidden, pos_ids)

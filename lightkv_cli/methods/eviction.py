@@ -282,16 +282,14 @@ class EvictionPress(Press):
                     f"{type(self).__name__} evicts the same number of entries in every row and does not support "
                     "padded batches; run prompts one at a time or batch prompts of equal length"
                 )
-            layouts = adapter.vision_layouts(input_ids)
+            vis_rows = adapter.vision_mask(input_ids).cpu()  # (B, S); eviction needs no grid
             B, S = input_ids.shape[:2]
-            vision = torch.zeros(S, dtype=torch.bool)
-            if layouts:
-                vision[layouts[0].positions] = True
-                if any(not torch.equal(lay.positions, layouts[0].positions) for lay in layouts[1:]):
-                    raise UnsupportedInputError(
-                        f"{type(self).__name__} needs the vision tokens at the same positions in every row; "
-                        "batch prompts of the same shape, or run them one by one"
-                    )
+            vision = vis_rows[0].clone()
+            if bool((vis_rows != vision).any()):
+                raise UnsupportedInputError(
+                    f"{type(self).__name__} needs the vision tokens at the same positions in every row; "
+                    "batch prompts of the same shape, or run them one by one"
+                )
             qpos = self.observation(S, vision)
             self._state = _EvictState(
                 phase="off" if qpos is None or qpos.numel() == 0 else "prefill",
@@ -302,7 +300,7 @@ class EvictionPress(Press):
                 self._last_prefill = EvictionRecord(S, n_vis, adapter.num_layers, [S] * adapter.num_layers,
                                                     [float(n_vis)] * adapter.num_layers)
             return None
-        if input_ids is not None and bool((input_ids == adapter.image_token_id()).any()):
+        if input_ids is not None and bool(adapter.vision_mask(input_ids).any()):
             raise UnsupportedInputError(
                 "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
                 "in a later turn); compress one complete prompt per prefill"

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lightkv_cli.errors import UserError
+from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
 from lightkv_cli.methods.guidance import GUIDANCE_MODES, cross_guidance, prompt_guidance
 from lightkv_cli.methods.merging import MergePlan, bipartite_plan, simulate_counts, window_ids
@@ -122,7 +122,17 @@ class LightKV(SequencePress):
         return [lay for lay, r in zip(self.layers, self.ratios) if r > 0]
 
     def validate(self, adapter: FamilyAdapter) -> None:
-        """Raise ``UserError`` when a stage layer leaves no later decoder layer to compress."""
+        """Raise ``UserError`` when a stage layer leaves no later decoder layer to compress.
+
+        Raises:
+            UserError: a stage after the last-but-one decoder layer.
+            UnsupportedInputError: ``positions="renumber"`` for a family with multi-axis positions.
+        """
+        if self.positions == "renumber" and not adapter.supports_renumber:
+            raise UnsupportedInputError(
+                f"positions='renumber' needs 1-D RoPE; the {adapter.family} family uses M-RoPE (t, h, w) positions, "
+                "for which renumbering is not defined: use positions='keep'"
+            )
         L = adapter.num_layers
         bad = [lay for lay in self.layers if lay > L - 2]
         if bad:
@@ -131,14 +141,23 @@ class LightKV(SequencePress):
                 f"so stages must be after layers 0..{L - 2}"
             )
 
-    def predict(self, model: nn.Module) -> list[int]:
-        """Predicted vision tokens per image cached by each decoder layer (length ``L``).
+    def predict(
+        self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0
+    ) -> list[int]:
+        """Predicted vision tokens cached by each decoder layer (length ``L``).
+
+        Args:
+            model: the model (depth; its representative image grids when ``grids`` is None).
+            grids: the ``(rows, cols)`` grids of an actual input (e.g. ``press.last_prefill.grids``:
+                LLaVA-NeXT base and high-resolution grids, Qwen2-VL images or video frames), each
+                windowed on its own; default: one representative image of the family.
+            special: never-merged vision tokens besides the grids (newlines, CLS), with ``grids``.
 
         Also sets :attr:`expected_retention`.
         """
         adapter = adapter_for(model)
         self.validate(adapter)
-        counts = _predict_layer_counts(adapter, self.layers, self.windows, self.ratios)
+        counts = _predict_layer_counts(adapter, self.layers, self.windows, self.ratios, grids, special)
         self.expected_retention = sum(counts) / (len(counts) * counts[0])
         return counts
 
@@ -171,6 +190,7 @@ class LightKV(SequencePress):
 
         def build(layers, windows, ratio, note):
             press = cls(layers, windows, [ratio] * len(layers), guidance=guidance, positions=positions)
+            press.validate(adapter)
             counts = _predict_layer_counts(adapter, press.layers, press.windows, press.ratios)
             press.expected_retention = sum(counts) / (len(counts) * counts[0])
             press.schedule_note = note
@@ -367,14 +387,18 @@ def _solve_ratio(retention_of, target: float) -> float:
     return min(best[1], 0.5)
 
 
-def _predict_layer_counts(adapter: FamilyAdapter, layers, windows, ratios) -> list[int]:
-    """Vision tokens of one image cached by each decoder layer under a schedule (length ``L``)."""
+def _predict_layer_counts(adapter: FamilyAdapter, layers, windows, ratios, grids=None, special: int = 0) -> list[int]:
+    """Vision tokens cached by each decoder layer under a schedule (length ``L``), for the given grids
+    (each windowed on its own) plus ``special`` never-merged tokens, or one representative image."""
     L = adapter.num_layers
-    per_image = adapter.vision_tokens_per_image()
-    grid = adapter.image_grid()
-    special = per_image - grid[0] * grid[1]
+    if grids is None:
+        grids, special = adapter.prediction_grids()
+    per_image = sum(r * c for r, c in grids) + special
     stages = [(w, r) for w, r in zip(windows, ratios)]
-    after = simulate_counts(grid, stages, special=special)
+    after = [special] * len(stages)
+    for grid in grids:
+        for k, c in enumerate(simulate_counts(tuple(grid), stages)):
+            after[k] += c
     counts = [per_image] * L
     for lay, c in zip(layers, after):
         for j in range(lay + 1, L):

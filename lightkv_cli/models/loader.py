@@ -17,9 +17,29 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for, supported_families
 
 #: Short names for published checkpoints.
-ALIASES = {"llava": "llava-hf/llava-1.5-7b-hf"}
+ALIASES = {
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "llava-next": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-next-mistral": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
 #: Shipped configs (architecture only) so that ``--init random`` works offline for aliased models.
-_SHIPPED_CONFIGS = {"llava-hf/llava-1.5-7b-hf": "llava-hf__llava-1.5-7b-hf.json"}
+_SHIPPED_CONFIGS = {source: source.replace("/", "__") + ".json" for source in ALIASES.values()}
+#: Approximate download size of each aliased checkpoint (for the missing-weights message), GB.
+_DOWNLOAD_GB = {
+    "llava-hf/llava-1.5-7b-hf": 14, "llava-hf/llava-v1.6-vicuna-7b-hf": 14, "llava-hf/llava-v1.6-mistral-7b-hf": 15,
+    "Qwen/Qwen2-VL-7B-Instruct": 17, "Qwen/Qwen2.5-VL-7B-Instruct": 17,
+}
+#: ``config.model_type`` → (transformers class name, family label).
+_FAMILY_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+#: The embedded models (random weights, built on first use): one per supported family.
+TINY_NAMES = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 INIT_MODES = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,8 +91,11 @@ class LoadedModel:
             "num_attention_heads": heads,
             "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
             "head_dim": head_dim,
+            # Dynamic-resolution families: a representative image (the measured counts are per input).
             "vision_tokens_per_image": self.adapter.vision_tokens_per_image(),
             "image_grid": list(self.adapter.image_grid()),
+            "dynamic_resolution": self.adapter.dynamic_resolution,
+            "supports_video": self.adapter.supports_video,
             "parameters": params,
             "weight_bytes": weight_bytes,
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -120,19 +143,20 @@ def _quiet_transformers() -> None:
 
 
 def _missing_weights_message(name: str, source: str) -> str:
+    size = f" (about {_DOWNLOAD_GB[source]} GB)" if source in _DOWNLOAD_GB else ""
     return (
         f"model '{name}' ({source}) is not in the local Hugging Face cache and lightkv never downloads. "
-        f"To get it, run on a machine with internet access: `hf download {source}` (LLaVA-1.5-7B is about "
-        "14 GB), or copy a checkpoint directory here and pass its path with --model /path/to/checkpoint. "
+        f"To get it, run on a machine with internet access: `hf download {source}`{size}, "
+        "or copy a checkpoint directory here and pass its path with --model /path/to/checkpoint. "
         "To plan memory and latency without the weights, add --init random (quality is then not meaningful)."
     )
 
 
 def _family_class(model_type: str):
-    if model_type == "llava":
-        from transformers import LlavaForConditionalGeneration
+    if model_type in _FAMILY_CLASSES:
+        import transformers
 
-        return LlavaForConditionalGeneration
+        return getattr(transformers, _FAMILY_CLASSES[model_type])
     raise UserError(
         f"model family '{model_type}' is not supported yet; supported: {', '.join(supported_families())}"
     )
@@ -154,7 +178,7 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     parts = name.split("/")
     if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
         return name, False
-    known = ", ".join(["tiny", *ALIASES])
+    known = ", ".join([*TINY_NAMES, *ALIASES])
     raise UserError(f"unknown model '{name}': use one of {known}, a Hugging Face id (org/name) or a local checkpoint path")
 
 
@@ -207,16 +231,15 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _quiet_transformers()
-    from transformers import AutoProcessor
 
-    if name == "tiny":
-        from lightkv_cli.models.tiny import ensure_tiny_checkpoint
+    if name in TINY_NAMES:
+        from lightkv_cli.models.tiny import TINY_MODELS, ensure_tiny_checkpoint
 
-        path = ensure_tiny_checkpoint()
+        path = ensure_tiny_checkpoint(name=name)
         loaded = _from_pretrained(name, str(path), dev, dt, "random", weights_meaningful=False)
         loaded.notes.append(
-            "tiny: embedded LLaVA-architecture model with random weights; answers and quality figures are "
-            "not meaningful, token counts, bytes and timings are real"
+            f"{name}: embedded {TINY_MODELS[name][1].split(':')[0]} model with random weights; answers and quality "
+            "figures are not meaningful, token counts, bytes and timings are real"
         )
         return loaded
 
@@ -240,8 +263,8 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
         "answers and quality figures are not meaningful"
     ]
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, TypeError):
+        processor = _load_processor(config.model_type, source)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError):
         processor = _fallback_processor(config)
         notes.append(
             "tokenizer/processor not available offline: used lightkv's byte-level tokenizer, so prompt token "
@@ -266,11 +289,59 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
     return LoadedModel(name, source, model, processor, adapter, "random", False, dev, dt, notes)
 
 
-def _fallback_processor(config):
-    from lightkv_cli.models.tiny import build_processor, build_tokenizer
+def _load_processor(model_type: str, source: str):
+    """The checkpoint's processor, offline. Qwen families get lightkv's :class:`QwenVLProcessor`
+    (the checkpoint's tokenizer and PIL image processor), which needs no torchvision.
 
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer, config.vision_config)
+    Raises:
+        OSError, ValueError, TypeError, AttributeError, ImportError: not available offline.
+    """
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from lightkv_cli.models.processors import QwenVLProcessor
+
+        return QwenVLProcessor.from_pretrained(source, local_files_only=True)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(source, local_files_only=True)
+
+
+def _fallback_processor(config):
+    """A processor for ``--init random`` when the checkpoint's is not available offline: lightkv's
+    byte-level tokenizer with the family's image processor at the config's resolution. The config's
+    placeholder ids are set to the tokenizer's (random weights: they only have to agree)."""
+    from lightkv_cli.models import tiny
+
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from lightkv_cli.models.processors import QwenVLProcessor
+
+        tokenizer = tiny.build_tokenizer(tiny.QWEN_SPECIAL_TOKENS, add_bos=False, eos_token="<|im_end|>")
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
+        config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+        config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        vc = config.vision_config
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size
+        )
+        return QwenVLProcessor(image_processor, tokenizer)
+    tokenizer = tiny.build_tokenizer()
+    if config.model_type == "llava_next":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        size = config.vision_config.image_size
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+            image_token="<image>",
+        )
+    else:
+        processor = tiny.build_processor(tokenizer, config.vision_config)
     # Random weights: the placeholder id only has to match what the processor emits.
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if hasattr(config, "image_token_index"):
@@ -279,7 +350,7 @@ def _fallback_processor(config):
 
 
 def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedModel:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -288,8 +359,83 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
     cls = _family_class(config.model_type)
     try:
         model = cls.from_pretrained(source, local_files_only=True, dtype=dt, attn_implementation="sdpa")
-        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+        processor = _load_processor(config.model_type, source)
     except OSError:
         raise UserError(_missing_weights_message(name, source)) from None
     model = model.to(dev).eval()
     return LoadedModel(name, source, model, processor, adapter_for(model), init, weights_meaningful, dev, dt)
+
+
+def _published_schedules() -> dict[str, dict]:
+    """Published default schedules (``profiles/*.published.toml``), by checkpoint id.
+
+    Looked up in ``./profiles`` and in the ``profiles`` folder of the lightkv source tree.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    found: dict[str, dict] = {}
+    for folder in (Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.published.toml")):
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            model, method = data.get("model", {}), data.get("method", {})
+            if model.get("name") and model["name"] not in found and method.get("layers"):
+                found[model["name"]] = {
+                    "layers": list(method["layers"]), "windows": list(method.get("windows", [])),
+                    "ratios": list(method.get("ratios", [])), "profile": str(path),
+                }
+    return found
+
+
+def _weights_in_cache(source: str) -> bool:
+    """Whether the Hugging Face cache holds ``source``'s config and weights (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return False
+    return any(
+        isinstance(try_to_load_from_cache(source, f), str)
+        for f in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json")
+    )
+
+
+def list_models() -> list[dict]:
+    """Every model name lightkv knows, for ``lightkv models``.
+
+    Returns:
+        One dict per name: ``name``, ``source`` (checkpoint id, or "embedded"), ``family``
+        (``config.model_type``), ``layers`` (decoder layers), ``weights`` (``embedded``, ``local`` or
+        ``missing``), ``published_schedule`` (``{layers, windows, ratios, profile}`` or None). Nothing
+        is downloaded or built.
+    """
+    from lightkv_cli.models import tiny
+
+    text_layers = {
+        "tiny": tiny.TEXT_CONFIG["num_hidden_layers"],
+        "tiny-llava-next": tiny.SMALL_TEXT_CONFIG["num_hidden_layers"],
+        "tiny-qwen2-vl": tiny.QWEN_TEXT_CONFIG["num_hidden_layers"],
+        "tiny-qwen2.5-vl": tiny.QWEN_TEXT_CONFIG["num_hidden_layers"],
+    }
+    out = []
+    for name in TINY_NAMES:
+        out.append({"name": name, "source": "embedded", "family": tiny.TINY_MODELS[name][0],
+                    "layers": text_layers[name], "weights": "embedded", "published_schedule": None})
+    published = _published_schedules()
+    for name, source in ALIASES.items():
+        data = json.loads((Path(__file__).parent / "configs" / _SHIPPED_CONFIGS[source]).read_text())
+        out.append({
+            "name": name, "source": source, "family": data["model_type"],
+            "layers": data["text_config"]["num_hidden_layers"],
+            "weights": "local" if _weights_in_cache(source) else "missing",
+            "published_schedule": published.get(source),
+        })
+    return out
