@@ -353,3 +353,21 @@ def test_eviction_parameters_are_validated(bad):
     for cls in (VLCache, SnapKV):
         with pytest.raises(UserError):
             cls(**bad)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen2-vl"])
+def test_every_method_runs_on_the_other_families(name, images):
+    """Each method compresses LLaVA-NeXT and Qwen2-VL prompts to comparable KV bytes at one target."""
+    from lightkv_cli.models.loader import load_model
+    from lightkv_cli.runtime import greedy_generate
+
+    t = load_model(name, device="cpu", dtype="float32")
+    enc = t.processor(images=images[0], text=t.adapter.format_prompt(QUESTION), return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    n = int(t.adapter.vision_mask(inputs["input_ids"]).sum())
+    ref = greedy_generate(t.model, inputs, n, 3, None)
+    for method in METHODS:
+        got = greedy_generate(t.model, inputs, n, 3, None, press=make_press(method, t.model, target=0.55))
+        ratio = got.cache.total_bytes / ref.cache.total_bytes
+        assert 0.5 < ratio < 0.8, (method, ratio)
+        assert got.cache.vision_retention < 0.85, method
