@@ -1,0 +1,130 @@
+"""Architecture, tokenizer and processor of the embedded easy-VQA demo model.
+
+A ``LlavaForConditionalGeneration``:
+
+* vision tower: CLIP-style, 128 px input, 8 px patches → a 16×16 grid of 256 vision tokens. The
+  language model reads the *embedding* output of the tower (patch embedding + position embedding +
+  pre-LayerNorm): ``vision_feature_layer=-2`` of a one-layer encoder is ``hidden_states[0]``. So every
+  vision token depends on its own 8×8 patch only, and the information needed to answer stays in the
+  few tokens that cover the object (the single encoder layer is built by ``CLIPVisionModel`` but its
+  output is never used). ``vision_feature_select_strategy="default"`` drops the CLS token, as LLaVA-1.5.
+  (``vision_feature_layer=0`` would say the same, but transformers 5 treats a 0 as "no hidden states".)
+* projector: LLaVA's two-layer GELU MLP, applied per token.
+* decoder: a small Llama with grouped-query attention (``TEXT_CONFIG``).
+* tokenizer: a word-level ``tokenizers`` model over the easy-VQA vocabulary plus the prompt words
+  ``user``, ``assistant``, ``:`` and the special tokens ``<unk> <s> </s> <pad> <image>``; lower-cases.
+* processor: ``LlavaProcessor`` with a ``CLIPImageProcessor`` (resize + centre-crop to 128 px, CLIP
+  mean/std), expanding each ``<image>`` into 256 placeholders.
+"""
+
+from __future__ import annotations
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+PROMPT_WORDS = ["user", "assistant", ":"]
+
+VISION_CONFIG = dict(
+    hidden_size=192,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=128,
+    patch_size=8,
+    projection_dim=64,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    initializer_range=0.02,
+)
+
+#: CLIP's image mean and standard deviation (what ``CLIPImageProcessor`` uses by default).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_tokenizer(words: list[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (ids follow ``SPECIAL_TOKENS``,
+    ``PROMPT_WORDS``, then ``words`` in the given order).
+
+    Text is lower-cased and split on whitespace and punctuation (``\\w+|[^\\w\\s]+``); unknown words
+    map to ``<unk>``. ``<s>`` is prepended to every encoded text. Decoding joins words with spaces.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in SPECIAL_TOKENS + PROMPT_WORDS + list(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=TEXT_CONFIG["max_position_embeddings"],
+    )
+
+
+def build_config(tokenizer):
+    """The ``LlavaConfig`` of the demo model, with token ids taken from ``tokenizer``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_CONFIG,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION_CONFIG),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_processor(tokenizer, vision_config):
+    """A ``LlavaProcessor`` for ``tokenizer`` and the CLIP ``vision_config`` (128 px, CLIP mean/std)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+def prompt_text(question: str) -> str:
+    """The LLaVA prompt the model is trained with (the same as ``LlavaAdapter.format_prompt``)."""
+    return "USER: <image>\n" + question + " ASSISTANT:"
