@@ -15,7 +15,7 @@ from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
-from lightkv_cli.methods.lightkv import _post_rope_qk
+from lightkv_cli.methods.lightkv import post_rope_qk
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 _FLOOR_EPS = 1e-9
@@ -154,7 +154,7 @@ class FastV(SequencePress):
             if tuple(self._fixed_scores.shape) != (B, n):
                 raise ValueError(f"fixed scores have shape {tuple(self._fixed_scores.shape)}, expected {(B, n)}")
             return self._fixed_scores.float()
-        q, k = _post_rope_qk(inp, self._adapter)  # (B, H, S, d), (B, H_kv, S, d)
+        q, k = post_rope_qk(inp, self._adapter)  # (B, H, S, d), (B, H_kv, S, d)
         H = q.shape[1]
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         scale = float(getattr(inp.module.self_attn, "scaling", q.shape[-1] ** -0.5))

@@ -319,7 +319,7 @@ class LightKV(SequencePress):
             return g.float()
         if self.guidance == "uniform":
             return torch.ones(B, n, dtype=torch.float32)
-        q, kk = _post_rope_qk(inp, self._adapter)
+        q, kk = post_rope_qk(inp, self._adapter)
         attn = inp.module.self_attn
         scale = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
         real = inp.attention_mask_2d.bool()
@@ -337,7 +337,7 @@ class LightKV(SequencePress):
         return torch.stack(rows).cpu()
 
 
-def _post_rope_qk(inp: StageInput, adapter: FamilyAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+def post_rope_qk(inp: StageInput, adapter: FamilyAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE float32 queries ``(B, H, S, d)`` and keys ``(B, H_kv, S, d)`` of the stage layer."""
     if inp.queries is None or inp.keys is None:
         raise RuntimeError("internal error: q_proj/k_proj outputs were not captured for guidance")
