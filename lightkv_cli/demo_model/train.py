@@ -636,6 +636,14 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"points; removing the object's tokens costs "
         f"{100 * (c['first_token_all_tokens']['overall'] - c['object_tokens_removed']['overall']):.1f} points.",
         "",
+        "## Limits",
+        f"- Shape questions: {100 * m['test_accuracy']['shape']:.1f}% against {100 * m['question_only_baseline']['shape']:.1f}% "
+        f"from the question alone; yes/no: {100 * m['test_accuracy']['yes/no']:.1f}% against "
+        f"{100 * m['question_only_baseline']['yes/no']:.1f}%. Where these are close, the model has not learned to read "
+        "that attribute from the image in this training budget; colour is read from the object's tokens.",
+        "- Rebuilds follow the same data order, initialisation and placements from the seed; CPU kernels "
+        "(index backward, attention) are not bit-deterministic, so a rebuild's figures can differ slightly.",
+        "",
         "`metrics.json` holds the same figures, machine-readable (the tests read `subset_accuracy` from it).",
         "",
     ]
