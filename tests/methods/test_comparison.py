@@ -18,18 +18,10 @@ from lightkv_cli.methods.registry import METHODS, make_press
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache, layer_budgets
 from lightkv_cli.runtime import cache_stats
+from test_lightkv import _generate
 
 QUESTION = "What is in this picture? Describe it please."
 SCHEDULE = dict(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[0.5, 0.5, 0.5])
-
-
-def _generate(model, inputs, n=6, press=None):
-    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        if press is None:
-            return model.generate(**inputs, **kwargs)
-        with press(model):
-            return model.generate(**inputs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +92,8 @@ def test_keep_everything_is_bit_identical(tiny, one, press):
         with press(model):
             got_prefill = model(**one).logits
     assert torch.equal(ref_prefill, got_prefill)
-    ref = _generate(model, one)
-    got = _generate(model, one, press=press)
+    ref = _generate(model, one, n=6)
+    got = _generate(model, one, n=6, press=press)
     for a, b in zip(ref.logits, got.logits):
         assert torch.equal(a, b)
     assert torch.equal(ref.sequences, got.sequences)
@@ -149,7 +141,7 @@ def test_eviction_decode_equals_uncached_reference(tiny, eager, one, press):
 
 def test_fastv_decode_equals_uncached_reference(tiny, one):
     press = FastV(layer=2, ratio=0.5)
-    out = _generate(tiny.model, one, press=press)
+    out = _generate(tiny.model, one, n=6, press=press)
     fixed = press.with_fixed_scores(press.last_prefill.stages[0].guidance)
     S = one["input_ids"].shape[1]
     for t, step_logits in enumerate(out.logits):
@@ -161,7 +153,7 @@ def test_fastv_decode_equals_uncached_reference(tiny, one):
 
 def test_random_decode_equals_uncached_reference(tiny, one):
     press = RandomDrop(**SCHEDULE, seed=3)
-    out = _generate(tiny.model, one, press=press)
+    out = _generate(tiny.model, one, n=6, press=press)
     S = one["input_ids"].shape[1]
     for t, step_logits in enumerate(out.logits):
         ids = out.sequences[:, : S + t]
