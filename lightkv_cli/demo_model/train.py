@@ -400,8 +400,7 @@ def check_prefix_path(model, processor, enc: Encoder, item, canvas, device) -> f
 def write_testset(processor, model, enc, test_items, seed: int, out_dir: Path, n: int, device) -> dict:
     """Write the fixed ``n``-question test subset (PNG canvases + ``prompts.jsonl``) and score it."""
     subset = data.stratified_subset(test_items, n, seed)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    replace_dir(out_dir, "prompts.jsonl")
     (out_dir / "images").mkdir(parents=True)
     images, questions, lines = [], [], []
     for item, q, a in subset:
@@ -417,6 +416,27 @@ def write_testset(processor, model, enc, test_items, seed: int, out_dir: Path, n
     return by_type(records)
 
 
+def check_replaceable(path: Path, marker: str) -> None:
+    """Refuse (``SystemExit`` with a one-line message) to later delete ``path`` unless it is absent,
+    an empty directory, or a directory this script wrote (it holds ``marker``), and never the current
+    directory or one of its parents. Called before training so that a bad path fails in seconds."""
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise SystemExit(f"refusing to overwrite {path}: it is the current directory, a parent of it, or home")
+    if not path.exists():
+        return
+    if not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file()):
+        raise SystemExit(f"refusing to overwrite {path}: it exists and was not written by this script (no {marker})")
+
+
+def replace_dir(path: Path, marker: str) -> None:
+    """Delete ``path`` after :func:`check_replaceable` accepts it (so it can be rewritten)."""
+    check_replaceable(path, marker)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def fmt(res: dict) -> str:
     return " | ".join(f"{100 * res[k]:.1f}" if res.get(k) is not None else "–" for k in ("overall", *data.QUESTION_TYPES))
 
@@ -426,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and canvas placement")
     ap.add_argument("--output", type=Path, default=CHECKPOINT_DIR, help="checkpoint directory to (over)write")
-    ap.add_argument("--testset", type=Path, default=TESTSET_DIR, help="where to write the fixed test subset ('' to skip)")
+    ap.add_argument("--testset", default=str(TESTSET_DIR), help="where to write the fixed test subset ('' to skip)")
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (results are deterministic per thread count)")
     ap.add_argument("--pretrain-epochs", type=int, default=6)
@@ -441,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset-size", type=int, default=200)
     args = ap.parse_args(argv)
 
+    out = Path(args.output)
+    testset_dir = Path(args.testset) if args.testset.strip() else None
+    check_replaceable(out, "metrics.json")
+    check_replaceable(out.with_name(out.name + ".tmp"), "config.json")
+    if testset_dir is not None:
+        check_replaceable(testset_dir, "prompts.jsonl")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -476,10 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     t_full = time.time() - t
     model.eval()
 
-    out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    replace_dir(tmp, "config.json")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     model = LlavaForConditionalGeneration.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
@@ -519,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"question-only baseline (majority answer per question): {fmt(baseline)}")
 
     subset = None
-    if str(args.testset):
-        subset = write_testset(processor, model, enc, test_items, args.seed, Path(args.testset), args.subset_size, device)
+    if testset_dir is not None:
+        subset = write_testset(processor, model, enc, test_items, args.seed, testset_dir, args.subset_size, device)
         log(f"test subset ({args.subset_size} questions): {fmt(subset)}")
 
     total = time.time() - started
@@ -547,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (tmp / "MODEL_CARD.md").write_text(model_card(metrics, config, tmp))
-    if out.exists():
-        shutil.rmtree(out)
+    replace_dir(out, "metrics.json")
     tmp.rename(out)
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB) in {total / 60:.1f} min")
     return 0
