@@ -23,7 +23,7 @@ from lightkv_cli.models.tiny import SPECIAL_TOKENS  # the same special tokens as
 PROMPT_WORDS = ["user", "assistant", ":"]
 
 VISION_CONFIG = dict(
-    hidden_size=192,
+    hidden_size=384,
     intermediate_size=64,
     num_hidden_layers=1,
     num_attention_heads=4,
@@ -35,7 +35,7 @@ VISION_CONFIG = dict(
 TEXT_CONFIG = dict(
     hidden_size=128,
     intermediate_size=512,
-    num_hidden_layers=8,
+    num_hidden_layers=12,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
