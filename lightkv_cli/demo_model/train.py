@@ -17,6 +17,7 @@ Recipe (see ``build.py`` for the architecture and ``data.py`` for the canvas tas
    attention), so it is computed once per image and its KV cache is shared by all of the image's
    questions (exactly the same function as running every question on its own, ~6× cheaper). Answers
    are weighted so that the question text alone cannot lower the loss (see ``balanced_weights``).
+   Then (stage 3) a short pass without the weights lets it also use the question's prior.
 3. **Evaluation** on the whole test split (1,000 images, 9,673 questions, never trained on) by greedy
    ``generate()`` through the saved processor with exact match; by question type; against a
    question-only baseline; and per-token dependence checks (vision tokens removed before the decoder).
@@ -243,21 +244,26 @@ def balanced_weights(items) -> dict[tuple[str, str], float]:
 
 
 def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, batch: int, device,
-               questions_per_image: int = 0) -> None:
-    """Stage 2: the whole model on the answers (answer word + end-of-sequence token), each answer
-    weighted by :func:`balanced_weights`."""
-    weight_of = balanced_weights(items)
+               questions_per_image: int = 0, balanced: bool = True, stage: int = 2) -> None:
+    """Stages 2 and 3: the whole model on the answers (answer word + end-of-sequence token).
+
+    Args:
+        balanced: weight each answer by :func:`balanced_weights` (stage 2); False: plain
+            cross-entropy (stage 3, where the model also learns the question prior).
+        stage: selects the canvas variants and data order, so stages see different placements.
+    """
+    weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    rng = np.random.default_rng([seed, 202])
+    rng = np.random.default_rng([seed, 202] if stage == 2 else [seed, 202, stage])
     per_epoch = math.ceil(len(items) / batch)
     steps, warmup = epochs * per_epoch, min(200, epochs * per_epoch // 10)
     step = 0
     t0 = time.time()
     for ep in range(epochs):
-        canv = epoch_canvases(items, seed, "train", ep)
+        canv = epoch_canvases(items, seed, "train", ep if stage == 2 else 100 * stage + ep)
         order = rng.permutation(len(items))
         run = collections.Counter()
         for s in range(0, len(order), batch):
@@ -295,7 +301,7 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 run["loss"] += float(loss_a) * len(seqs)
             if step % 50 == 0 or s + batch >= len(order):
                 log(
-                    f"epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss {run['loss'] / run['n']:.4f}, "
+                    f"stage {stage} epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss {run['loss'] / run['n']:.4f}, "
                     f"train acc {run['ok'] / run['n']:.4f}, lr {lr_now:.2e}, {time.time() - t0:.0f}s"
                 )
                 run = collections.Counter()
@@ -481,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--prior-epochs", type=int, default=1, help="stage 3: epochs of plain (unweighted) answer loss")
+    ap.add_argument("--prior-lr", type=float, default=5e-4)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from a checkpoint this script wrote and run only stage 3 (continue a run)")
     ap.add_argument("--batch-images", type=int, default=24, help="images per step")
     ap.add_argument("--questions-per-image", type=int, default=0, help="questions per image per epoch (0: all)")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N training images (quick runs)")
@@ -511,24 +521,45 @@ def main(argv: list[str] | None = None) -> int:
     n_train_q = sum(len(i.questions) for i in train_items)
     log(f"easy-VQA: {len(train_items)} train images / {n_train_q} questions; {len(test_items)} test images")
 
-    tokenizer = build.build_tokenizer(data.vocabulary(train_items))
-    config = build.build_config(tokenizer)
-    config._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(config).to(device)
-    processor = build.build_processor(tokenizer, config.vision_config)
+    previous = None
+    if args.init_from is not None:
+        if not (args.init_from / "metrics.json").is_file():
+            raise SystemExit(f"--init-from {args.init_from}: not a checkpoint written by this script (no metrics.json)")
+        previous = json.loads((args.init_from / "metrics.json").read_text())
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, attn_implementation="sdpa").to(device)
+        processor = AutoProcessor.from_pretrained(args.init_from)
+        tokenizer, config = processor.tokenizer, model.config
+    else:
+        tokenizer = build.build_tokenizer(data.vocabulary(train_items))
+        config = build.build_config(tokenizer)
+        config._attn_implementation = "sdpa"
+        model = LlavaForConditionalGeneration(config).to(device)
+        processor = build.build_processor(tokenizer, config.vision_config)
     enc = Encoder(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
 
-    t = time.time()
     model.train()
-    pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, 64, device)
-    t_pre = time.time() - t
+    if previous is None:
+        t = time.time()
+        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, 64, device)
+        t_pre = time.time() - t
+        t = time.time()
+        train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
+                   args.questions_per_image)
+        t_full = time.time() - t
+    else:  # stages 1-2 come from --init-from
+        t_pre = previous["training_seconds"]["vision_pretrain"]
+        t_full = previous["training_seconds"]["full_model"]
+        for key in ("pretrain_epochs", "pretrain_lr", "epochs", "lr"):
+            setattr(args, key, type(getattr(args, key))(previous["args"][key]))
     t = time.time()
-    train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
-               args.questions_per_image)
-    t_full = time.time() - t
+    if args.prior_epochs:
+        train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
+                   args.questions_per_image, balanced=False, stage=3)
+    t_prior = time.time() - t
     model.eval()
+    t_eval_start = time.time()
 
     tmp = out.with_name(out.name + ".tmp")
     replace_dir(tmp, "config.json")
@@ -576,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"test subset ({args.subset_size} questions): {fmt(subset)}")
 
     total = time.time() - started
+    t_evaluation = time.time() - t_eval_start
     metrics = {
         "schema": "lightkv.demo_model.metrics/1",
         "seed": args.seed,
@@ -588,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "min": int(np.min(cover)), "max": int(np.max(cover))},
         "parameters": n_params,
         "training_seconds": {"vision_pretrain": round(t_pre, 1), "full_model": round(t_full, 1),
-                             "evaluation": round(total - t_pre - t_full, 1), "total": round(total, 1)},
+                             "prior_stage": round(t_prior, 1), "evaluation": round(t_evaluation, 1),
+                             "total": round(t_pre + t_full + t_prior + t_evaluation, 1)},
+        "continued_from": None if previous is None else str(args.init_from),
         "device": f"{device.type}: {platform.processor() or platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -660,9 +694,14 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         "are answered by their text alone) no longer lowers the loss and only reading the image does. The question-independent vision prefix is run once per image and its KV "
         "cache shared by the image's questions (the same function as separate prompts; checked against a "
         "plain forward of the processor's prompt).",
+        f"3. Question prior ({m['args']['prior_epochs']} epoch(s), lr {m['args']['prior_lr']}): the same loss without "
+        "the weights, so the model also uses what the question text says about the likely answer.",
+        "",
         f"Training time: vision {m['training_seconds']['vision_pretrain'] / 60:.1f} min, whole model "
-        f"{m['training_seconds']['full_model'] / 60:.1f} min, evaluation {m['training_seconds']['evaluation'] / 60:.1f} min "
-        f"on {m['device']} (torch {m['torch']}).",
+        f"{m['training_seconds']['full_model'] / 60:.1f} min, question prior {m['training_seconds']['prior_stage'] / 60:.1f} min, "
+        f"evaluation {m['training_seconds']['evaluation'] / 60:.1f} min on {m['device']} (torch {m['torch']})."
+        + (f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
+           "which is what the single default command does in one go." if m.get("continued_from") else ""),
         "",
         "## Accuracy (test split, exact match, %)",
         "| evaluation | overall | shape | colour | yes/no | questions |",
