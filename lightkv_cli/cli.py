@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lightkv_cli import __version__
+from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import LightKVError, UserError
 
 app = typer.Typer(
@@ -100,6 +101,20 @@ def parse_retentions(text: str) -> list[float]:
     return values
 
 
+def _demo_prompts(model: str | None, images, prompt, prompts, videos=()) -> Path | None:
+    """The shipped easy-VQA test subset when the demo model is asked to run with no inputs at all
+    (so `lightkv profile` works out of the box); else ``prompts`` unchanged."""
+    if images or prompt or prompts is not None or videos or model != DEMO_NAME:
+        return prompts
+    from lightkv_cli.demo_model import TESTSET_PROMPTS
+
+    console.print(
+        f"[dim]no --images or --prompts: using the {DEMO_NAME} model's easy-VQA test subset ({TESTSET_PROMPTS})[/]",
+        highlight=False,
+    )
+    return TESTSET_PROMPTS
+
+
 def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None, videos: list[Path] = ()):
     """Load the inputs; print what was ignored or skipped (one line per skipped file)."""
     from lightkv_cli.inputs import describe_skipped, gather_inputs
@@ -128,7 +143,8 @@ def _gather_inputs(images: list[Path], prompt: str | None, prompts: Path | None,
 ImagesOpt = Annotated[
     Optional[list[Path]], typer.Option("--images", "-i", help="Image directory or image files (repeat the option for several).")
 ]
-ModelHelp = ("tiny (embedded, no download; also tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), an alias "
+ModelHelp = ("easyvqa (default: embedded demo model trained on easy-VQA; with no --images/--prompts it runs on its "
+             "shipped test questions), tiny (embedded random weights; also tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), an alias "
              "(llava, llava-next, llava-next-mistral, qwen2-vl, qwen2.5-vl; see `lightkv models`), a Hugging Face id "
              "in the local cache, or a checkpoint path.")
 InitHelp = "pretrained: the checkpoint's weights; random: its architecture with random weights (memory/latency planning; quality not meaningful)."
@@ -303,7 +319,8 @@ def _execute_sweep(ctx, req: _SweepRequest) -> None:
         previous = load_results(results_path)
     elif req.resume:
         console.print(f"[yellow]note:[/] nothing to resume in {req.output}; starting a new sweep", highlight=False)
-    loaded_images, items, skipped = _gather_inputs(req.images, req.prompt, req.prompts, req.limit, req.videos)
+    prompts = _demo_prompts(req.model, req.images, req.prompt, req.prompts, req.videos)
+    loaded_images, items, skipped = _gather_inputs(req.images, req.prompt, prompts, req.limit, req.videos)
     if not items:
         raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
     _check_output_dir(req.output)
@@ -372,7 +389,7 @@ def _execute_sweep(ctx, req: _SweepRequest) -> None:
 def profile(
     ctx: typer.Context,
     images: ImagesOpt = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=ModelHelp)] = "tiny",
+    model: Annotated[str, typer.Option("--model", "-m", help=ModelHelp)] = DEMO_NAME,
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
@@ -423,7 +440,7 @@ def sweep(
     ctx: typer.Context,
     images: ImagesOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these options (keys with _ for -); options given on the command line win.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=ModelHelp)] = "tiny",
+    model: Annotated[str, typer.Option("--model", "-m", help=ModelHelp)] = DEMO_NAME,
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
@@ -515,7 +532,8 @@ def models_command() -> None:
         table.add_row(m["name"], m["source"], m["family"], str(m["layers"]), m["weights"], text)
     console.print(table)
     console.print(
-        "weights: 'embedded' models are built on first use (random weights); 'local' = in the Hugging Face cache; "
+        "weights: 'embedded' = shipped with lightkv (easyvqa: trained, the default; tiny*: random weights, built on first use); "
+        "'local' = in the Hugging Face cache; "
         "'missing' = run `hf download <checkpoint>` on a machine with internet, or use --init random. "
         "Published schedules are starting points from the LightKV paper (profiles/*.published.toml), not tuned for your domain.",
         highlight=False,
@@ -655,9 +673,9 @@ def check(
     from lightkv_cli.thresholds import Thresholds, evaluate
 
     if results is None and profile_path is None:
-        raise UserError("give a results file (lightkv check results.json) or --profile profiles/NAME.toml with --images")
-    if results is not None and images:
-        raise UserError("give either a results file to check or --images to re-run the profile, not both")
+        raise UserError("give a results file (lightkv check results.json) or --profile profiles/NAME.toml with --images or --prompts")
+    if results is not None and (images or prompts is not None):
+        raise UserError("give either a results file to check or --images/--prompts to re-run the profile, not both")
     prof = None
     if profile_path is not None:
         from lightkv_cli.profiles import load_profile
@@ -677,8 +695,9 @@ def check(
             raise UserError(f"{results} has no run '{run_id}'; runs: {', '.join(ids)}")
         source = str(results)
     else:
-        if not images:
-            raise UserError(f"--profile {profile_path}: give --images (and --prompts) to re-run the operating point on")
+        prompts = _demo_prompts(_resolve_model_name(model or prof.model.name), images, prompt, prompts)
+        if not images and prompts is None:
+            raise UserError(f"--profile {profile_path}: give --images or --prompts to re-run the operating point on")
         data, run_id = _rerun_profile(ctx, prof, profile_path, images, prompt, prompts, model, init, repeats, warmup,
                                       device, dtype, limit, output)
         base = prof.thresholds.to_thresholds()

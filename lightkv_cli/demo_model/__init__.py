@@ -13,6 +13,8 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 
+#: The model name users type (``lightkv profile --model easyvqa``); also lightkv's default model.
+DEMO_NAME = "easyvqa"
 #: Directory of the shipped checkpoint.
 CHECKPOINT_DIR = _HERE / "checkpoint"
 #: Directory of the shipped test subset (``prompts.jsonl`` + ``images/``).
@@ -20,4 +22,4 @@ TESTSET_DIR = _HERE / "testset"
 #: The shipped prompts file (JSON lines: ``{"image", "question", "answer"}``).
 TESTSET_PROMPTS = TESTSET_DIR / "prompts.jsonl"
 
-__all__ = ["CHECKPOINT_DIR", "TESTSET_DIR", "TESTSET_PROMPTS"]
+__all__ = ["DEMO_NAME", "CHECKPOINT_DIR", "TESTSET_DIR", "TESTSET_PROMPTS"]

@@ -2,13 +2,12 @@
 
 A ``LlavaForConditionalGeneration``:
 
-* vision tower: CLIP-style, 128 px input, 8 px patches → a 16×16 grid of 256 vision tokens. The
-  language model reads the *embedding* output of the tower (patch embedding + position embedding +
-  pre-LayerNorm): ``vision_feature_layer=-2`` of a one-layer encoder is ``hidden_states[0]``. So every
-  vision token depends on its own 8×8 patch only, and the information needed to answer stays in the
-  few tokens that cover the object (the single encoder layer is built by ``CLIPVisionModel`` but its
-  output is never used). ``vision_feature_select_strategy="default"`` drops the CLS token, as LLaVA-1.5.
-  (``vision_feature_layer=0`` would say the same, but transformers 5 treats a 0 as "no hidden states".)
+* vision tower: CLIP-style, 128 px input, 8 px patches → a 16×16 grid of 256 vision tokens, two
+  encoder layers; the language model reads the last one (``vision_feature_layer=-1``). The encoder
+  lets an object's token see its neighbours, so it can tell the object's shape; the training recipe
+  (``train.py``: per-token labels, then the tower frozen) keeps the object's colour and shape in the
+  tokens that cover it, so the answer lives in a few vision tokens.
+  ``vision_feature_select_strategy="default"`` drops the CLS token, as LLaVA-1.5.
 * projector: LLaVA's two-layer GELU MLP, applied per token.
 * decoder: a small Llama with grouped-query attention (``TEXT_CONFIG``).
 * tokenizer: a word-level ``tokenizers`` model over the easy-VQA vocabulary plus the prompt words
@@ -23,18 +22,21 @@ from lightkv_cli.models.tiny import SPECIAL_TOKENS  # the same special tokens as
 PROMPT_WORDS = ["user", "assistant", ":"]
 
 VISION_CONFIG = dict(
-    hidden_size=384,
-    intermediate_size=64,
-    num_hidden_layers=1,
+    hidden_size=192,
+    intermediate_size=384,
+    num_hidden_layers=2,
     num_attention_heads=4,
     image_size=128,
     patch_size=8,
     projection_dim=64,
 )
 
+#: The language model reads the last encoder layer's output (``hidden_states[-1]``).
+VISION_FEATURE_LAYER = -1
+
 TEXT_CONFIG = dict(
     hidden_size=128,
-    intermediate_size=512,
+    intermediate_size=256,
     num_hidden_layers=12,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -95,7 +97,7 @@ def build_config(tokenizer):
         vision_config=CLIPVisionConfig(**VISION_CONFIG),
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
+        vision_feature_layer=VISION_FEATURE_LAYER,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,

@@ -7,17 +7,23 @@ Usage::
 
 Recipe (see ``build.py`` for the architecture and ``data.py`` for the canvas task):
 
-1. **Vision pretraining.** The vision tower's embeddings and the projector learn per-token labels on
-   training canvases: each 8×8 patch's colour class (background or one of 8 colours) and shape class
-   (background or one of 3 shapes), plus the shape from the mean of the object's tokens. Labels come
-   from the training questions (which state each image's shape and colour) and the object mask.
-2. **Full model.** The whole model learns to answer: loss on the answer word and the end-of-sequence
-   token after the LLaVA prompt ``USER: <image>\\n{question} ASSISTANT:``. Every epoch places each
-   training image anew (augmentation). The vision prefix does not depend on the question (causal
-   attention), so it is computed once per image and its KV cache is shared by all of the image's
-   questions (exactly the same function as running every question on its own, ~6× cheaper). Answers
-   are weighted so that the question text alone cannot lower the loss (see ``balanced_weights``).
-   Then (stage 3) a short pass without the weights lets it also use the question's prior.
+1. **Vision pretraining.** The vision tower (two CLIP encoder layers) and the projector learn
+   per-token labels on training canvases: every token the object covers (≥ ``OBJECT_COVER`` of its
+   patch) learns the object's colour and shape, every token the object does not touch learns
+   "background" (object and background tokens weigh the same in the loss), plus the shape from the
+   mean of the object's tokens. Labels come from the training questions (which state each image's
+   shape and colour) and the object mask. The encoder layers let an object token see its
+   neighbours, so it can tell the shape; the labels keep the object out of the background tokens.
+2. **Answers** (the vision tower frozen from here on, so the answer loss cannot spread the object
+   into every token): the projector and decoder learn to answer, loss on the answer word and the
+   end-of-sequence token after the LLaVA prompt ``USER: <image>\\n{question} ASSISTANT:``. Every
+   epoch places each training image anew (augmentation). The vision prefix does not depend on the
+   question (causal attention), so it is computed once per image and its KV cache is shared by the
+   image's questions (the same function as running every question on its own). For speed this stage
+   runs the decoder on ``--train-tokens`` of the 256 vision tokens (all the object's tokens plus
+   random background ones, at their original positions). Answers are weighted so that the question
+   text alone cannot lower the loss (see ``balanced_weights``). Then (stage 3) a pass over all 256
+   tokens without the weights lets it also use the question's prior and see full-length prompts.
 3. **Evaluation** on the whole test split (1,000 images, 9,673 questions, never trained on) by greedy
    ``generate()`` through the saved processor with exact match; by question type; against a
    question-only baseline; and per-token dependence checks (vision tokens removed before the decoder).
@@ -44,6 +50,9 @@ from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR
 from lightkv_cli.demo_model import build, data
 
 N_VISION = (data.CANVAS // data.PATCH) ** 2  # 256
+#: A vision token is labelled with the object's colour and shape in vision pretraining when the object
+#: covers at least this fraction of its patch; tokens the object does not touch are labelled background.
+OBJECT_COVER = 0.2
 #: Prompt tokens before the image placeholders: ``<s> user :``.
 N_HEAD = 3
 
@@ -100,37 +109,65 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def prefix_cache(model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | None = None):
+def prefix_cache(model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | None = None,
+                 keep_positions: bool = False):
     """Run the decoder on ``<s> user : <image tokens>`` and return its ``DynamicCache``.
 
     Args:
         feats: ``(B, 256, D)`` projected vision tokens.
         keep: optional ``(B, n)`` long indices of the vision tokens to keep (drop the others before
-            the decoder; positions are renumbered contiguously); all rows keep the same number.
+            the decoder); all rows keep the same number.
+        keep_positions: False: the kept tokens are renumbered contiguously (a shorter prompt);
+            True: they keep their original positions (training on a subset of the tokens, as if the
+            others were there), and the suffix must then start at position ``3 + 256``.
 
     Returns:
-        ``(cache, prefix_len)``.
+        ``(cache, next_position)``: the position of the first suffix token.
     """
     lm = model.model.language_model
     B = feats.shape[0]
     head = lm.embed_tokens(torch.tensor(enc.head, device=feats.device)).unsqueeze(0).expand(B, -1, -1)
+    position_ids = None
     if keep is not None:
         feats = torch.gather(feats, 1, keep.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        if keep_positions:
+            head_pos = torch.arange(N_HEAD, device=feats.device).expand(B, -1)
+            position_ids = torch.cat([head_pos, N_HEAD + keep], dim=1)
     x = torch.cat([head, feats.to(head.dtype)], dim=1)
-    out = lm(inputs_embeds=x, use_cache=True)
-    return out.past_key_values, x.shape[1]
+    out = lm(inputs_embeds=x, position_ids=position_ids, use_cache=True)
+    return out.past_key_values, (N_HEAD + N_VISION if position_ids is not None else x.shape[1])
 
 
-def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``(Q, T, V)`` of right-padded suffixes ``(Q, T)`` continuing prefix ``rows[q]`` of ``cache``."""
+def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    """Logits ``(Q, T, V)`` of right-padded suffixes ``(Q, T)`` continuing prefix ``rows[q]`` of ``cache``;
+    the suffix starts at position ``start`` (default: right after the cached tokens)."""
     from transformers import DynamicCache
 
     lm = model.model.language_model
     expanded = DynamicCache()
     for i, layer in enumerate(cache.layers):
         expanded.update(layer.keys[rows], layer.values[rows], i)
-    h = lm(inputs_embeds=lm.embed_tokens(suffix_ids), past_key_values=expanded, use_cache=True).last_hidden_state
+    position_ids = None
+    if start is not None:
+        position_ids = (start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)).expand(suffix_ids.shape[0], -1)
+    h = lm(inputs_embeds=lm.embed_tokens(suffix_ids), past_key_values=expanded, position_ids=position_ids,
+           use_cache=True).last_hidden_state
     return model.lm_head(h)
+
+
+def training_keep(canvases, n_keep: int, rng) -> torch.Tensor:
+    """``(B, n_keep)`` sorted indices of the vision tokens used for one training step: every token the
+    object touches (a random ``n_keep`` of them if there are more) and random background tokens."""
+    rows = []
+    for c in canvases:
+        touched = np.nonzero(c.object_fraction.reshape(-1) > 0)[0]
+        if len(touched) >= n_keep:
+            chosen = rng.choice(touched, size=n_keep, replace=False)
+        else:
+            rest = np.nonzero(c.object_fraction.reshape(-1) <= 0)[0]
+            chosen = np.concatenate([touched, rng.choice(rest, size=n_keep - len(touched), replace=False)])
+        rows.append(np.sort(chosen))
+    return torch.from_numpy(np.stack(rows)).long()
 
 
 def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,23 +213,31 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             frac = torch.from_numpy(np.stack([canv[i].object_fraction.reshape(-1) for i in idx])).to(device)
             col = torch.tensor([colour_of.get(items[i].colour, -100) for i in idx], device=device)
             shp = torch.tensor([shape_of.get(items[i].shape, -100) for i in idx], device=device)
-            obj = frac >= 0.25
-            bg = frac <= 0.02
+            obj = frac >= OBJECT_COVER
+            bg = frac <= 0.0
             col_t = torch.where(obj, col[:, None], torch.where(bg, 0, -100))
             col_t = torch.where(obj & (col[:, None] < 0), -100, col_t)
             shp_t = torch.where(obj, shp[:, None], torch.where(bg, 0, -100))
             shp_t = torch.where(obj & (shp[:, None] < 0), -100, shp_t)
             feats = vision_features(model, px)  # (B, 256, D)
-            loss_c = F.cross_entropy(heads["colour"](feats).flatten(0, 1), col_t.flatten(), ignore_index=-100)
-            loss_s = F.cross_entropy(heads["shape"](feats).flatten(0, 1), shp_t.flatten(), ignore_index=-100)
+            # Object and background tokens weigh the same in total (the object covers ~5% of the tokens).
+            is_obj = obj.flatten().float()
+            is_bg = bg.flatten().float()
+            token_w = is_obj / is_obj.sum().clamp(min=1) + is_bg / is_bg.sum().clamp(min=1)
+            loss_c = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), col_t.flatten(), ignore_index=-100,
+                                      reduction="none") * token_w).sum() / 2
+            loss_s = (F.cross_entropy(heads["shape"](feats).flatten(0, 1), shp_t.flatten(), ignore_index=-100,
+                                      reduction="none") * token_w).sum() / 2
             w = (frac > 0.02).float()
             pooled = (feats * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
             loss_p = F.cross_entropy(heads["pooled"](pooled), torch.where(shp > 0, shp - 1, -100), ignore_index=-100)
             loss = loss_c + loss_s + loss_p
+            warmup = min(100, steps // 10)
             for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                g["lr"] = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             with torch.no_grad():
@@ -200,11 +245,20 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
                 ok = shp > 0
                 stats["pooled_ok"] += int((pred[ok] == shp[ok] - 1).sum())
                 stats["pooled_n"] += int(ok.sum())
+                tok_ok = shp_t > 0
+                stats["token_shape_ok"] += int((heads["shape"](feats).argmax(-1)[tok_ok] == shp_t[tok_ok]).sum())
+                stats["token_colour_ok"] += int((heads["colour"](feats).argmax(-1)[tok_ok] == col_t[tok_ok]).sum())
+                stats["token_n"] += int(tok_ok.sum())
+                bg_t = shp_t == 0
+                stats["bg_ok"] += int((heads["shape"](feats).argmax(-1)[bg_t] == 0).sum())
+                stats["bg_n"] += int(bg_t.sum())
                 stats["loss"] += float(loss) * len(idx)
                 stats["n"] += len(idx)
         log(
             f"vision pretrain epoch {ep + 1}/{epochs}: loss {stats['loss'] / stats['n']:.3f}, "
-            f"pooled shape acc {stats['pooled_ok'] / max(1, stats['pooled_n']):.3f}"
+            f"pooled shape acc {stats['pooled_ok'] / max(1, stats['pooled_n']):.3f}, object tokens: shape acc "
+            f"{stats['token_shape_ok'] / max(1, stats['token_n']):.3f}, colour acc {stats['token_colour_ok'] / max(1, stats['token_n']):.3f}; "
+            f"background tokens called background {stats['bg_ok'] / max(1, stats['bg_n']):.4f}"
         )
 
 
@@ -244,18 +298,26 @@ def balanced_weights(items) -> dict[tuple[str, str], float]:
 
 
 def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, batch: int, device,
-               questions_per_image: int = 0, balanced: bool = True, stage: int = 2) -> None:
+               questions_per_image: int = 0, balanced: bool = True, stage: int = 2, train_tokens: int = 0) -> None:
     """Stages 2 and 3: the whole model on the answers (answer word + end-of-sequence token).
 
     Args:
         balanced: weight each answer by :func:`balanced_weights` (stage 2); False: plain
             cross-entropy (stage 3, where the model also learns the question prior).
         stage: selects the canvas variants and data order, so stages see different placements.
+        train_tokens: when > 0, each step runs the decoder on this many of the 256 vision tokens (all
+            the object's tokens plus random background ones, at their original positions): ~2.5×
+            cheaper on a CPU; 0 = all tokens.
     """
     weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
+    # The vision tower stays as stage 1 left it: trained only on per-token labels, its tokens carry
+    # their own patch's object (and background tokens say "background"). Letting the answer loss reach
+    # it would teach it to spread the object into every token, which no token reduction can then hurt.
+    model.model.vision_tower.requires_grad_(False)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     rng = np.random.default_rng([seed, 202] if stage == 2 else [seed, 202, stage])
     per_epoch = math.ceil(len(items) / batch)
@@ -269,9 +331,10 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
             px = pixels([canv[i].image for i in idx]).to(device)
-            rows, seqs, weights = [], [], []
+            rows, seqs, weights, is_yes_no = [], [], [], []
             for r, i in enumerate(idx):
                 for q, a in questions_for_epoch(items[i], seed, ep, questions_per_image):
+                    is_yes_no.append(a in ("yes", "no"))
                     rows.append(r)
                     seqs.append(enc.suffix(q) + [enc.answer(a)])
                     weights.append(weight_of[(q, a)])
@@ -279,10 +342,11 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             ids, lens = ids.to(device), lens.to(device)
             rows_t = torch.tensor(rows, device=device)
             feats = vision_features(model, px)
-            cache, _ = prefix_cache(model, enc, feats)
-            logits = suffix_logits(model, cache, rows_t, ids)  # (Q, T, V)
+            keep = training_keep([canv[i] for i in idx], train_tokens, rng).to(device) if train_tokens else None
+            cache, start = prefix_cache(model, enc, feats, keep, keep_positions=True)
             ar = torch.arange(len(seqs), device=device)
             ans_pos = lens - 2  # the ":" of "ASSISTANT:" predicts the answer
+            logits = suffix_logits(model, cache, rows_t, ids, start)  # (Q, T, V)
             w = torch.tensor(weights, device=device)
             loss_a = (F.cross_entropy(logits[ar, ans_pos], ids[ar, lens - 1], reduction="none") * w).sum() / w.sum()
             loss_e = F.cross_entropy(logits[ar, lens - 1], torch.full_like(lens, enc.eos))
@@ -292,17 +356,22 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 g["lr"] = lr_now
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(decay + no_decay, 1.0)
             opt.step()
             step += 1
             with torch.no_grad():
-                run["ok"] += int((logits[ar, ans_pos].argmax(-1) == ids[ar, lens - 1]).sum())
+                hit = (logits[ar, ans_pos].argmax(-1) == ids[ar, lens - 1]).tolist()
+                run["ok"] += sum(hit)
                 run["n"] += len(seqs)
+                for h, yn in zip(hit, is_yes_no):
+                    run["yn_ok" if yn else "attr_ok"] += h
+                    run["yn_n" if yn else "attr_n"] += 1
                 run["loss"] += float(loss_a) * len(seqs)
             if step % 50 == 0 or s + batch >= len(order):
                 log(
                     f"stage {stage} epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss {run['loss'] / run['n']:.4f}, "
-                    f"train acc {run['ok'] / run['n']:.4f}, lr {lr_now:.2e}, {time.time() - t0:.0f}s"
+                    f"train acc {run['ok'] / run['n']:.4f} (yes/no {run['yn_ok'] / max(1, run['yn_n']):.3f}, shape/colour "
+                    f"{run['attr_ok'] / max(1, run['attr_n']):.3f}), lr {lr_now:.2e}, {time.time() - t0:.0f}s"
                 )
                 run = collections.Counter()
 
@@ -357,11 +426,11 @@ def first_token_eval(model, enc: Encoder, items, canvases, keep_fn=None, device=
             idx = members[s : s + batch]
             if n_keep == 0:
                 feats = torch.zeros(len(idx), 0, model.config.text_config.hidden_size, device=device)
-                keep = None
+                keep = torch.zeros(len(idx), 0, dtype=torch.long, device=device)
             else:
                 feats = vision_features(model, pixels([canvases[i].image for i in idx]).to(device))
                 keep = None if keeps[idx[0]] is None else torch.stack([torch.as_tensor(keeps[i]) for i in idx]).to(device)
-            cache, _ = prefix_cache(model, enc, feats, keep)
+            cache, start = prefix_cache(model, enc, feats, keep, keep_positions=True)
             rows, seqs, meta = [], [], []
             for r, i in enumerate(idx):
                 for q, a in items[i].questions:
@@ -369,7 +438,7 @@ def first_token_eval(model, enc: Encoder, items, canvases, keep_fn=None, device=
                     seqs.append(enc.suffix(q))
                     meta.append((data.question_type(q, a), enc.answer(a)))
             ids, lens = pad_right(seqs, enc.pad)
-            logits = suffix_logits(model, cache, torch.tensor(rows, device=device), ids.to(device))
+            logits = suffix_logits(model, cache, torch.tensor(rows, device=device), ids.to(device), start)
             pred = logits[torch.arange(len(seqs)), lens.to(device) - 1].argmax(-1).tolist()
             records.extend((t, float(p == a)) for (t, a), p in zip(meta, pred))
     return by_type(records)
@@ -483,22 +552,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testset", default=str(TESTSET_DIR), help="where to write the fixed test subset ('' to skip)")
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (results are deterministic per thread count)")
-    ap.add_argument("--pretrain-epochs", type=int, default=15)
-    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--pretrain-batch", type=int, default=16, help="images per vision pretraining step")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--prior-epochs", type=int, default=1, help="stage 3: epochs of plain (unweighted) answer loss")
     ap.add_argument("--prior-lr", type=float, default=5e-4)
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from a checkpoint this script wrote and run only stage 3 (continue a run)")
-    ap.add_argument("--batch-images", type=int, default=24, help="images per step")
-    ap.add_argument("--questions-per-image", type=int, default=0, help="questions per image per epoch (0: all)")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="with --init-from: train nothing; re-evaluate that checkpoint and rewrite its metrics and model card into --output")
+    ap.add_argument("--batch-images", type=int, default=12, help="images per step")
+    ap.add_argument("--questions-per-image", type=int, default=4, help="questions per image per epoch (0: all)")
+    ap.add_argument("--train-tokens", type=int, default=64,
+                    help="stage 2 runs the decoder on this many vision tokens per image (the object's + random background, original positions; 0: all 256); stage 3 always uses all")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N training images (quick runs)")
     ap.add_argument("--eval-images", type=int, default=0, help="evaluate on the first N test images only (quick runs)")
     ap.add_argument("--check-images", type=int, default=300, help="test images used by the token-removal checks")
     ap.add_argument("--subset-size", type=int, default=200)
     args = ap.parse_args(argv)
 
+    if args.evaluate_only and args.init_from is None:
+        raise SystemExit("--evaluate-only needs --init-from CHECKPOINT (the checkpoint to re-evaluate)")
     out = Path(args.output)
     testset_dir = Path(args.testset) if args.testset.strip() else None
     check_replaceable(out, "metrics.json")
@@ -542,22 +618,30 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     if previous is None:
         t = time.time()
-        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, 64, device)
+        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch, device)
         t_pre = time.time() - t
         t = time.time()
         train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
-                   args.questions_per_image)
+                   args.questions_per_image, train_tokens=args.train_tokens)
         t_full = time.time() - t
-    else:  # stages 1-2 come from --init-from
+    else:  # stages 1-2 (and with --evaluate-only stage 3) come from --init-from
         t_pre = previous["training_seconds"]["vision_pretrain"]
         t_full = previous["training_seconds"]["full_model"]
-        for key in ("pretrain_epochs", "pretrain_lr", "epochs", "lr"):
-            setattr(args, key, type(getattr(args, key))(previous["args"][key]))
+        keys = ["pretrain_epochs", "pretrain_lr", "pretrain_batch", "epochs", "lr", "batch_images",
+                "questions_per_image", "train_tokens", "train_images"]
+        if args.evaluate_only:
+            keys += ["prior_epochs", "prior_lr"]
+        for key in keys:
+            if key in previous["args"]:
+                setattr(args, key, type(getattr(args, key))(previous["args"][key]))
     t = time.time()
-    if args.prior_epochs:
-        train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
-                   args.questions_per_image, balanced=False, stage=3)
-    t_prior = time.time() - t
+    if args.evaluate_only:
+        t_prior = previous["training_seconds"]["prior_stage"]
+    else:
+        if args.prior_epochs:
+            train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
+                       args.questions_per_image, balanced=False, stage=3)
+        t_prior = time.time() - t
     model.eval()
     t_eval_start = time.time()
 
@@ -573,15 +657,21 @@ def main(argv: list[str] | None = None) -> int:
     log(f"shared-prefix path vs full forward: max |Δlogit| = {diff:.2e}")
 
     t = time.time()
-    images, questions, types, answers = [], [], [], []
+    images, questions, types, answers, full_frame = [], [], [], [], []
     for it, c in zip(eval_items, canvases):
         for q, a in it.questions:
             images.append(c.image)
             questions.append(q)
             answers.append(a)
             types.append(data.question_type(q, a))
+            full_frame.append(c.side == data.CANVAS)
     preds = generate_answers(model, processor, images, questions, device=device)
-    test = by_type([(tt, float(normalise(p) == a)) for tt, p, a in zip(types, preds, answers)])
+    records = [(tt, float(normalise(p) == a)) for tt, p, a in zip(types, preds, answers)]
+    test = by_type(records)
+    by_placement = {
+        "full_frame": by_type([r for r, f in zip(records, full_frame) if f]),
+        "placed": by_type([r for r, f in zip(records, full_frame) if not f]),
+    }
     t_eval = time.time() - t
     log(f"test accuracy by greedy generate (overall | shape | colour | yes/no): {fmt(test)} [{t_eval:.0f}s]")
 
@@ -612,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "lightkv.demo_model.metrics/1",
         "seed": args.seed,
         "test_accuracy": test,
+        "test_accuracy_by_placement": by_placement,
         "subset_accuracy": subset,
         "question_only_baseline": baseline,
         "dependence_checks": checks,
@@ -622,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
         "training_seconds": {"vision_pretrain": round(t_pre, 1), "full_model": round(t_full, 1),
                              "prior_stage": round(t_prior, 1), "evaluation": round(t_evaluation, 1),
                              "total": round(t_pre + t_full + t_prior + t_evaluation, 1)},
-        "continued_from": None if previous is None else str(args.init_from),
+        "continued_from": (None if previous is None else
+                           previous.get("continued_from") if args.evaluate_only else str(args.init_from)),
+        "re_evaluated": bool(args.evaluate_only),
         "device": f"{device.type}: {platform.processor() or platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -670,11 +763,11 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         "",
         "## Architecture",
         f"`LlavaForConditionalGeneration`, {m['parameters'] / 1e6:.2f}M parameters, float32, checkpoint {size:.1f} MB.",
-        f"- Vision: CLIP-style, {vc.image_size} px, patch {vc.patch_size} → 16×16 = 256 vision tokens; hidden "
-        f"{vc.hidden_size}. The language model reads the tower's embedding output (`vision_feature_layer=-2` of a "
-        "1-layer encoder = `hidden_states[0]`: patch + position embedding, pre-LayerNorm), so each vision token "
-        "depends on its own 8×8 patch only; the encoder layer exists but its output is unused. CLS dropped "
-        "(`vision_feature_select_strategy=\"default\"`).",
+        f"- Vision: CLIP-style, {vc.image_size} px, patch {vc.patch_size} → 16×16 = 256 vision tokens; "
+        f"{vc.num_hidden_layers} encoder layers, hidden {vc.hidden_size}, {vc.num_attention_heads} heads. The language "
+        f"model reads the last encoder layer (`vision_feature_layer={config.vision_feature_layer}`); CLS dropped "
+        "(`vision_feature_select_strategy=\"default\"`). The encoder lets a token see its neighbours (so an object "
+        "token can tell the shape); its training (below) keeps the object in the object's own tokens.",
         "- Projector: LLaVA's 2-layer GELU MLP.",
         f"- Decoder: Llama, {tc.num_hidden_layers} layers, hidden {tc.hidden_size}, {tc.num_attention_heads} query "
         f"heads / {tc.num_key_value_heads} key-value heads (GQA), MLP {tc.intermediate_size}, vocabulary {tc.vocab_size}.",
@@ -682,22 +775,27 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         "`<unk> <s> </s> <pad> <image>`. Prompt: `USER: <image>\\n{question} ASSISTANT:`; answer: one word + `</s>`.",
         "",
         "## Recipe",
-        f"1. Vision pretraining ({m['args']['pretrain_epochs']} epochs, lr {m['args']['pretrain_lr']}, AdamW, cosine): "
-        "per-token colour (background/8 colours) and shape (background/3 shapes) labels for patches the object "
-        "covers ≥ 25% (background ≤ 2%), plus the shape from the mean of the object's tokens; labels derived "
-        "from the training questions and the object mask.",
-        f"2. Whole model ({m['args']['epochs']} epochs, lr {m['args']['lr']}, AdamW, warm-up + cosine, "
+        f"1. Vision pretraining ({m['args']['pretrain_epochs']} epochs, lr {m['args']['pretrain_lr']}, "
+        f"{m['args'].get('pretrain_batch', '64')} images per step, AdamW, warm-up + cosine): every vision token the "
+        f"object covers (≥ {OBJECT_COVER:.0%} of its patch) learns the object's colour (8) and shape (3); every token "
+        "the object does not touch learns \"background\" (object and background tokens weigh the same), plus the "
+        "shape from the mean of the object's tokens. Labels come from the training questions and the object mask.",
+        f"2. Answers ({m['args']['epochs']} epochs, lr {m['args']['lr']}, AdamW, warm-up + cosine, "
         f"{m['args']['batch_images']} images per step, {m['args']['questions_per_image']} of each image's questions per "
-        "epoch, cycling through them; 0 = all): cross-entropy on the answer "
-        "word and (×0.5) on `</s>`. Each answer is weighted by 1 / (K·P(answer | question)) over the training "
-        "questions (K answers seen for that question), so that the question-only prior (most yes/no questions "
-        "are answered by their text alone) no longer lowers the loss and only reading the image does. The question-independent vision prefix is run once per image and its KV "
-        "cache shared by the image's questions (the same function as separate prompts; checked against a "
-        "plain forward of the processor's prompt).",
-        f"3. Question prior ({m['args']['prior_epochs']} epoch(s), lr {m['args']['prior_lr']}): the same loss without "
-        "the weights, so the model also uses what the question text says about the likely answer.",
+        "epoch, cycling through them; 0 = all), **vision tower frozen** so the answer loss cannot spread the object "
+        "into every token: cross-entropy on the answer word and (×0.5) on `</s>`. Each answer is weighted by "
+        "1 / (K·P(answer | question)) over the training questions (K answers seen for that question), so that the "
+        "question-only prior (most yes/no questions are answered by their text alone) no longer lowers the loss "
+        "and only reading the image does. For speed the decoder sees "
+        f"{m['args'].get('train_tokens', '0')} of the 256 vision tokens per image in this stage (every token the object "
+        "touches plus random background tokens, at their original positions; 0 = all). The question-independent "
+        "vision prefix is run once per image and its KV cache shared by the image's questions (the same function "
+        "as separate prompts; checked against a plain forward of the processor's prompt).",
+        f"3. Question prior and full prompts ({m['args']['prior_epochs']} epoch(s), lr {m['args']['prior_lr']}): the same "
+        "loss without the weights and with all 256 vision tokens, so the model also uses what the question text "
+        "says about the likely answer and sees prompts of the length it is used with.",
         "",
-        f"Training time: vision {m['training_seconds']['vision_pretrain'] / 60:.1f} min, whole model "
+        f"Training time: vision {m['training_seconds']['vision_pretrain'] / 60:.1f} min, answers "
         f"{m['training_seconds']['full_model'] / 60:.1f} min, question prior {m['training_seconds']['prior_stage'] / 60:.1f} min, "
         f"evaluation {m['training_seconds']['evaluation'] / 60:.1f} min on {m['device']} (torch {m['torch']})."
         + (f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
@@ -709,6 +807,10 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         row("greedy `generate()`, all vision tokens", m["test_accuracy"]),
         row("question only (majority training answer per question)", m["question_only_baseline"]),
     ]
+    if m.get("test_accuracy_by_placement"):
+        lines.insert(-1, row("… images placed full-frame (128 px)", m["test_accuracy_by_placement"]["full_frame"]))
+        lines.insert(-1, row(f"… images placed small ({data.SCALE_RANGE[0]}–{data.SCALE_RANGE[1]} px)",
+                             m["test_accuracy_by_placement"]["placed"]))
     if m.get("subset_accuracy"):
         lines.append(row("fixed 200-question subset (`testset/prompts.jsonl`), greedy `generate()`", m["subset_accuracy"]))
     lines += [
@@ -723,7 +825,7 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         row("only those the object touches", c["object_tokens_only"]),
         row("none", c["no_vision_tokens"]),
         "",
-        "Removing tokens: positions renumbered contiguously; a random draw per image (seed 12345).",
+        "Removing tokens: the kept tokens keep their positions (as LightKV does); a random draw per image (seed 12345).",
         f"Dropping half the tokens at random costs {100 * (c['first_token_all_tokens']['overall'] - c['random_drop_50']['overall']):.1f} "
         f"points; removing the object's tokens costs "
         f"{100 * (c['first_token_all_tokens']['overall'] - c['object_tokens_removed']['overall']):.1f} points.",

@@ -1,5 +1,6 @@
-"""Load a vision-language model for profiling: the embedded ``tiny`` model, a real checkpoint from
-the local Hugging Face cache or a directory, or a real architecture with random weights.
+"""Load a vision-language model for profiling: the embedded trained ``easyvqa`` demo model (the
+default), the embedded random-weight ``tiny`` models, a real checkpoint from the local Hugging Face
+cache or a directory, or a real architecture with random weights.
 
 Loading never downloads: real weights come from the local cache (``~/.cache/huggingface``) or a
 path; when they are not there, the error says how to get them.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for, supported_families
 
@@ -40,6 +42,8 @@ _FAMILY_CLASSES = {
 }
 #: The embedded models (random weights, built on first use): one per supported family.
 TINY_NAMES = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+#: The embedded trained demo model (easy-VQA, see ``lightkv_cli.demo_model``) and the default model.
+DEFAULT_MODEL = DEMO_NAME
 INIT_MODES = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -170,6 +174,15 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     """
     if name in ALIASES:
         return ALIASES[name], False
+    if name == DEMO_NAME:
+        from lightkv_cli.demo_model import CHECKPOINT_DIR
+
+        if not (CHECKPOINT_DIR / "model.safetensors").is_file():
+            raise UserError(
+                f"the embedded {DEMO_NAME} checkpoint is missing from {CHECKPOINT_DIR}; reinstall lightkv, or rebuild it "
+                "with: pip install 'lightkv[train]' && python -m lightkv_cli.demo_model.train"
+            )
+        return str(CHECKPOINT_DIR), True
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -178,7 +191,7 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     parts = name.split("/")
     if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
         return name, False
-    known = ", ".join([*TINY_NAMES, *ALIASES])
+    known = ", ".join([DEMO_NAME, *TINY_NAMES, *ALIASES])
     raise UserError(f"unknown model '{name}': use one of {known}, a Hugging Face id (org/name) or a local checkpoint path")
 
 
@@ -211,12 +224,13 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, init: str = "pretrained", device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``name`` for profiling.
 
     Args:
-        name: ``tiny`` (embedded, no download), an alias (``llava``), a Hugging Face id found in the
-            local cache, or a checkpoint directory.
+        name: ``easyvqa`` (embedded trained demo model, no download), ``tiny`` (embedded, random
+            weights), an alias (``llava``), a Hugging Face id found in the local cache, or a
+            checkpoint directory.
         init: ``pretrained`` (the checkpoint's weights) or ``random`` (the same architecture from its
             config with random weights: memory and latency are real, quality is not meaningful).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -245,7 +259,10 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
 
     source, local = _resolve_source(name)
     if init == "pretrained":
-        return _from_pretrained(name, source, dev, dt, "pretrained", weights_meaningful=True)
+        loaded = _from_pretrained(name, source, dev, dt, "pretrained", weights_meaningful=True)
+        if name == DEMO_NAME:
+            loaded.notes.append(_demo_note())
+        return loaded
 
     # --init random: architecture from the cached or shipped config
     try:
@@ -287,6 +304,19 @@ def load_model(name: str = "tiny", init: str = "pretrained", device: str = "auto
     model = model.eval()
     adapter = adapter_for(model)
     return LoadedModel(name, source, model, processor, adapter, "random", False, dev, dt, notes)
+
+
+def _demo_note() -> str:
+    """One line on what the embedded demo model is and how accurate it is (from its ``metrics.json``)."""
+    from lightkv_cli.demo_model import CHECKPOINT_DIR
+
+    note = (f"{DEMO_NAME}: lightkv's embedded demo model, a small LLaVA trained from scratch on easy-VQA "
+            "(one coloured shape on a 128 px canvas); its answers only mean something on easy-VQA-style images")
+    try:
+        acc = json.loads((CHECKPOINT_DIR / "metrics.json").read_text())["test_accuracy"]["overall"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return note
+    return note + f" ({100 * acc:.1f}% on the easy-VQA test split; see its MODEL_CARD.md)"
 
 
 def _load_processor(model_type: str, source: str):
@@ -425,7 +455,16 @@ def list_models() -> list[dict]:
         "tiny-qwen2-vl": tiny.QWEN_TEXT_CONFIG["num_hidden_layers"],
         "tiny-qwen2.5-vl": tiny.QWEN_TEXT_CONFIG["num_hidden_layers"],
     }
+    from lightkv_cli.demo_model import CHECKPOINT_DIR
+
     out = []
+    try:
+        demo = json.loads((CHECKPOINT_DIR / "config.json").read_text())
+        out.append({"name": DEMO_NAME, "source": "embedded (trained)", "family": demo["model_type"],
+                    "layers": demo["text_config"]["num_hidden_layers"], "weights": "embedded",
+                    "published_schedule": None})
+    except (OSError, ValueError, KeyError):
+        pass
     for name in TINY_NAMES:
         out.append({"name": name, "source": "embedded", "family": tiny.TINY_MODELS[name][0],
                     "layers": text_layers[name], "weights": "embedded", "published_schedule": None})

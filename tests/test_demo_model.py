@@ -1,0 +1,82 @@
+"""The embedded easy-VQA demo model (``easyvqa``): it loads offline as lightkv's default model, answers
+its shipped 200-question test subset as well as its model card says, and the profiler's accuracy
+column tells a prompt-guided reduction from a random one on it.
+
+One ``lightkv profile`` run (default model, default inputs, CPU) is shared by the quality tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from lightkv_cli.cli import app
+from lightkv_cli.demo_model import CHECKPOINT_DIR, DEMO_NAME, TESTSET_DIR, TESTSET_PROMPTS
+from lightkv_cli.models.loader import DEFAULT_MODEL, load_model
+from test_cli import _all_text
+
+CARD = json.loads((CHECKPOINT_DIR / "metrics.json").read_text())
+
+
+def test_demo_checkpoint_loads_offline_as_the_default(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert DEFAULT_MODEL == DEMO_NAME
+    size = sum(f.stat().st_size for f in CHECKPOINT_DIR.iterdir())
+    assert size <= 20 * 2**20, size
+    lm = load_model(device="cpu")
+    assert lm.name == DEMO_NAME and lm.init == "pretrained" and lm.weights_meaningful
+    assert lm.source == str(CHECKPOINT_DIR)
+    assert lm.model.config.model_type == "llava"
+    assert lm.adapter.num_layers >= 8
+    tc = lm.model.config.text_config
+    assert tc.num_key_value_heads < tc.num_attention_heads  # grouped-query attention
+    line = json.loads(TESTSET_PROMPTS.read_text().splitlines()[0])
+    with Image.open(TESTSET_DIR / line["image"]) as im:
+        inputs = lm.processor(images=[im.convert("RGB")], text=[f"USER: <image>\n{line['question']} ASSISTANT:"],
+                              return_tensors="pt")
+    n_vision = int((inputs["input_ids"] == lm.model.config.image_token_id).sum())
+    assert n_vision == 16 * 16  # a real grid of vision tokens
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """``lightkv profile`` with no --model and no inputs: the demo model on its shipped test subset."""
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(app, [
+        "profile", "--methods", "lightkv,random", "--retentions", "0.55,0.3", "--max-new-tokens", "3",
+        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output", str(out),
+    ])
+    assert result.exit_code == 0, _all_text(result)
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"]["name"] == DEMO_NAME
+    runs = {r["id"]: r for r in data["runs"]}
+    assert all(r["status"] == "ok" for r in runs.values()), runs
+    for r in runs.values():
+        assert r["quality"]["n_inputs"] == r["quality"]["n_with_answers"] == 200
+    return runs
+
+
+def test_uncompressed_accuracy_matches_the_model_card(profiled):
+    # The card's figure for the same 200 questions (greedy generate() at training time).
+    acc = profiled["uncompressed"]["quality"]["accuracy"]
+    assert acc >= CARD["subset_accuracy"]["overall"] - 0.03, (acc, CARD["subset_accuracy"])
+
+
+def test_lightkv_at_retention_055_stays_within_3_points(profiled):
+    run = profiled["lightkv@0.55"]
+    assert abs(run["vision_retention"] - 0.55) < 0.03, run["vision_retention"]
+    assert run["params"]["windows"] == [4, 2, 1]  # the published-style three-stage schedule
+    base = profiled["uncompressed"]["quality"]["accuracy"]
+    assert run["quality"]["accuracy"] >= base - 0.03, (run["quality"]["accuracy"], base)
+
+
+def test_random_drop_at_retention_03_is_worse_than_lightkv(profiled):
+    light, rand = profiled["lightkv@0.3"], profiled["random@0.3"]
+    # Same schedule, same counts: only which tokens go differs.
+    assert light["vision_retention"] == pytest.approx(rand["vision_retention"], abs=1e-9)
+    assert abs(light["vision_retention"] - 0.3) < 0.03, light["vision_retention"]
+    assert rand["quality"]["accuracy"] < light["quality"]["accuracy"], (rand["quality"], light["quality"])

@@ -1,0 +1,146 @@
+"""The demo model's training pipeline, on pieces that need no easy-vqa download: canvas placement and
+object cover, the shared-prefix training path against a plain forward of the processor's prompt,
+training on a subset of vision tokens at their original positions, the answer weights and the
+question-only baseline.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR, TESTSET_PROMPTS, build, data, train
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
+    return model, processor, train.Encoder(processor.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def first_test_item():
+    line = json.loads(TESTSET_PROMPTS.read_text().splitlines()[0])
+    with Image.open(TESTSET_DIR / line["image"]) as im:
+        image = im.convert("RGB")
+    item = data.Item(0, str(TESTSET_DIR / line["image"]), [(line["question"], line["answer"])])
+    return item, image
+
+
+def _square_source(tmp_path, side=64, box=(16, 16, 48, 48)):
+    """A 64×64 easy-VQA-like PNG: white background, one red square covering ``box``."""
+    arr = np.full((side, side, 3), 255, dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = (255, 0, 0)
+    path = tmp_path / "square.png"
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def test_canvas_object_cover_is_exact_for_an_aligned_square(tmp_path):
+    # Pasted at scale 1 at (8, 16): the square covers canvas pixels x 24..55, y 32..63 = patches
+    # x 3..6, y 4..7, fully; nothing else.
+    canvas = data.make_canvas(_square_source(tmp_path), 64, 8, 16)
+    assert canvas.image.size == (data.CANVAS, data.CANVAS)
+    frac = canvas.object_fraction
+    assert frac.shape == (16, 16)
+    expected = np.zeros((16, 16), dtype=np.float32)
+    expected[4:8, 3:7] = 1.0
+    np.testing.assert_array_equal(frac, expected)
+    assert canvas.image.getpixel((0, 0)) == (255, 255, 255)  # background tint fills the canvas
+    assert canvas.image.getpixel((30, 40)) == (255, 0, 0)
+
+
+def test_placement_is_deterministic_and_in_bounds():
+    seen = set()
+    for i in range(200):
+        side, x, y = data.placement(0, "train", i, 3)
+        assert (side, x, y) == data.placement(0, "train", i, 3)
+        assert side == data.CANVAS or data.SCALE_RANGE[0] <= side <= data.SCALE_RANGE[1]
+        assert 0 <= x <= data.CANVAS - side and 0 <= y <= data.CANVAS - side
+        seen.add((side, x, y))
+    assert len(seen) > 100  # placements vary between images
+    variants = {data.placement(0, "train", 5, v) for v in range(20)}
+    assert len(variants) > 10  # and between epochs (variants) of one image
+
+
+def test_derived_attributes_from_questions():
+    item = data.Item(0, "x", [("what shape is in the image?", "circle"), ("is there a blue shape?", "no"),
+                              ("what color is the shape?", "teal")])
+    data._derive_attributes(item)
+    assert (item.shape, item.colour) == ("circle", "teal")
+    item = data.Item(1, "x", [("is there not a rectangle?", "yes"), ("does the image contain a circle?", "no"),
+                              ("is there a red shape?", "yes")])
+    data._derive_attributes(item)
+    assert (item.shape, item.colour) == ("triangle", "red")  # the only shape left
+
+
+def test_training_keep_holds_every_object_token(tmp_path):
+    canvas = data.make_canvas(_square_source(tmp_path), 64, 8, 16)  # 16 object tokens
+    rng = np.random.default_rng(0)
+    keep = train.training_keep([canvas, canvas], 40, rng)
+    assert keep.shape == (2, 40)
+    touched = set(np.nonzero(canvas.object_fraction.reshape(-1) > 0)[0].tolist())
+    for row in keep.tolist():
+        assert row == sorted(row) and len(set(row)) == 40
+        assert touched <= set(row)
+    small = train.training_keep([canvas], 10, rng)  # fewer slots than object tokens: a subset of them
+    assert set(small[0].tolist()) <= touched and len(set(small[0].tolist())) == 10
+
+
+def test_balanced_weights_equalise_the_answers_of_each_question():
+    items = [data.Item(i, "x", [("is there a red shape?", "no" if i < 3 else "yes"), ("what shape?", "circle")])
+             for i in range(4)]
+    w = train.balanced_weights(items)
+    # 'no' seen 3×, 'yes' once: each answer's total weight is the same.
+    assert 3 * w[("is there a red shape?", "no")] == pytest.approx(w[("is there a red shape?", "yes")])
+    n = sum(len(it.questions) for it in items)
+    total = sum(w[(q, a)] for it in items for q, a in it.questions)
+    assert total == pytest.approx(n)  # mean weight 1
+    base = train.question_only_baseline(items, items)
+    assert base["overall"] == pytest.approx(7 / 8)  # the majority answer misses the one 'yes'
+
+
+def test_shared_prefix_path_equals_a_plain_forward(demo, first_test_item):
+    model, processor, enc = demo
+    item, image = first_test_item
+    canvas = data.Canvas(image, np.zeros((16, 16), np.float32), data.CANVAS, 0, 0)
+    assert train.check_prefix_path(model, processor, enc, item, canvas, "cpu") < 1e-4
+
+
+def test_all_tokens_at_original_positions_equal_the_full_prefix(demo, first_test_item):
+    model, processor, enc = demo
+    item, image = first_test_item
+    q, _ = item.questions[0]
+    suffix = torch.tensor([enc.suffix(q)])
+    with torch.no_grad():
+        feats = train.vision_features(model, train.pixels([image]))
+        cache, start = train.prefix_cache(model, enc, feats)
+        ref = train.suffix_logits(model, cache, torch.tensor([0]), suffix)
+        keep = torch.arange(train.N_VISION).unsqueeze(0)
+        cache2, start2 = train.prefix_cache(model, enc, feats, keep, keep_positions=True)
+        got = train.suffix_logits(model, cache2, torch.tensor([0]), suffix, start2)
+        assert start == start2 == train.N_HEAD + train.N_VISION
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        # Dropping tokens at their original positions is not the same as renumbering them.
+        half = torch.arange(0, train.N_VISION, 2).unsqueeze(0)
+        c_kept, s_kept = train.prefix_cache(model, enc, feats, half, keep_positions=True)
+        c_ren, s_ren = train.prefix_cache(model, enc, feats, half)
+        assert (s_kept, s_ren) == (train.N_HEAD + train.N_VISION, train.N_HEAD + train.N_VISION // 2)
+        a = train.suffix_logits(model, c_kept, torch.tensor([0]), suffix, s_kept)
+        b = train.suffix_logits(model, c_ren, torch.tensor([0]), suffix)
+        assert not torch.allclose(a, b)
+
+
+def test_prompt_text_matches_the_llava_adapter():
+    from lightkv_cli.models.loader import load_model
+
+    lm = load_model(device="cpu")
+    assert lm.adapter.format_prompt("what color is the shape?") == build.prompt_text("what color is the shape?")
