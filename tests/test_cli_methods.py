@@ -8,7 +8,7 @@ from lightkv_cli.cli import app
 from lightkv_cli.methods.registry import METHODS
 from test_cli import _all_text, _assert_user_error, _flat
 
-FAST = ["--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+FAST = ["--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--model", "tiny"]
 SIX = ["lightkv", "lightkv-uniform", "vlcache", "fastv", "snapkv", "random"]
 
 

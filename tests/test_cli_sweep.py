@@ -16,7 +16,9 @@ PROFILES = Path(__file__).parents[1] / "profiles"
 
 
 def _sweep(runner, *args):
-    return runner.invoke(app, ["sweep", *args])
+    """``lightkv sweep ARGS`` on the random-weight ``tiny`` model unless ARGS name a model or a config."""
+    model = [] if "--model" in args or "--config" in args else ["--model", "tiny"]
+    return runner.invoke(app, ["sweep", *model, *args])
 
 
 def _check(runner, *args):
@@ -35,7 +37,7 @@ def swept(tmp_path_factory):
         (imgs / name).write_bytes((SAMPLE_IMAGES / name).read_bytes())
     out = tmp / "out"
     result = CliRunner().invoke(app, [
-        "sweep", "--images", str(imgs), "--methods", "lightkv,lightkv-uniform", "--retentions", "0.8,0.5",
+        "sweep", "--model", "tiny", "--images", str(imgs), "--methods", "lightkv,lightkv-uniform", "--retentions", "0.8,0.5",
         *FAST, "--output", str(out), "--min-answer-match", "0.5", "--min-top1", "0.5",
         "--save-profile", "unit", "--profiles-dir", str(tmp / "profiles"), "--gpu-memory", "1GiB",
     ])
@@ -151,7 +153,7 @@ def test_resume_skips_finished_runs(runner, swept, tmp_path, monkeypatch):
 def test_sweep_config_file_and_command_line_override(runner, two_images, tmp_path):
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(
-        f'images = ["{two_images}"]\nmethods = ["lightkv-uniform"]\nmax_new_tokens = 2\nrepeats = 1\nwarmup = 0\n'
+        f'model = "tiny"\nimages = ["{two_images}"]\nmethods = ["lightkv-uniform"]\nmax_new_tokens = 2\nrepeats = 1\nwarmup = 0\n'
         'device = "cpu"\nlimit = 1\noutput = "cfg-out"\n'
         "[[schedules]]\nlayers = [4, 8]\nwindows = [2, 1]\nratios = [0.5]\n"
         "[thresholds]\nmin_answer_match = 0.0\nmin_top1_agreement = 0.0\n"

@@ -80,3 +80,12 @@ def test_random_drop_at_retention_03_is_worse_than_lightkv(profiled):
     assert light["vision_retention"] == pytest.approx(rand["vision_retention"], abs=1e-9)
     assert abs(light["vision_retention"] - 0.3) < 0.03, light["vision_retention"]
     assert rand["quality"]["accuracy"] < light["quality"]["accuracy"], (rand["quality"], light["quality"])
+
+
+def test_models_lists_the_demo_model():
+    from lightkv_cli.models.loader import list_models
+
+    rows = {m["name"]: m for m in list_models()}
+    demo = rows[DEMO_NAME]
+    assert demo["weights"] == "embedded" and demo["family"] == "llava"
+    assert demo["layers"] == json.loads((CHECKPOINT_DIR / "config.json").read_text())["text_config"]["num_hidden_layers"]

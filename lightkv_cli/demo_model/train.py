@@ -38,6 +38,7 @@ import collections
 import json
 import math
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -262,6 +263,52 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
         )
 
 
+def is_negated(question: str, answer: str) -> bool:
+    """True for a negated yes/no question ("is there not a red shape?", "is no circle present?")."""
+    if answer not in ("yes", "no"):
+        return False
+    words = data._WORD.findall(question)
+    return "not" in words or "no" in words
+
+
+def yes_no_templates(items) -> list[tuple[str, str, bool]]:
+    """The easy-VQA yes/no question templates seen in ``items``: ``(template, attribute, negated)``
+    with the colour or shape word replaced by ``{}`` (e.g. ``("is there not a {} shape?", "colour",
+    True)``), sorted."""
+    found = set()
+    for it in items:
+        for q, a in it.questions:
+            if a not in ("yes", "no"):
+                continue
+            words = data._WORD.findall(q)
+            for attr, names in (("colour", data.COLOURS), ("shape", data.SHAPES)):
+                hit = [w for w in words if w in names]
+                if len(hit) == 1:
+                    found.add((re.sub(rf"\b{hit[0]}\b", "{}", q), attr, "not" in words or "no" in words))
+    return sorted(found)
+
+
+def contrast_questions(item, templates, k: int, rng) -> list[tuple[str, str]]:
+    """``k`` yes/no questions about ``item`` built from ``templates`` with exactly balanced answers:
+    half name the image's own colour or shape, half another one (negated templates flip the answer).
+    Training-split labels only; none when the item's colour or shape is unknown.
+
+    easy-VQA's own yes/no questions are 82.5% answerable from the text alone, and the model trained on
+    them never learned to compare the word in the question with the image. Asking the same image
+    about its own and another colour gives that comparison a direct signal.
+    """
+    out = []
+    if item.colour is None or item.shape is None or k <= 0:
+        return out
+    for j in range(k):
+        template, attr, negated = templates[int(rng.integers(len(templates)))]
+        names = data.COLOURS if attr == "colour" else data.SHAPES
+        own = getattr(item, attr)
+        value = own if j % 2 == 0 else str(rng.choice([n for n in names if n != own]))
+        out.append((template.format(value), "yes" if (value == own) != negated else "no"))
+    return out
+
+
 def questions_for_epoch(item, seed: int, epoch: int, k: int) -> list[tuple[str, str]]:
     """``k`` of the image's questions for ``epoch`` (all when ``k`` ≤ 0): a fixed per-image order,
     cycled, so that successive epochs see different questions."""
@@ -298,7 +345,8 @@ def balanced_weights(items) -> dict[tuple[str, str], float]:
 
 
 def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, batch: int, device,
-               questions_per_image: int = 0, balanced: bool = True, stage: int = 2, train_tokens: int = 0) -> None:
+               questions_per_image: int = 0, balanced: bool = True, stage: int = 2, train_tokens: int = 0,
+               contrast: int = 0, affirmative_epochs: int = 0) -> None:
     """Stages 2 and 3: the whole model on the answers (answer word + end-of-sequence token).
 
     Args:
@@ -308,8 +356,13 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
         train_tokens: when > 0, each step runs the decoder on this many of the 256 vision tokens (all
             the object's tokens plus random background ones, at their original positions): ~2.5×
             cheaper on a CPU; 0 = all tokens.
+        contrast: extra yes/no questions per image from :func:`contrast_questions` (0: none).
+        affirmative_epochs: leave the negated yes/no questions out of the first this many epochs.
     """
     weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
+    templates = yes_no_templates(items)
+    if affirmative_epochs:
+        templates = [t for t in templates if not t[2]] if any(not t[2] for t in templates) else templates
     # The vision tower stays as stage 1 left it: trained only on per-token labels, its tokens carry
     # their own patch's object (and background tokens say "background"). Letting the answer loss reach
     # it would teach it to spread the object into every token, which no token reduction can then hurt.
@@ -333,11 +386,16 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             px = pixels([canv[i].image for i in idx]).to(device)
             rows, seqs, weights, is_yes_no = [], [], [], []
             for r, i in enumerate(idx):
-                for q, a in questions_for_epoch(items[i], seed, ep, questions_per_image):
+                real = questions_for_epoch(items[i], seed, ep, questions_per_image)
+                extra = contrast_questions(items[i], templates, contrast, rng)
+                if ep < affirmative_epochs:
+                    real = [(q, a) for q, a in real if not is_negated(q, a)]
+                    extra = [(q, a) for q, a in extra if not is_negated(q, a)]
+                for n_q, (q, a) in enumerate(real + extra):
                     is_yes_no.append(a in ("yes", "no"))
                     rows.append(r)
                     seqs.append(enc.suffix(q) + [enc.answer(a)])
-                    weights.append(weight_of[(q, a)])
+                    weights.append(weight_of[(q, a)] if n_q < len(real) else 1.0)
             ids, lens = pad_right(seqs, enc.pad)
             ids, lens = ids.to(device), lens.to(device)
             rows_t = torch.tensor(rows, device=device)
@@ -567,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions-per-image", type=int, default=4, help="questions per image per epoch (0: all)")
     ap.add_argument("--train-tokens", type=int, default=64,
                     help="stage 2 runs the decoder on this many vision tokens per image (the object's + random background, original positions; 0: all 256); stage 3 always uses all")
+    ap.add_argument("--contrast", type=int, default=0,
+                    help="experimental, off in the shipped recipe: extra yes/no questions per image per step with "
+                         "balanced answers (stages 2-3; 0: none)")
+    ap.add_argument("--affirmative-epochs", type=int, default=0,
+                    help="experimental, off in the shipped recipe: stage 2 leaves negated yes/no questions out of its "
+                         "first N epochs (curriculum)")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N training images (quick runs)")
     ap.add_argument("--eval-images", type=int, default=0, help="evaluate on the first N test images only (quick runs)")
     ap.add_argument("--check-images", type=int, default=300, help="test images used by the token-removal checks")
@@ -622,13 +686,14 @@ def main(argv: list[str] | None = None) -> int:
         t_pre = time.time() - t
         t = time.time()
         train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
-                   args.questions_per_image, train_tokens=args.train_tokens)
+                   args.questions_per_image, train_tokens=args.train_tokens,
+                   contrast=args.contrast, affirmative_epochs=args.affirmative_epochs)
         t_full = time.time() - t
     else:  # stages 1-2 (and with --evaluate-only stage 3) come from --init-from
         t_pre = previous["training_seconds"]["vision_pretrain"]
         t_full = previous["training_seconds"]["full_model"]
         keys = ["pretrain_epochs", "pretrain_lr", "pretrain_batch", "epochs", "lr", "batch_images",
-                "questions_per_image", "train_tokens", "train_images"]
+                "questions_per_image", "train_tokens", "train_images", "contrast", "affirmative_epochs"]
         if args.evaluate_only:
             keys += ["prior_epochs", "prior_lr"]
         for key in keys:
@@ -640,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.prior_epochs:
             train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
-                       args.questions_per_image, balanced=False, stage=3)
+                       args.questions_per_image, balanced=False, stage=3, contrast=args.contrast)
         t_prior = time.time() - t
     model.eval()
     t_eval_start = time.time()
@@ -799,7 +864,10 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"{m['training_seconds']['full_model'] / 60:.1f} min, question prior {m['training_seconds']['prior_stage'] / 60:.1f} min, "
         f"evaluation {m['training_seconds']['evaluation'] / 60:.1f} min on {m['device']} (torch {m['torch']})."
         + (f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
-           "which is what the single default command does in one go." if m.get("continued_from") else ""),
+           "which is what the single default command does in one go." if m.get("continued_from") else "")
+        + (" The training run's own evaluation was stopped after the checkpoint was saved; the figures below come "
+           "from `--init-from CHECKPOINT --evaluate-only` on that checkpoint (same code, same test canvases)."
+           if m.get("re_evaluated") else ""),
         "",
         "## Accuracy (test split, exact match, %)",
         "| evaluation | overall | shape | colour | yes/no | questions |",

@@ -39,6 +39,13 @@ from torch import nn
 from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.models.adapters import FamilyAdapter, VisionLayout, adapter_for
 
+
+def cache_from_kwargs(kwargs: dict):
+    """The KV cache a forward (or a forward hook) was given: ``past_key_values`` (transformers ≤ 5.23,
+    and what callers pass), or ``cache``, the name transformers ≥ 5.24 passes to decoder layers."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
 POSITION_MODES = ("keep", "renumber")
 
 
@@ -297,7 +304,7 @@ class SequencePress(Press):
     def _top_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs_embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         adapter = self._adapter
         if past == 0:
@@ -411,7 +418,7 @@ class SequencePress(Press):
         if st.phase != "prefill":
             return None
         if st.cache is None:
-            st.cache = kwargs.get("past_key_values")
+            st.cache = cache_from_kwargs(kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         if st.groups:
             g = st.groups[-1]
@@ -553,7 +560,7 @@ class SequencePress(Press):
             if g is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cache = kwargs.get("past_key_values")
+            cache = cache_from_kwargs(kwargs)
             config = self._adapter.text_config
             layer_type = "full_attention"
             types = getattr(config, "layer_types", None)

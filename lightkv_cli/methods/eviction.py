@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError, UserError
-from lightkv_cli.methods.base import Press, SequencePress, _make_mask
+from lightkv_cli.methods.base import Press, SequencePress, _make_mask, cache_from_kwargs
 from lightkv_cli.models.adapters import FamilyAdapter
 
 #: Largest block of attention probabilities materialised at once while gathering statistics.
@@ -261,7 +261,7 @@ class EvictionPress(Press):
 
     def _top_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         adapter = self._adapter
         st = self._state
@@ -330,7 +330,7 @@ class EvictionPress(Press):
             if st.phase != "prefill":
                 return None
             with torch.profiler.record_function("lightkv::evict_stats"):
-                cache = kwargs.get("past_key_values")
+                cache = cache_from_kwargs(kwargs)
                 if st.cache is None:
                     st.cache = cache
                 if cache is None:
@@ -390,7 +390,7 @@ class EvictionPress(Press):
             if st.phase != "decode":
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cache = kwargs.get("past_key_values")
+            cache = cache_from_kwargs(kwargs)
             if cache is None:
                 return None
             config = self._adapter.text_config
