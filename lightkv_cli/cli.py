@@ -753,7 +753,7 @@ def _rerun_profile(ctx, prof, profile_path, images, prompt, prompts, model, init
         )
     if output is not None:
         _check_output_dir(output)
-    loaded_images, items, skipped = _gather_inputs(list(images), prompt, prompts, limit)
+    loaded_images, items, skipped = _gather_inputs(list(images or []), prompt, prompts, limit)
     if not items:
         raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
     with console.status(f"loading model '{prof.model.name}'…"):

@@ -89,3 +89,22 @@ def test_models_lists_the_demo_model():
     demo = rows[DEMO_NAME]
     assert demo["weights"] == "embedded" and demo["family"] == "llava"
     assert demo["layers"] == json.loads((CHECKPOINT_DIR / "config.json").read_text())["text_config"]["num_hidden_layers"]
+
+
+def test_check_the_shipped_demo_profile_with_no_inputs(tmp_path):
+    """`lightkv check --profile profiles/easyvqa-demo.toml` needs no --images: it re-runs the
+    operating point on the demo model's shipped questions (here the first 20)."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    profile = Path(__file__).parents[1] / "profiles" / "easyvqa-demo.toml"
+    out = tmp_path / "check"
+    result = CliRunner().invoke(app, ["check", "--profile", str(profile), "--limit", "20", "--repeats", "1",
+                                      "--warmup", "0", "--device", "cpu", "--output", str(out)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code in (0, 1), _all_text(result)  # 1 = a threshold failed on these 20, still a verdict
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"]["name"] == DEMO_NAME and len(data["inputs"]) == 20
+    ids = [r["id"] for r in data["runs"]]
+    assert ids[0] == "uncompressed" and ids[1].startswith("random[L2-3-5/W4-2-1") and len(ids) == 2, ids
