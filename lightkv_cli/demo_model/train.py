@@ -903,6 +903,11 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"from the question alone; yes/no: {100 * m['test_accuracy']['yes/no']:.1f}% against "
         f"{100 * m['question_only_baseline']['yes/no']:.1f}%. Where these are close, the model has not learned to read "
         "that attribute from the image in this training budget; colour is read from the object's tokens.",
+        f"- Removing every token the object touches leaves shape at "
+        f"{100 * c['object_tokens_removed']['shape']:.1f}% (all tokens: {100 * c['first_token_all_tokens']['shape']:.1f}%) and "
+        f"colour at {100 * c['object_tokens_removed']['colour']:.1f}% (all tokens: {100 * c['first_token_all_tokens']['colour']:.1f}%): "
+        "where the first figure stays high, the vision encoder's attention spread that attribute beyond the object's "
+        "own tokens, and no token reduction can hurt it much.",
         "- Rebuilds follow the same data order, initialisation and placements from the seed; CPU kernels "
         "(index backward, attention) are not bit-deterministic, so a rebuild's figures can differ slightly.",
         "",
