@@ -144,3 +144,19 @@ def test_prompt_text_matches_the_llava_adapter():
 
     lm = load_model(device="cpu")
     assert lm.adapter.format_prompt("what color is the shape?") == build.prompt_text("what color is the shape?")
+
+
+def test_contrast_questions_are_balanced_and_answered_from_the_labels():
+    items = [data.Item(0, "x", [("is there a red shape?", "yes"), ("is there not a circle?", "no"),
+                                ("does the image contain a blue shape?", "no")], shape="circle", colour="red")]
+    templates = train.yes_no_templates(items)
+    assert templates == [("does the image contain a {} shape?", "colour", False),
+                         ("is there a {} shape?", "colour", False), ("is there not a {}?", "shape", True)]
+    qs = train.contrast_questions(items[0], templates, 40, np.random.default_rng(0))
+    assert len(qs) == 40
+    for j, (q, a) in enumerate(qs):
+        own = ("red" in q.split()) or ("circle?" in q.split())
+        assert own == (j % 2 == 0)  # every other question names the image's own colour or shape
+        assert a == ("yes" if own != data.is_negated(q, a) else "no")
+    assert train.contrast_questions(data.Item(1, "x", [], shape=None, colour="red"), templates, 4,
+                                    np.random.default_rng(0)) == []

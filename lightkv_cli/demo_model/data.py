@@ -48,6 +48,14 @@ def question_type(question: str, answer: str) -> str:
     return "colour" if answer in COLOURS else "shape"
 
 
+def is_negated(question: str, answer: str) -> bool:
+    """True for a negated yes/no question ("is there not a red shape?", "is no circle present?")."""
+    if answer not in ("yes", "no"):
+        return False
+    words = _WORD.findall(question)
+    return "not" in words or "no" in words
+
+
 @dataclass
 class Item:
     """One easy-VQA image with its questions.
@@ -84,8 +92,7 @@ def _derive_attributes(item: Item) -> None:
             if mentioned_shape:
                 item.shape = mentioned_shape
         else:
-            negated = "not" in words or "no" in words
-            truth = (a == "yes") != negated
+            truth = (a == "yes") != is_negated(q, a)
             for word, no_set, attr in ((mentioned_shape, shape_no, "shape"), (mentioned_colour, colour_no, "colour")):
                 if word is None:
                     continue

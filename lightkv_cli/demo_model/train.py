@@ -225,9 +225,10 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             is_obj = obj.flatten().float()
             is_bg = bg.flatten().float()
             token_w = is_obj / is_obj.sum().clamp(min=1) + is_bg / is_bg.sum().clamp(min=1)
-            loss_c = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), col_t.flatten(), ignore_index=-100,
+            colour_logits, shape_logits = heads["colour"](feats), heads["shape"](feats)
+            loss_c = (F.cross_entropy(colour_logits.flatten(0, 1), col_t.flatten(), ignore_index=-100,
                                       reduction="none") * token_w).sum() / 2
-            loss_s = (F.cross_entropy(heads["shape"](feats).flatten(0, 1), shp_t.flatten(), ignore_index=-100,
+            loss_s = (F.cross_entropy(shape_logits.flatten(0, 1), shp_t.flatten(), ignore_index=-100,
                                       reduction="none") * token_w).sum() / 2
             w = (frac > 0.02).float()
             pooled = (feats * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
@@ -247,11 +248,12 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
                 stats["pooled_ok"] += int((pred[ok] == shp[ok] - 1).sum())
                 stats["pooled_n"] += int(ok.sum())
                 tok_ok = shp_t > 0
-                stats["token_shape_ok"] += int((heads["shape"](feats).argmax(-1)[tok_ok] == shp_t[tok_ok]).sum())
-                stats["token_colour_ok"] += int((heads["colour"](feats).argmax(-1)[tok_ok] == col_t[tok_ok]).sum())
+                shape_pred = shape_logits.argmax(-1)
+                stats["token_shape_ok"] += int((shape_pred[tok_ok] == shp_t[tok_ok]).sum())
+                stats["token_colour_ok"] += int((colour_logits.argmax(-1)[tok_ok] == col_t[tok_ok]).sum())
                 stats["token_n"] += int(tok_ok.sum())
                 bg_t = shp_t == 0
-                stats["bg_ok"] += int((heads["shape"](feats).argmax(-1)[bg_t] == 0).sum())
+                stats["bg_ok"] += int((shape_pred[bg_t] == 0).sum())
                 stats["bg_n"] += int(bg_t.sum())
                 stats["loss"] += float(loss) * len(idx)
                 stats["n"] += len(idx)
@@ -261,14 +263,6 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             f"{stats['token_shape_ok'] / max(1, stats['token_n']):.3f}, colour acc {stats['token_colour_ok'] / max(1, stats['token_n']):.3f}; "
             f"background tokens called background {stats['bg_ok'] / max(1, stats['bg_n']):.4f}"
         )
-
-
-def is_negated(question: str, answer: str) -> bool:
-    """True for a negated yes/no question ("is there not a red shape?", "is no circle present?")."""
-    if answer not in ("yes", "no"):
-        return False
-    words = data._WORD.findall(question)
-    return "not" in words or "no" in words
 
 
 def yes_no_templates(items) -> list[tuple[str, str, bool]]:
@@ -284,7 +278,7 @@ def yes_no_templates(items) -> list[tuple[str, str, bool]]:
             for attr, names in (("colour", data.COLOURS), ("shape", data.SHAPES)):
                 hit = [w for w in words if w in names]
                 if len(hit) == 1:
-                    found.add((re.sub(rf"\b{hit[0]}\b", "{}", q), attr, "not" in words or "no" in words))
+                    found.add((re.sub(rf"\b{hit[0]}\b", "{}", q), attr, data.is_negated(q, a)))
     return sorted(found)
 
 
@@ -361,8 +355,6 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
     """
     weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
     templates = yes_no_templates(items)
-    if affirmative_epochs:
-        templates = [t for t in templates if not t[2]] if any(not t[2] for t in templates) else templates
     # The vision tower stays as stage 1 left it: trained only on per-token labels, its tokens carry
     # their own patch's object (and background tokens say "background"). Letting the answer loss reach
     # it would teach it to spread the object into every token, which no token reduction can then hurt.
@@ -389,8 +381,8 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 real = questions_for_epoch(items[i], seed, ep, questions_per_image)
                 extra = contrast_questions(items[i], templates, contrast, rng)
                 if ep < affirmative_epochs:
-                    real = [(q, a) for q, a in real if not is_negated(q, a)]
-                    extra = [(q, a) for q, a in extra if not is_negated(q, a)]
+                    real = [(q, a) for q, a in real if not data.is_negated(q, a)]
+                    extra = [(q, a) for q, a in extra if not data.is_negated(q, a)]
                 for n_q, (q, a) in enumerate(real + extra):
                     is_yes_no.append(a in ("yes", "no"))
                     rows.append(r)
