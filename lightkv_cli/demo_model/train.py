@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR
@@ -139,9 +140,12 @@ def prefix_cache(model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | 
     return out.past_key_values, (N_HEAD + N_VISION if position_ids is not None else x.shape[1])
 
 
-def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, start: int | None = None,
+                  hidden_layers: tuple[int, ...] = ()):
     """Logits ``(Q, T, V)`` of right-padded suffixes ``(Q, T)`` continuing prefix ``rows[q]`` of ``cache``;
-    the suffix starts at position ``start`` (default: right after the cached tokens)."""
+    the suffix starts at position ``start`` (default: right after the cached tokens). With
+    ``hidden_layers`` returns ``(logits, [hidden, ...])``, each ``(Q, T, D)`` the output of that decoder
+    layer (1-based)."""
     from transformers import DynamicCache
 
     lm = model.model.language_model
@@ -151,9 +155,12 @@ def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, st
     position_ids = None
     if start is not None:
         position_ids = (start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)).expand(suffix_ids.shape[0], -1)
-    h = lm(inputs_embeds=lm.embed_tokens(suffix_ids), past_key_values=expanded, position_ids=position_ids,
-           use_cache=True).last_hidden_state
-    return model.lm_head(h)
+    out = lm(inputs_embeds=lm.embed_tokens(suffix_ids), past_key_values=expanded, position_ids=position_ids,
+             use_cache=True, output_hidden_states=bool(hidden_layers))
+    logits = model.lm_head(out.last_hidden_state)
+    if not hidden_layers:
+        return logits
+    return logits, [out.hidden_states[i] for i in hidden_layers]
 
 
 def training_keep(canvases, n_keep: int, rng) -> torch.Tensor:
@@ -187,8 +194,18 @@ def epoch_canvases(items, seed: int, split: str, variant: int):
     return [data.canvas_for(it, seed, split, variant) for it in items]
 
 
-def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int, device) -> None:
-    """Stage 1: per-token colour/shape labels and a pooled shape label (see module docstring)."""
+def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int, device,
+                    background_invariance: float = 0.0) -> None:
+    """Stage 1: per-token colour/shape labels and a pooled shape label (see module docstring).
+
+    Args:
+        background_invariance: weight of a loss that makes every token the object does not touch
+            come out of the tower as they do on the same canvas without the object (squared
+            difference relative to the feature's squared norm; the object-free features are the
+            target, no gradient through them). The labels alone only teach those
+            tokens to *say* "background"; without this they still carried the shape (the encoder's
+            attention reads the object from anywhere), so no token reduction could remove it.
+    """
     dim = model.config.text_config.hidden_size
     heads = torch.nn.ModuleDict(
         {
@@ -220,7 +237,15 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             col_t = torch.where(obj & (col[:, None] < 0), -100, col_t)
             shp_t = torch.where(obj, shp[:, None], torch.where(bg, 0, -100))
             shp_t = torch.where(obj & (shp[:, None] < 0), -100, shp_t)
-            feats = vision_features(model, px)  # (B, 256, D)
+            if background_invariance:
+                empty = [Image.new("RGB", (data.CANVAS, data.CANVAS), canv[i].image.getpixel((0, 0))) for i in idx]
+                with torch.no_grad():
+                    feats_empty = vision_features(model, pixels(empty).to(device))
+                feats = vision_features(model, px)
+                diff = ((feats - feats_empty) ** 2).sum(-1) / (feats_empty**2).sum(-1).clamp(min=1e-6)
+                loss_inv = (diff * bg).sum() / bg.sum().clamp(min=1)
+            else:
+                feats = vision_features(model, px)  # (B, 256, D)
             # Object and background tokens weigh the same in total (the object covers ~5% of the tokens).
             is_obj = obj.flatten().float()
             is_bg = bg.flatten().float()
@@ -234,6 +259,9 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             pooled = (feats * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
             loss_p = F.cross_entropy(heads["pooled"](pooled), torch.where(shp > 0, shp - 1, -100), ignore_index=-100)
             loss = loss_c + loss_s + loss_p
+            if background_invariance:
+                loss = loss + background_invariance * loss_inv
+                stats["inv"] += float(loss_inv) * len(idx)
             warmup = min(100, steps // 10)
             for g in opt.param_groups:
                 g["lr"] = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
@@ -262,6 +290,7 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             f"pooled shape acc {stats['pooled_ok'] / max(1, stats['pooled_n']):.3f}, object tokens: shape acc "
             f"{stats['token_shape_ok'] / max(1, stats['token_n']):.3f}, colour acc {stats['token_colour_ok'] / max(1, stats['token_n']):.3f}; "
             f"background tokens called background {stats['bg_ok'] / max(1, stats['bg_n']):.4f}"
+            + (f"; background change from the object {stats['inv'] / stats['n']:.4f}" if background_invariance else "")
         )
 
 
@@ -313,6 +342,37 @@ def questions_for_epoch(item, seed: int, epoch: int, k: int) -> list[tuple[str, 
     return [qs[int(order[(epoch * k + j) % len(qs)])] for j in range(k)]
 
 
+def match_targets(enc: "Encoder", seqs: list[list[int]], qa: list[tuple[str, str]]):
+    """Targets of the auxiliary match probe for one step.
+
+    For every yes/no question in ``qa`` (``(question, answer)``, aligned with the token sequences
+    ``seqs``), the position in its suffix of the colour or shape word it names and whether that word
+    matches the image: ``(answer == "yes") XOR negated``. Comparing the named word with the image is
+    a second-order function of the two (and, through negation, the answer is a third-order one), which
+    plain answer loss on a balanced set never started to learn; the probe gives the comparison a direct
+    signal where the word is, and the answer is then its XOR with the negation.
+
+    Returns:
+        ``(which, positions, targets, negated)``: ``(M,)`` long row indices, ``(M,)`` long token
+        positions, ``(M,)`` float32 0/1 match targets, ``(M,)`` float32 0/1 "the question is negated".
+    """
+    names = set(data.COLOURS) | set(data.SHAPES)
+    ids = {enc.tok.convert_tokens_to_ids(n): n for n in names}
+    which, positions, targets, negated = [], [], [], []
+    for r, ((q, a), seq) in enumerate(zip(qa, seqs)):
+        if a not in ("yes", "no"):
+            continue
+        hit = [j for j, t in enumerate(seq[:-1]) if t in ids]
+        if len(hit) != 1:
+            continue
+        which.append(r)
+        positions.append(hit[0])
+        targets.append(float((a == "yes") != data.is_negated(q, a)))
+        negated.append(float(data.is_negated(q, a)))
+    return (torch.tensor(which, dtype=torch.long), torch.tensor(positions, dtype=torch.long), torch.tensor(targets),
+            torch.tensor(negated))
+
+
 def balanced_weights(items) -> dict[tuple[str, str], float]:
     """Loss weight of each ``(question, answer)`` pair: ``1 / (K · P(answer | question))`` over the
     training questions, with ``K`` the number of answers seen for that exact question, then scaled to
@@ -340,7 +400,7 @@ def balanced_weights(items) -> dict[tuple[str, str], float]:
 
 def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, batch: int, device,
                questions_per_image: int = 0, balanced: bool = True, stage: int = 2, train_tokens: int = 0,
-               contrast: int = 0, affirmative_epochs: int = 0) -> None:
+               contrast: int = 0, affirmative_epochs: int = 0, match_aux: float = 0.0) -> None:
     """Stages 2 and 3: the whole model on the answers (answer word + end-of-sequence token).
 
     Args:
@@ -352,6 +412,9 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             cheaper on a CPU; 0 = all tokens.
         contrast: extra yes/no questions per image from :func:`contrast_questions` (0: none).
         affirmative_epochs: leave the negated yes/no questions out of the first this many epochs.
+        match_aux: weight of the auxiliary "does the named colour or shape match the image?" loss
+            (:func:`match_targets`) on decoder layer ``num_hidden_layers // 2`` at the position of the
+            word a yes/no question names (0: off). The probe is discarded after training.
     """
     weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
     templates = yes_no_templates(items)
@@ -363,6 +426,14 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
+    n_layers = model.config.text_config.num_hidden_layers
+    aux_layers = (n_layers // 4, n_layers // 2, (3 * n_layers) // 4)
+    if match_aux:
+        dim = model.config.text_config.hidden_size
+        probes = torch.nn.ModuleDict({"match": torch.nn.Linear(dim, 1), "negated": torch.nn.Linear(dim, 1),
+                                      "answer": torch.nn.Linear(dim, 1), "colour": torch.nn.Linear(dim, len(data.COLOURS)),
+                                      "shape": torch.nn.Linear(dim, len(data.SHAPES))}).to(device)
+        decay += list(probes.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     rng = np.random.default_rng([seed, 202] if stage == 2 else [seed, 202, stage])
     per_epoch = math.ceil(len(items) / batch)
@@ -376,7 +447,7 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
             px = pixels([canv[i].image for i in idx]).to(device)
-            rows, seqs, weights, is_yes_no = [], [], [], []
+            rows, seqs, weights, is_yes_no, answers, attrs = [], [], [], [], [], []
             for r, i in enumerate(idx):
                 real = questions_for_epoch(items[i], seed, ep, questions_per_image)
                 extra = contrast_questions(items[i], templates, contrast, rng)
@@ -385,6 +456,8 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                     extra = [(q, a) for q, a in extra if not data.is_negated(q, a)]
                 for n_q, (q, a) in enumerate(real + extra):
                     is_yes_no.append(a in ("yes", "no"))
+                    answers.append((q, a))
+                    attrs.append((items[i].colour, items[i].shape))
                     rows.append(r)
                     seqs.append(enc.suffix(q) + [enc.answer(a)])
                     weights.append(weight_of[(q, a)] if n_q < len(real) else 1.0)
@@ -396,11 +469,33 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             cache, start = prefix_cache(model, enc, feats, keep, keep_positions=True)
             ar = torch.arange(len(seqs), device=device)
             ans_pos = lens - 2  # the ":" of "ASSISTANT:" predicts the answer
-            logits = suffix_logits(model, cache, rows_t, ids, start)  # (Q, T, V)
             w = torch.tensor(weights, device=device)
+            if match_aux:
+                logits, (h_seen, h_match, h_answer) = suffix_logits(model, cache, rows_t, ids, start, hidden_layers=aux_layers)
+            else:
+                logits = suffix_logits(model, cache, rows_t, ids, start)  # (Q, T, V)
             loss_a = (F.cross_entropy(logits[ar, ans_pos], ids[ar, lens - 1], reduction="none") * w).sum() / w.sum()
             loss_e = F.cross_entropy(logits[ar, lens - 1], torch.full_like(lens, enc.eos))
             loss = loss_a + 0.5 * loss_e
+            if match_aux:
+                which, pos, target, negated = match_targets(enc, seqs, answers)
+                if len(which):
+                    which, pos, target, negated = which.to(device), pos.to(device), target.to(device), negated.to(device)
+                    z = probes["match"](h_match[which, pos]).squeeze(-1)
+                    z_answer = probes["answer"](h_answer[which, pos]).squeeze(-1)
+                    truth = (target != negated).float()
+                    loss_m = (F.binary_cross_entropy_with_logits(z, target)
+                              + F.binary_cross_entropy_with_logits(probes["negated"](h_match[which, pos]).squeeze(-1), negated)
+                              + F.binary_cross_entropy_with_logits(z_answer, truth))
+                    run["p_ok"] += int(((z_answer > 0).float() == truth).sum())
+                    seen = h_seen[which, pos]
+                    col = torch.tensor([data.COLOURS.index(attrs[r][0]) if attrs[r][0] else -100 for r in which.tolist()], device=device)
+                    shp = torch.tensor([data.SHAPES.index(attrs[r][1]) if attrs[r][1] else -100 for r in which.tolist()], device=device)
+                    loss_r = (F.cross_entropy(probes["colour"](seen), col, ignore_index=-100)
+                              + F.cross_entropy(probes["shape"](seen), shp, ignore_index=-100))
+                    loss = loss + match_aux * (loss_m + loss_r)
+                    run["m_ok"] += int(((z > 0).float() == target).sum())
+                    run["m_n"] += len(which)
             lr_now = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
             for g in opt.param_groups:
                 g["lr"] = lr_now
@@ -421,7 +516,10 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 log(
                     f"stage {stage} epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss {run['loss'] / run['n']:.4f}, "
                     f"train acc {run['ok'] / run['n']:.4f} (yes/no {run['yn_ok'] / max(1, run['yn_n']):.3f}, shape/colour "
-                    f"{run['attr_ok'] / max(1, run['attr_n']):.3f}), lr {lr_now:.2e}, {time.time() - t0:.0f}s"
+                    f"{run['attr_ok'] / max(1, run['attr_n']):.3f})"
+                    + (f", probes at the word: match {run['m_ok'] / max(1, run['m_n']):.3f}, answer {run['p_ok'] / max(1, run['m_n']):.3f}"
+                       if match_aux else "")
+                    + f", lr {lr_now:.2e}, {time.time() - t0:.0f}s"
                 )
                 run = collections.Counter()
 
@@ -605,8 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     ap.add_argument("--pretrain-batch", type=int, default=16, help="images per vision pretraining step")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--prior-epochs", type=int, default=1, help="stage 3: epochs of plain (unweighted) answer loss")
     ap.add_argument("--prior-lr", type=float, default=5e-4)
     ap.add_argument("--init-from", type=Path, default=None,
@@ -617,12 +715,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions-per-image", type=int, default=4, help="questions per image per epoch (0: all)")
     ap.add_argument("--train-tokens", type=int, default=64,
                     help="stage 2 runs the decoder on this many vision tokens per image (the object's + random background, original positions; 0: all 256); stage 3 always uses all")
-    ap.add_argument("--contrast", type=int, default=0,
-                    help="experimental, off in the shipped recipe: extra yes/no questions per image per step with "
-                         "balanced answers (stages 2-3; 0: none)")
+    ap.add_argument("--contrast", type=int, default=4,
+                    help="extra yes/no questions per image per step with balanced answers, half about the image's own "
+                         "colour or shape (stages 2-3; 0: none)")
+    ap.add_argument("--balanced", action="store_true",
+                    help="stage 2: weight answers by 1/P(answer | question) (the previous recipe; off: plain cross-entropy)")
     ap.add_argument("--affirmative-epochs", type=int, default=0,
                     help="experimental, off in the shipped recipe: stage 2 leaves negated yes/no questions out of its "
                          "first N epochs (curriculum)")
+    ap.add_argument("--background-invariance", type=float, default=10.0,
+                    help="stage 1: weight of the loss that keeps the object out of the tokens it does not touch (0: off)")
+    ap.add_argument("--match-aux", type=float, default=1.0,
+                    help="stages 2-3: weight of the auxiliary probes at the colour/shape word of yes/no questions "
+                         "(what the image holds, mid-decoder; does the word match it, half-way) (0: off)")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N training images (quick runs)")
     ap.add_argument("--eval-images", type=int, default=0, help="evaluate on the first N test images only (quick runs)")
     ap.add_argument("--check-images", type=int, default=300, help="test images used by the token-removal checks")
@@ -674,30 +779,34 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     if previous is None:
         t = time.time()
-        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch, device)
+        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch, device,
+                        background_invariance=args.background_invariance)
         t_pre = time.time() - t
         t = time.time()
         train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
-                   args.questions_per_image, train_tokens=args.train_tokens,
-                   contrast=args.contrast, affirmative_epochs=args.affirmative_epochs)
+                   args.questions_per_image, balanced=args.balanced, train_tokens=args.train_tokens,
+                   contrast=args.contrast, affirmative_epochs=args.affirmative_epochs, match_aux=args.match_aux)
         t_full = time.time() - t
     else:  # stages 1-2 (and with --evaluate-only stage 3) come from --init-from
         t_pre = previous["training_seconds"]["vision_pretrain"]
         t_full = previous["training_seconds"]["full_model"]
         keys = ["pretrain_epochs", "pretrain_lr", "pretrain_batch", "epochs", "lr", "batch_images",
-                "questions_per_image", "train_tokens", "train_images", "contrast", "affirmative_epochs"]
+                "questions_per_image", "train_tokens", "train_images", "contrast", "affirmative_epochs",
+                "background_invariance", "match_aux", "balanced"]
         if args.evaluate_only:
             keys += ["prior_epochs", "prior_lr"]
         for key in keys:
             if key in previous["args"]:
-                setattr(args, key, type(getattr(args, key))(previous["args"][key]))
+                kind = type(getattr(args, key))
+                value = previous["args"][key]
+                setattr(args, key, value == "True" if kind is bool else kind(value))
     t = time.time()
     if args.evaluate_only:
         t_prior = previous["training_seconds"]["prior_stage"]
     else:
         if args.prior_epochs:
             train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
-                       args.questions_per_image, balanced=False, stage=3, contrast=args.contrast)
+                       args.questions_per_image, balanced=False, stage=3, contrast=args.contrast, match_aux=args.match_aux)
         t_prior = time.time() - t
     model.eval()
     t_eval_start = time.time()
