@@ -4,8 +4,8 @@ A threshold is either a floor (``min_*``: the measured value must be at least th
 ceiling (``max_*``: at most). Quality thresholds compare a compressed run with the uncompressed run
 of the same inputs; cost thresholds bound what the operating point may spend.
 
-The recommendation (:func:`recommend`) is the cheapest run (lowest KV bytes per request, then lowest
-prefill time) that meets every threshold that is set; when none does, it names the run that came
+The recommendation (:func:`recommend`) is the cheapest run (lowest KV bytes per request; at equal
+bytes the better quality, then the lower prefill time) that meets every threshold that is set; when none does, it names the run that came
 closest and, for each threshold it missed, the required and measured values and the shortfall.
 """
 
@@ -173,6 +173,20 @@ def _cost_key(run: dict) -> tuple[float, float]:
     return (float(run.get("kv_bytes", math.inf)), float(prefill_ms))
 
 
+def _choice_key(run: dict) -> tuple[float, float, float, float]:
+    """Order of the runs that meet every threshold: fewest KV bytes; among equal bytes (methods at the
+    same retention) the better quality (task accuracy when measured, then answer match); then the
+    lower median prefill time."""
+    q = run.get("quality") or {}
+
+    def score(name: str) -> float:
+        v = q.get(name)
+        return float(v) if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
+
+    kv, prefill = _cost_key(run)
+    return (kv, -score("accuracy"), -score("answer_match"), prefill)
+
+
 def _severity(checks: list[CheckResult]) -> tuple[int, float]:
     failed = [c for c in checks if not c.passed]
     relative = sum(min(c.short_by / c.required, 1e6) if c.required else c.short_by for c in failed)
@@ -182,8 +196,9 @@ def _severity(checks: list[CheckResult]) -> tuple[int, float]:
 def recommend(runs: list[dict], thresholds: Thresholds) -> dict:
     """The operating point: the cheapest finished run that meets every threshold.
 
-    Cheapest = lowest ``kv_bytes`` (K+V held after prefill per request), then lowest median
-    prefill time. The uncompressed run is a candidate like any other, so without cost thresholds a
+    Cheapest = lowest ``kv_bytes`` (K+V held after prefill per request); among runs with equal
+    bytes (different methods at the same retention) the higher task accuracy, then answer match;
+    then the lowest median prefill time. The uncompressed run is a candidate like any other, so without cost thresholds a
     recommendation exists whenever the reference finished; it is then "keep the full cache".
 
     Returns:
@@ -215,7 +230,7 @@ def recommend(runs: list[dict], thresholds: Thresholds) -> dict:
             "reason": f"no run meets every threshold; closest: {run['id']}: " + "; ".join(f["text"] for f in failed),
             "failures": failed,
         }
-    best = min(good, key=_cost_key)
+    best = min(good, key=_choice_key)
     rec = {
         "run": best["id"],
         "method": best.get("method"),

@@ -160,3 +160,50 @@ def test_contrast_questions_are_balanced_and_answered_from_the_labels():
         assert a == ("yes" if own != data.is_negated(q, a) else "no")
     assert train.contrast_questions(data.Item(1, "x", [], shape=None, colour="red"), templates, 4,
                                     np.random.default_rng(0)) == []
+
+
+def test_match_targets_name_the_word_and_undo_the_negation(demo):
+    _, _, enc = demo
+    qa = [("is there not a red shape?", "yes"),      # red is not the image's colour
+          ("what color is the triangle?", "blue"),   # not a yes/no question: no target
+          ("is there a circle?", "yes"),             # matches
+          ("is no blue shape present?", "no"),       # blue is the image's colour
+          ("does the image contain a rectangle?", "no")]
+    seqs = [enc.suffix(q) + [enc.answer(a)] for q, a in qa]
+    which, pos, target, negated = train.match_targets(enc, seqs, qa)
+    assert which.tolist() == [0, 2, 3, 4]
+    words = [enc.tok.convert_ids_to_tokens(seqs[r][p]) for r, p in zip(which.tolist(), pos.tolist())]
+    assert words == ["red", "circle", "blue", "rectangle"]
+    assert target.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert negated.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_background_change_counts_only_background_tokens():
+    torch.manual_seed(0)
+    empty = torch.randn(2, 256, 8)
+    feats = empty.clone()
+    background = torch.ones(2, 256, dtype=torch.bool)
+    background[:, :10] = False
+    assert float(train.background_change(feats, empty, background)) == 0.0
+    feats[:, :10] += 5.0  # the object's own tokens may change freely
+    assert float(train.background_change(feats, empty, background)) == 0.0
+    feats[0, 20] = 0.0  # one background token loses everything: |f - f_e|² / |f_e|² = 1
+    got = float(train.background_change(feats, empty, background))
+    assert got == pytest.approx(1 / background.sum().item())
+
+
+def test_suffix_logits_hidden_layers_are_the_decoder_layers_outputs(demo, first_test_item):
+    model, _, enc = demo
+    item, image = first_test_item
+    q, _ = item.questions[0]
+    suffix = torch.tensor([enc.suffix(q)])
+    with torch.no_grad():
+        feats = train.vision_features(model, train.pixels([image]))
+        cache, _ = train.prefix_cache(model, enc, feats)
+        plain = train.suffix_logits(model, cache, torch.tensor([0]), suffix)
+        logits, (h3, h12) = train.suffix_logits(model, cache, torch.tensor([0]), suffix, hidden_layers=(3, 12))
+        torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+        # transformers returns the last layer's output after the final norm: what the LM head reads.
+        torch.testing.assert_close(model.lm_head(h12), plain, atol=1e-5, rtol=0)
+        assert h3.shape == (1, suffix.shape[1], model.config.text_config.hidden_size)
+        assert not torch.allclose(h3, h12)

@@ -41,6 +41,21 @@ def test_cheapest_is_fewest_kv_bytes_across_methods():
     assert recommend(runs, Thresholds())["run"] == "other@0.8"
 
 
+def test_equal_kv_bytes_prefer_quality_over_prefill_time():
+    # Two methods at the same retention hold the same bytes; the faster one answers worse.
+    fast = _run("random@0.4", "random", 0.4, 0.96, 0.97, acc=0.88, prefill=5.0)
+    good = _run("lightkv-prompt@0.4", "lightkv-prompt", 0.4, 0.99, 0.99, acc=0.905, prefill=12.0)
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "lightkv-prompt@0.4"
+    # Without task accuracy, answer match decides; with equal quality, prefill time.
+    fast["quality"]["accuracy"] = good["quality"]["accuracy"] = None
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "lightkv-prompt@0.4"
+    fast["quality"]["answer_match"] = 0.99
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "random@0.4"
+    # Fewer bytes still win over quality.
+    cheaper = _run("random@0.3", "random", 0.3, 0.95, 0.95, acc=0.5)
+    assert recommend([RUNS[0], fast, good, cheaper], Thresholds())["run"] == "random@0.3"
+
+
 def test_cost_thresholds_can_leave_no_run_and_say_by_how_much():
     rec = recommend(RUNS, Thresholds(max_vision_retention=0.5))
     assert rec["run"] is None

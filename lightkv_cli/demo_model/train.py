@@ -13,18 +13,29 @@ Recipe (see ``build.py`` for the architecture and ``data.py`` for the canvas tas
    "background" (object and background tokens weigh the same in the loss), plus the shape from the
    mean of the object's tokens. Labels come from the training questions (which state each image's
    shape and colour) and the object mask. The encoder layers let an object token see its
-   neighbours, so it can tell the shape; the labels keep the object out of the background tokens.
+   neighbours, so it can tell the shape. Labels alone only teach background tokens to *say*
+   "background" (the previous model's background tokens still carried the shape), so a second loss
+   makes every background token come out of the tower as it does on the same canvas without the
+   object (``--background-invariance``).
 2. **Answers** (the vision tower frozen from here on, so the answer loss cannot spread the object
    into every token): the projector and decoder learn to answer, loss on the answer word and the
    end-of-sequence token after the LLaVA prompt ``USER: <image>\\n{question} ASSISTANT:``. Every
-   epoch places each training image anew (augmentation). The vision prefix does not depend on the
-   question (causal attention), so it is computed once per image and its KV cache is shared by the
-   image's questions (the same function as running every question on its own). For speed this stage
-   runs the decoder on ``--train-tokens`` of the 256 vision tokens (all the object's tokens plus
-   random background ones, at their original positions). Answers are weighted so that the question
-   text alone cannot lower the loss (see ``balanced_weights``). Then (stage 3) a pass over all 256
-   tokens without the weights lets it also use the question's prior and see full-length prompts.
-3. **Evaluation** on the whole test split (1,000 images, 9,673 questions, never trained on) by greedy
+   epoch places each training image anew (augmentation) and adds ``--contrast`` yes/no questions per
+   image with balanced answers (half name the image's own colour or shape). The vision prefix does not
+   depend on the question (causal attention), so it is computed once per image and its KV cache is
+   shared by the image's questions (the same function as running every question on its own). For
+   speed this stage runs the decoder on ``--train-tokens`` of the 256 vision tokens (all the object's
+   tokens plus random background ones, at their original positions).
+
+   Yes/no answers are ``match XOR negated``: a third-order function of the word the question names,
+   the image and the negation, and plain answer loss never started to learn it (the previous model
+   stayed at the question-only baseline). Auxiliary linear probes on the hidden state *at the named
+   word* break it into steps that each get a direct signal (``match_targets``): at layer L/4 the
+   image's colour and shape, at L/2 whether the word matches them and whether the question is
+   negated, at 3L/4 the answer. The final position then only has to copy the answer. The probes
+   are discarded; the saved model is a plain LLaVA.
+3. Stage 3: a pass over all 256 tokens, so that the model sees full-length prompts.
+4. **Evaluation** on the whole test split (1,000 images, 9,673 questions, never trained on) by greedy
    ``generate()`` through the saved processor with exact match; by question type; against a
    question-only baseline; and per-token dependence checks (vision tokens removed before the decoder).
 
@@ -145,7 +156,7 @@ def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, st
     """Logits ``(Q, T, V)`` of right-padded suffixes ``(Q, T)`` continuing prefix ``rows[q]`` of ``cache``;
     the suffix starts at position ``start`` (default: right after the cached tokens). With
     ``hidden_layers`` returns ``(logits, [hidden, ...])``, each ``(Q, T, D)`` the output of that decoder
-    layer (1-based)."""
+    layer (1-based; the last layer's after the final norm, as transformers returns it)."""
     from transformers import DynamicCache
 
     lm = model.model.language_model
@@ -192,6 +203,22 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 # ------------------------------------------------------------------------------------------------
 def epoch_canvases(items, seed: int, split: str, variant: int):
     return [data.canvas_for(it, seed, split, variant) for it in items]
+
+
+def background_change(feats: torch.Tensor, feats_empty: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """How much the object changes the tokens it does not touch: the mean over ``background`` tokens of
+    ``|f - f_empty|² / |f_empty|²``.
+
+    Args:
+        feats: ``(B, 256, D)`` vision tokens of the canvases.
+        feats_empty: ``(B, 256, D)`` vision tokens of the same canvases without the object.
+        background: ``(B, 256)`` bool, the tokens the object does not touch.
+
+    Returns:
+        A scalar tensor (0 when no background token changes; 0 when there is no background token).
+    """
+    diff = ((feats - feats_empty) ** 2).sum(-1) / (feats_empty**2).sum(-1).clamp(min=1e-6)
+    return (diff * background).sum() / background.sum().clamp(min=1)
 
 
 def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int, device,
@@ -242,8 +269,7 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
                 with torch.no_grad():
                     feats_empty = vision_features(model, pixels(empty).to(device))
                 feats = vision_features(model, px)
-                diff = ((feats - feats_empty) ** 2).sum(-1) / (feats_empty**2).sum(-1).clamp(min=1e-6)
-                loss_inv = (diff * bg).sum() / bg.sum().clamp(min=1)
+                loss_inv = background_change(feats, feats_empty, bg)
             else:
                 feats = vision_features(model, px)  # (B, 256, D)
             # Object and background tokens weigh the same in total (the object covers ~5% of the tokens).
@@ -945,24 +971,36 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"{m['args'].get('pretrain_batch', '64')} images per step, AdamW, warm-up + cosine): every vision token the "
         f"object covers (≥ {OBJECT_COVER:.0%} of its patch) learns the object's colour (8) and shape (3); every token "
         "the object does not touch learns \"background\" (object and background tokens weigh the same), plus the "
-        "shape from the mean of the object's tokens. Labels come from the training questions and the object mask.",
+        "shape from the mean of the object's tokens. Labels come from the training questions and the object mask."
+        + (f" Background tokens must also come out of the tower as they do on the same canvas without the object "
+           f"(relative squared difference, weight {m['args']['background_invariance']}), so that the object's "
+           "attributes stay in the object's tokens." if float(m['args'].get('background_invariance', 0)) else ""),
         f"2. Answers ({m['args']['epochs']} epochs, lr {m['args']['lr']}, AdamW, warm-up + cosine, "
         f"{m['args']['batch_images']} images per step, {m['args']['questions_per_image']} of each image's questions per "
-        "epoch, cycling through them; 0 = all), **vision tower frozen** so the answer loss cannot spread the object "
-        "into every token: cross-entropy on the answer word and (×0.5) on `</s>`. Each answer is weighted by "
-        "1 / (K·P(answer | question)) over the training questions (K answers seen for that question), so that the "
-        "question-only prior (most yes/no questions are answered by their text alone) no longer lowers the loss "
-        "and only reading the image does. For speed the decoder sees "
+        "epoch, cycling through them; 0 = all"
+        + (f", plus {m['args']['contrast']} yes/no questions per image with balanced answers, half naming the image's "
+           "own colour or shape" if int(m['args'].get('contrast', 0)) else "")
+        + "), **vision tower frozen** so the answer loss cannot spread the object into every token: cross-entropy on "
+        "the answer word and (×0.5) on `</s>`."
+        + (" Each answer is weighted by 1 / (K·P(answer | question)) over the training questions (K answers seen for "
+           "that question), so that the question-only prior no longer lowers the loss."
+           if m['args'].get('balanced') == "True" else "")
+        + (f" Auxiliary linear probes (weight {m['args']['match_aux']}, discarded after training) read the decoder's "
+           "hidden state at the colour or shape word a yes/no question names: the image's colour and shape at layer "
+           f"{config.text_config.num_hidden_layers // 4}, whether the word matches the image and whether the question "
+           f"is negated at layer {config.text_config.num_hidden_layers // 2}, and the answer (match XOR negated) at "
+           f"layer {(3 * config.text_config.num_hidden_layers) // 4}. Without them the answer loss alone never "
+           "learned yes/no past the question-only baseline." if float(m['args'].get('match_aux', 0)) else "")
+        + " For speed the decoder sees "
         f"{m['args'].get('train_tokens', '0')} of the 256 vision tokens per image in this stage (every token the object "
         "touches plus random background tokens, at their original positions; 0 = all). The question-independent "
         "vision prefix is run once per image and its KV cache shared by the image's questions (the same function "
         "as separate prompts; checked against a plain forward of the processor's prompt).",
-        f"3. Question prior and full prompts ({m['args']['prior_epochs']} epoch(s), lr {m['args']['prior_lr']}): the same "
-        "loss without the weights and with all 256 vision tokens, so the model also uses what the question text "
-        "says about the likely answer and sees prompts of the length it is used with.",
+        f"3. Full prompts ({m['args']['prior_epochs']} epoch(s), lr {m['args']['prior_lr']}): the same losses without "
+        "answer weights and with all 256 vision tokens, so the model sees prompts of the length it is used with.",
         "",
         f"Training time: vision {m['training_seconds']['vision_pretrain'] / 60:.1f} min, answers "
-        f"{m['training_seconds']['full_model'] / 60:.1f} min, question prior {m['training_seconds']['prior_stage'] / 60:.1f} min, "
+        f"{m['training_seconds']['full_model'] / 60:.1f} min, full prompts {m['training_seconds']['prior_stage'] / 60:.1f} min, "
         f"evaluation {m['training_seconds']['evaluation'] / 60:.1f} min on {m['device']} (torch {m['torch']})."
         + (f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
            "which is what the single default command does in one go." if m.get("continued_from") else "")
