@@ -175,6 +175,7 @@ def greedy_generate(
         mask = torch.ones_like(inputs["input_ids"])
     batch = mask.shape[0]
     # Positions as generate() computes them, per family (1-D from the mask; Qwen's 3-D M-RoPE).
+    from lightkv_cli.methods.base import cache_kwarg
     from lightkv_cli.models.adapters import adapter_for
 
     adapter = adapter_for(model)
@@ -187,7 +188,7 @@ def greedy_generate(
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         with Stopwatch(device) as sw:
             out = model(
-                **{**inputs, "attention_mask": mask}, position_ids=position_ids, past_key_values=cache,
+                **{**inputs, "attention_mask": mask}, position_ids=position_ids, **cache_kwarg(model.forward, cache),
                 use_cache=True, logits_to_keep=1,
             )
             logits = out.logits[:, -1]
@@ -211,7 +212,7 @@ def greedy_generate(
             with Stopwatch(device) as sw:
                 out = model(
                     input_ids=next_tok.unsqueeze(1), attention_mask=mask, position_ids=last_pos,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    **cache_kwarg(model.forward, cache), use_cache=True, logits_to_keep=1,
                 )
                 next_tok = _suppressed(out.logits[:, -1], suppress).argmax(-1)
             decode_ms.append(sw.ms)

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR
 from lightkv_cli.demo_model import build, data
+from lightkv_cli.methods.base import cache_kwarg
 
 N_VISION = (data.CANVAS // data.PATCH) ** 2  # 256
 #: A vision token is labelled with the object's colour and shape in vision pretraining when the object
@@ -166,7 +167,7 @@ def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, st
     position_ids = None
     if start is not None:
         position_ids = (start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)).expand(suffix_ids.shape[0], -1)
-    out = lm(inputs_embeds=lm.embed_tokens(suffix_ids), past_key_values=expanded, position_ids=position_ids,
+    out = lm(inputs_embeds=lm.embed_tokens(suffix_ids), **cache_kwarg(lm.forward, expanded), position_ids=position_ids,
              use_cache=True, output_hidden_states=bool(hidden_layers))
     logits = model.lm_head(out.last_hidden_state)
     if not hidden_layers:

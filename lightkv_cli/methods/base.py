@@ -30,6 +30,7 @@ the base does the rest, identically for every such method:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -45,6 +46,18 @@ def cache_from_kwargs(kwargs: dict):
     and what callers pass), or ``cache``, the name transformers ≥ 5.24 passes to decoder layers."""
     cache = kwargs.get("past_key_values")
     return kwargs.get("cache") if cache is None else cache
+
+
+def cache_kwarg(fn, cache) -> dict:
+    """The keyword argument that hands ``cache`` to ``fn`` (a model's ``forward`` or a transformers
+    function): ``{"cache": cache}`` where ``fn`` takes ``cache`` (transformers ≥ 5.24, where
+    ``past_key_values`` is deprecated and goes away in 5.40), else ``{"past_key_values": cache}``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        params = {}
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
 
 POSITION_MODES = ("keep", "renumber")
 
@@ -606,7 +619,7 @@ def _make_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Ten
         config=config,
         inputs_embeds=hidden,
         attention_mask=mask_2d,
-        past_key_values=cache,
+        **cache_kwarg(fn, cache),
         position_ids=None,
         layer_idx=layer,
     )

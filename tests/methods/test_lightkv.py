@@ -8,6 +8,7 @@ import torch
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
+from lightkv_cli.methods.base import cache_kwarg
 from lightkv_cli.runtime import cache_stats
 
 QUESTION = "Describe this image in one sentence."
@@ -316,7 +317,7 @@ def test_chunked_prefill_splitting_an_image_raises(tiny, images, encode):
     with pytest.raises(UnsupportedInputError, match="chunked prefill"):
         with torch.no_grad(), LightKV(**SCHEDULE)(tiny.model):
             cache = DynamicCache(config=tiny.adapter.text_config)
-            tiny.model(input_ids=ids[:, :cut], pixel_values=inputs["pixel_values"], past_key_values=cache)
+            tiny.model(input_ids=ids[:, :cut], pixel_values=inputs["pixel_values"], **cache_kwarg(tiny.model.forward, cache))
 
 
 def test_static_cache_is_refused(tiny, images, encode):
@@ -326,7 +327,7 @@ def test_static_cache_is_refused(tiny, images, encode):
     cache = StaticCache(config=tiny.adapter.text_config, max_cache_len=inputs["input_ids"].shape[1] + 4)
     with pytest.raises(UnsupportedInputError, match="saves no memory"):
         with torch.no_grad(), LightKV(**SCHEDULE)(tiny.model):
-            tiny.model(**inputs, past_key_values=cache)
+            tiny.model(**inputs, **cache_kwarg(tiny.model.forward, cache))
 
 
 def test_text_only_prompt_is_untouched(tiny):
@@ -371,7 +372,7 @@ def test_multi_token_decode_step_equals_reference(tiny, images, encode, position
     ids = torch.cat([inputs["input_ids"], new], dim=1)
     with torch.no_grad(), press(tiny.model):
         out = tiny.model(**inputs, use_cache=True)
-        step = tiny.model(input_ids=new, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values)
+        step = tiny.model(input_ids=new, attention_mask=torch.ones_like(ids), **cache_kwarg(tiny.model.forward, out.past_key_values))
         full = tiny.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
     k = new.shape[1]
     assert k >= 3
