@@ -363,10 +363,19 @@ def profile_from_results(results: dict, run_id: str, name: str) -> dict:
         "thresholds": {k: v for k, v in (results.get("thresholds") or {}).items() if v is not None},
         "measured": measured,
         "inputs": {"fingerprint": results.get("inputs_fingerprint", ""), "count": len(results.get("inputs", [])),
-                   "images": sorted({str(Path(i["image"]).parent) for i in results.get("inputs", [])})},
+                   "images": sorted({_portable(Path(i["image"]).parent) for i in results.get("inputs", [])})},
         "settings": {"max_new_tokens": results.get("settings", {}).get("max_new_tokens", 32)},
     }
     return _drop_none(data)
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the current directory when it lies under it (so a profile committed to a
+    repository does not name one machine's checkout), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _drop_none(obj):

@@ -145,3 +145,11 @@ def test_save_profile_round_trip(tmp_path):
 def test_cannot_save_the_uncompressed_run():
     with pytest.raises(UserError, match="uncompressed"):
         profile_from_results(_results(), "uncompressed", "x")
+
+
+def test_saved_profile_names_input_folders_relative_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = _results()
+    results["inputs"] = [{"image": str(tmp_path / "shots" / "a.png")}, {"image": "/elsewhere/b.png"}]
+    data = profile_from_results(results, "lightkv@0.55", "docs")
+    assert data["inputs"]["images"] == ["/elsewhere", "shots"]
