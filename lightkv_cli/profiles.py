@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lightkv_cli import __version__
+from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
 from lightkv_cli.methods.registry import METHODS, Schedule
@@ -397,7 +398,9 @@ def save_profile(data: dict, path: Path) -> Path:
     path = Path(path)
     header = (
         f"# lightkv operating point '{data['profile']['name']}' ({data['profile']['kind']}).\n"
-        "# Check it in CI: lightkv check --profile " + str(path) + " --images <dir> [--prompts <file>]\n\n"
+        "# Check it in CI: lightkv check --profile " + str(path)
+        + (" (no inputs: the demo model's shipped test questions)" if data["model"]["name"] == DEMO_NAME
+           else " --images <dir> [--prompts <file>]") + "\n\n"
     )
     try:
         write_text_atomic(path, header + tomli_w.dumps(data))
