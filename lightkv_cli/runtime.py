@@ -186,9 +186,10 @@ def greedy_generate(
     done = torch.zeros(batch, dtype=torch.bool)
     with torch.inference_mode(), ctx, PeakMemory(device) as peak:
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        pass_cache = cache_kwarg(model.forward, cache)
         with Stopwatch(device) as sw:
             out = model(
-                **{**inputs, "attention_mask": mask}, position_ids=position_ids, **cache_kwarg(model.forward, cache),
+                **{**inputs, "attention_mask": mask}, position_ids=position_ids, **pass_cache,
                 use_cache=True, logits_to_keep=1,
             )
             logits = out.logits[:, -1]
@@ -212,11 +213,11 @@ def greedy_generate(
             with Stopwatch(device) as sw:
                 out = model(
                     input_ids=next_tok.unsqueeze(1), attention_mask=mask, position_ids=last_pos,
-                    **cache_kwarg(model.forward, cache), use_cache=True, logits_to_keep=1,
+                    **pass_cache, use_cache=True, logits_to_keep=1,
                 )
                 next_tok = _suppressed(out.logits[:, -1], suppress).argmax(-1)
             decode_ms.append(sw.ms)
-        del cache, out
+        del cache, pass_cache, out
     return GenerationResult(
         tokens=tokens,
         first_logits=first_logits,

@@ -115,14 +115,21 @@ def test_shared_prefix_path_equals_a_plain_forward(demo, first_test_item):
     assert train.check_prefix_path(model, processor, enc, item, canvas, "cpu") < 1e-4
 
 
-def test_all_tokens_at_original_positions_equal_the_full_prefix(demo, first_test_item):
-    model, processor, enc = demo
+def _prefilled(demo, first_test_item):
+    """``(suffix ids (1, T), vision features (1, 256, D), prefix cache, next position)`` of the first
+    shipped test question."""
+    model, _, enc = demo
     item, image = first_test_item
-    q, _ = item.questions[0]
-    suffix = torch.tensor([enc.suffix(q)])
+    suffix = torch.tensor([enc.suffix(item.questions[0][0])])
+    feats = train.vision_features(model, train.pixels([image]))
+    cache, start = train.prefix_cache(model, enc, feats)
+    return suffix, feats, cache, start
+
+
+def test_all_tokens_at_original_positions_equal_the_full_prefix(demo, first_test_item):
+    model, _, enc = demo
     with torch.no_grad():
-        feats = train.vision_features(model, train.pixels([image]))
-        cache, start = train.prefix_cache(model, enc, feats)
+        suffix, feats, cache, start = _prefilled(demo, first_test_item)
         ref = train.suffix_logits(model, cache, torch.tensor([0]), suffix)
         keep = torch.arange(train.N_VISION).unsqueeze(0)
         cache2, start2 = train.prefix_cache(model, enc, feats, keep, keep_positions=True)
@@ -193,13 +200,9 @@ def test_background_change_counts_only_background_tokens():
 
 
 def test_suffix_logits_hidden_layers_are_the_decoder_layers_outputs(demo, first_test_item):
-    model, _, enc = demo
-    item, image = first_test_item
-    q, _ = item.questions[0]
-    suffix = torch.tensor([enc.suffix(q)])
+    model = demo[0]
     with torch.no_grad():
-        feats = train.vision_features(model, train.pixels([image]))
-        cache, _ = train.prefix_cache(model, enc, feats)
+        suffix, _, cache, _ = _prefilled(demo, first_test_item)
         plain = train.suffix_logits(model, cache, torch.tensor([0]), suffix)
         logits, (h3, h12) = train.suffix_logits(model, cache, torch.tensor([0]), suffix, hidden_layers=(3, 12))
         torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)

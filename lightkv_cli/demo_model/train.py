@@ -394,8 +394,9 @@ def match_targets(enc: "Encoder", seqs: list[list[int]], qa: list[tuple[str, str
             continue
         which.append(r)
         positions.append(hit[0])
-        targets.append(float((a == "yes") != data.is_negated(q, a)))
-        negated.append(float(data.is_negated(q, a)))
+        neg = data.is_negated(q, a)
+        targets.append(float((a == "yes") != neg))
+        negated.append(float(neg))
     return (torch.tensor(which, dtype=torch.long), torch.tensor(positions, dtype=torch.long), torch.tensor(targets),
             torch.tensor(negated))
 
@@ -439,9 +440,10 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             cheaper on a CPU; 0 = all tokens.
         contrast: extra yes/no questions per image from :func:`contrast_questions` (0: none).
         affirmative_epochs: leave the negated yes/no questions out of the first this many epochs.
-        match_aux: weight of the auxiliary "does the named colour or shape match the image?" loss
-            (:func:`match_targets`) on decoder layer ``num_hidden_layers // 2`` at the position of the
-            word a yes/no question names (0: off). The probe is discarded after training.
+        match_aux: weight of the auxiliary probes at the colour or shape word a yes/no question names
+            (:func:`match_targets`; 0: off): the image's colour and shape at decoder layer L/4, whether
+            the word matches them and whether the question is negated at L/2, the answer at 3L/4.
+            The probes are discarded after training.
     """
     weight_of = balanced_weights(items) if balanced else collections.defaultdict(lambda: 1.0)
     templates = yes_no_templates(items)
@@ -474,7 +476,7 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
             px = pixels([canv[i].image for i in idx]).to(device)
-            rows, seqs, weights, is_yes_no, answers, attrs = [], [], [], [], [], []
+            rows, seqs, weights, answers = [], [], [], []
             for r, i in enumerate(idx):
                 real = questions_for_epoch(items[i], seed, ep, questions_per_image)
                 extra = contrast_questions(items[i], templates, contrast, rng)
@@ -482,9 +484,7 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                     real = [(q, a) for q, a in real if not data.is_negated(q, a)]
                     extra = [(q, a) for q, a in extra if not data.is_negated(q, a)]
                 for n_q, (q, a) in enumerate(real + extra):
-                    is_yes_no.append(a in ("yes", "no"))
                     answers.append((q, a))
-                    attrs.append((items[i].colour, items[i].shape))
                     rows.append(r)
                     seqs.append(enc.suffix(q) + [enc.answer(a)])
                     weights.append(weight_of[(q, a)] if n_q < len(real) else 1.0)
@@ -516,8 +516,9 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                               + F.binary_cross_entropy_with_logits(z_answer, truth))
                     run["p_ok"] += int(((z_answer > 0).float() == truth).sum())
                     seen = h_seen[which, pos]
-                    col = torch.tensor([data.COLOURS.index(attrs[r][0]) if attrs[r][0] else -100 for r in which.tolist()], device=device)
-                    shp = torch.tensor([data.SHAPES.index(attrs[r][1]) if attrs[r][1] else -100 for r in which.tolist()], device=device)
+                    imaged = [items[idx[rows[r]]] for r in which.tolist()]
+                    col = torch.tensor([data.COLOURS.index(it.colour) if it.colour else -100 for it in imaged], device=device)
+                    shp = torch.tensor([data.SHAPES.index(it.shape) if it.shape else -100 for it in imaged], device=device)
                     loss_r = (F.cross_entropy(probes["colour"](seen), col, ignore_index=-100)
                               + F.cross_entropy(probes["shape"](seen), shp, ignore_index=-100))
                     loss = loss + match_aux * (loss_m + loss_r)
@@ -535,9 +536,10 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 hit = (logits[ar, ans_pos].argmax(-1) == ids[ar, lens - 1]).tolist()
                 run["ok"] += sum(hit)
                 run["n"] += len(seqs)
-                for h, yn in zip(hit, is_yes_no):
-                    run["yn_ok" if yn else "attr_ok"] += h
-                    run["yn_n" if yn else "attr_n"] += 1
+                for h, (_, a) in zip(hit, answers):
+                    kind = "yn" if a in ("yes", "no") else "attr"
+                    run[f"{kind}_ok"] += h
+                    run[f"{kind}_n"] += 1
                 run["loss"] += float(loss_a) * len(seqs)
             if step % 50 == 0 or s + batch >= len(order):
                 log(

@@ -30,6 +30,7 @@ the base does the rest, identically for every such method:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -48,15 +49,21 @@ def cache_from_kwargs(kwargs: dict):
     return kwargs.get("cache") if cache is None else cache
 
 
-def cache_kwarg(fn, cache) -> dict:
-    """The keyword argument that hands ``cache`` to ``fn`` (a model's ``forward`` or a transformers
-    function): ``{"cache": cache}`` where ``fn`` takes ``cache`` (transformers ≥ 5.24, where
-    ``past_key_values`` is deprecated and goes away in 5.40), else ``{"past_key_values": cache}``."""
+@functools.lru_cache(maxsize=None)
+def _cache_param(fn) -> str:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         params = {}
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(fn, cache) -> dict:
+    """The keyword argument that hands ``cache`` to ``fn`` (a model's ``forward`` or a transformers
+    function): ``{"cache": cache}`` where ``fn`` takes ``cache`` (transformers ≥ 5.24, where
+    ``past_key_values`` is deprecated and goes away in 5.40), else ``{"past_key_values": cache}``.
+    The signature is read once per function (bound methods are looked up by their function)."""
+    return {_cache_param(getattr(fn, "__func__", fn)): cache}
 
 
 POSITION_MODES = ("keep", "renumber")
