@@ -23,9 +23,9 @@ import io
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -36,10 +36,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "ImageInput",
-    "VideoInput",
     "ImageLoadError",
     "PromptItem",
     "Skipped",
+    "VideoInput",
     "collect_images",
     "describe_skipped",
     "load_image",
@@ -194,8 +194,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB; transparency is composited on a white background."""
     mode = img.mode
     has_alpha = (
-        "A" in mode or "a" in mode or "transparency" in img.info
-    ) and mode not in ("I", "F") and not mode.startswith("I;16")
+        ("A" in mode or "a" in mode or "transparency" in img.info)
+        and mode not in ("I", "F")
+        and not mode.startswith("I;16")
+    )
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -389,10 +391,15 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> VideoInp
     if not p.exists():
         raise UserError(f"video '{path}' does not exist; give a directory of frames or a video file")
     if p.is_dir():
-        files = sorted((e for e in p.iterdir() if e.is_file() and not e.name.startswith(".") and _is_image_name(e)),
-                       key=lambda e: e.name)
+        files = sorted(
+            (e for e in p.iterdir() if e.is_file() and not e.name.startswith(".") and _is_image_name(e)),
+            key=lambda e: e.name,
+        )
         if not files:
-            raise UserError(f"video folder '{path}' has no frame images ({', '.join(IMAGE_EXTENSIONS)}); put one image per frame in it")
+            raise UserError(
+                f"video folder '{path}' has no frame images ({', '.join(IMAGE_EXTENSIONS)}); put one image per frame "
+                "in it"
+            )
         files = [files[i] for i in _evenly(len(files), max_frames)]
         frames, digests = [], []
         for f in files:
@@ -408,14 +415,17 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> VideoInp
             import av  # optional: the "video" extra
         except ImportError:
             raise UserError(
-                f"reading the video file '{path}' needs PyAV: pip install \"lightkv[video]\" (or pass a folder of frame images)"
+                f"reading the video file '{path}' needs PyAV: pip install \"lightkv[video]\" (or pass a folder of "
+                "frame images)"
             ) from None
         data = _read_bytes(p)
         try:
             with av.open(str(p)) as container:
                 decoded = [frame.to_image() for frame in container.decode(video=0)]
         except Exception as exc:  # PyAV raises its own error types for damaged or unknown files
-            raise UserError(f"cannot decode video '{path}' ({_short(exc)}); give a short video file or a folder of frames") from None
+            raise UserError(
+                f"cannot decode video '{path}' ({_short(exc)}); give a short video file or a folder of frames"
+            ) from None
         if not decoded:
             raise UserError(f"video '{path}' has no frames")
         frames = [decoded[i].convert("RGB") for i in _evenly(len(decoded), max_frames)]
@@ -449,9 +459,7 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _resolve_image(
-    value: str, prompts_path: Path, image_root: Path | None, where: str
-) -> Path:
+def _resolve_image(value: str, prompts_path: Path, image_root: Path | None, where: str) -> Path:
     candidate = Path(value).expanduser()
     if candidate.is_absolute():
         if candidate.exists():
@@ -526,7 +534,8 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
             ) from exc
         if not isinstance(obj, dict):
             raise UserError(
-                f"{where}: expected a JSON object, got {_type_name(obj)}; write one object per line like {_EXAMPLE_LINE}"
+                f"{where}: expected a JSON object, got {_type_name(obj)}; write one object per line like "
+                f"{_EXAMPLE_LINE}"
             )
         unknown = [k for k in obj if k not in _PROMPT_KEYS]
         if unknown:
@@ -563,9 +572,7 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
         items.append(PromptItem(image=image, question=values["question"], answer=answer, line=number))
 
     if not items:
-        raise UserError(
-            f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}"
-        )
+        raise UserError(f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}")
     return items
 
 

@@ -17,7 +17,7 @@ import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,7 +26,7 @@ from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
 from lightkv_cli.methods.registry import METHODS, Schedule
-from lightkv_cli.thresholds import Thresholds
+from lightkv_cli.scoring.thresholds import Thresholds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,15 +42,15 @@ class _Strict(BaseModel):
 
 
 class ThresholdsTable(_Strict):
-    """``[thresholds]``: see :class:`~lightkv_cli.thresholds.Thresholds` (omitted = not checked)."""
+    """``[thresholds]``: see :class:`~lightkv_cli.scoring.thresholds.Thresholds` (omitted = not checked)."""
 
-    min_answer_match: Optional[float] = Field(default=None, ge=0, le=1)
-    min_top1_agreement: Optional[float] = Field(default=None, ge=0, le=1)
-    min_accuracy: Optional[float] = Field(default=None, ge=0, le=1)
-    max_kl: Optional[float] = Field(default=None, ge=0)
-    max_vision_retention: Optional[float] = Field(default=None, ge=0, le=1)
-    max_kv_bytes: Optional[float] = Field(default=None, ge=0)
-    max_prefill_ms: Optional[float] = Field(default=None, ge=0)
+    min_answer_match: float | None = Field(default=None, ge=0, le=1)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    max_kl: float | None = Field(default=None, ge=0)
+    max_vision_retention: float | None = Field(default=None, ge=0, le=1)
+    max_kv_bytes: float | None = Field(default=None, ge=0)
+    max_prefill_ms: float | None = Field(default=None, ge=0)
 
     def to_thresholds(self) -> Thresholds:
         """The :class:`Thresholds` this table sets (unset keys stay unset)."""
@@ -64,16 +64,16 @@ class ProfileMeta(_Strict):
     name: str
     kind: Literal["measured", "published-default"] = "measured"
     description: str = ""
-    created: Optional[str] = None
-    tool_version: Optional[str] = None
+    created: str | None = None
+    tool_version: str | None = None
 
 
 class ProfileModel(_Strict):
     """``[model]``: the model the operating point is for."""
 
     name: str
-    family: Optional[str] = None
-    layers: Optional[int] = Field(default=None, ge=1)
+    family: str | None = None
+    layers: int | None = Field(default=None, ge=1)
     init: Literal["pretrained", "random"] = "pretrained"
 
 
@@ -81,11 +81,11 @@ class ProfileMethod(_Strict):
     """``[method]``: the method and its schedule (LightKV-family and random) or its target (others)."""
 
     name: str
-    layers: Optional[list[int]] = None
-    windows: Optional[list[int]] = None
-    ratios: Optional[list[float]] = None
+    layers: list[int] | None = None
+    windows: list[int] | None = None
+    ratios: list[float] | None = None
     positions: Literal["keep", "renumber"] = "keep"
-    target_retention: Optional[float] = Field(default=None, gt=0, le=1)
+    target_retention: float | None = Field(default=None, gt=0, le=1)
 
     @field_validator("name")
     @classmethod
@@ -95,7 +95,7 @@ class ProfileMethod(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _complete(self) -> "ProfileMethod":
+    def _complete(self) -> ProfileMethod:
         if METHODS[self.name].schedules:
             missing = [k for k in ("layers", "windows", "ratios") if getattr(self, k) is None]
             if missing:
@@ -123,16 +123,16 @@ class ProfileMeasured(_Strict):
     vision_retention: float
     kv_bytes: float
     kv_bytes_vision: float
-    kv_ratio: Optional[float] = None
-    flops_ratio: Optional[float] = None
-    prefill_ms: Optional[float] = None
-    time_to_first_token_ms: Optional[float] = None
-    decode_ms_per_token: Optional[float] = None
-    max_concurrent_requests: Optional[int] = None
-    answer_match: Optional[float] = None
-    top1_agreement: Optional[float] = None
-    first_token_kl_max: Optional[float] = None
-    accuracy: Optional[float] = None
+    kv_ratio: float | None = None
+    flops_ratio: float | None = None
+    prefill_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    decode_ms_per_token: float | None = None
+    max_concurrent_requests: int | None = None
+    answer_match: float | None = None
+    top1_agreement: float | None = None
+    first_token_kl_max: float | None = None
+    accuracy: float | None = None
 
 
 class ProfileInputs(_Strict):
@@ -156,8 +156,8 @@ class Profile(_Strict):
     model: ProfileModel
     method: ProfileMethod
     thresholds: ThresholdsTable = ThresholdsTable()
-    measured: Optional[ProfileMeasured] = None
-    inputs: Optional[ProfileInputs] = None
+    measured: ProfileMeasured | None = None
+    inputs: ProfileInputs | None = None
     settings: ProfileSettings = ProfileSettings()
 
 
@@ -176,26 +176,26 @@ class SweepConfig(_Strict):
     command line override the file. Relative paths are relative to the file's folder.
     """
 
-    model: Optional[str] = None
-    init: Optional[Literal["pretrained", "random"]] = None
-    images: Optional[list[str]] = None
-    prompt: Optional[str] = None
-    prompts: Optional[str] = None
-    methods: Optional[list[str]] = None
-    retentions: Optional[list[float]] = None
-    schedules: Optional[list[ScheduleTable]] = None
-    positions: Optional[Literal["keep", "renumber"]] = None
-    max_new_tokens: Optional[int] = Field(default=None, ge=1)
-    repeats: Optional[int] = Field(default=None, ge=1)
-    warmup: Optional[int] = Field(default=None, ge=0)
-    nvml_interval_ms: Optional[float] = Field(default=None, gt=0)
-    gpu_memory: Optional[str] = None
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    limit: Optional[int] = Field(default=None, ge=1)
-    output: Optional[str] = None
-    save_profile: Optional[str] = None
-    thresholds: Optional[ThresholdsTable] = None
+    model: str | None = None
+    init: Literal["pretrained", "random"] | None = None
+    images: list[str] | None = None
+    prompt: str | None = None
+    prompts: str | None = None
+    methods: list[str] | None = None
+    retentions: list[float] | None = None
+    schedules: list[ScheduleTable] | None = None
+    positions: Literal["keep", "renumber"] | None = None
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    repeats: int | None = Field(default=None, ge=1)
+    warmup: int | None = Field(default=None, ge=0)
+    nvml_interval_ms: float | None = Field(default=None, gt=0)
+    gpu_memory: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    output: str | None = None
+    save_profile: str | None = None
+    thresholds: ThresholdsTable | None = None
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -258,7 +258,9 @@ def load_profile(path: Path) -> Profile:
     data = _read_toml(Path(path), "profile")
     fmt = data.get("profile", {}).get("format") if isinstance(data.get("profile"), dict) else None
     if isinstance(fmt, str) and fmt != PROFILE_FORMAT and fmt.startswith("lightkv.profile/"):
-        raise UserError(f"profile '{path}' has format {fmt}; this lightkv {__version__} reads {PROFILE_FORMAT}: upgrade lightkv")
+        raise UserError(
+            f"profile '{path}' has format {fmt}; this lightkv {__version__} reads {PROFILE_FORMAT}: upgrade lightkv"
+        )
     try:
         prof = Profile.model_validate(data)
     except ValidationError as exc:
@@ -282,7 +284,9 @@ def load_sweep_config(path: Path) -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, SweepConfig, f"sweep config '{path}'", "see `lightkv sweep --help` for the options") from None
+        raise _explain(
+            exc, SweepConfig, f"sweep config '{path}'", "see `lightkv sweep --help` for the options"
+        ) from None
     base = path.parent
 
     def rel(p: str | None) -> str | None:
@@ -353,18 +357,27 @@ def profile_from_results(results: dict, run_id: str, name: str) -> dict:
     }
     data = {
         "profile": {
-            "format": PROFILE_FORMAT, "name": name, "kind": "measured",
+            "format": PROFILE_FORMAT,
+            "name": name,
+            "kind": "measured",
             "description": f"chosen by lightkv from {len(results.get('inputs', []))} inputs",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tool_version": __version__,
         },
-        "model": {"name": model["name"], "family": model.get("family"), "layers": model.get("layers"),
-                  "init": model.get("init", "pretrained")},
+        "model": {
+            "name": model["name"],
+            "family": model.get("family"),
+            "layers": model.get("layers"),
+            "init": model.get("init", "pretrained"),
+        },
         "method": method,
         "thresholds": {k: v for k, v in (results.get("thresholds") or {}).items() if v is not None},
         "measured": measured,
-        "inputs": {"fingerprint": results.get("inputs_fingerprint", ""), "count": len(results.get("inputs", [])),
-                   "images": sorted({_portable(Path(i["image"]).parent) for i in results.get("inputs", [])})},
+        "inputs": {
+            "fingerprint": results.get("inputs_fingerprint", ""),
+            "count": len(results.get("inputs", [])),
+            "images": sorted({_portable(Path(i["image"]).parent) for i in results.get("inputs", [])}),
+        },
         "settings": {"max_new_tokens": results.get("settings", {}).get("max_new_tokens", 32)},
     }
     return _drop_none(data)
@@ -398,12 +411,19 @@ def save_profile(data: dict, path: Path) -> Path:
     path = Path(path)
     header = (
         f"# lightkv operating point '{data['profile']['name']}' ({data['profile']['kind']}).\n"
-        "# Check it in CI: lightkv check --profile " + str(path)
-        + (" (no inputs: the demo model's shipped test questions)" if data["model"]["name"] == DEMO_NAME
-           else " --images <dir> [--prompts <file>]") + "\n\n"
+        "# Check it in CI: lightkv check --profile "
+        + str(path)
+        + (
+            " (no inputs: the demo model's shipped test questions)"
+            if data["model"]["name"] == DEMO_NAME
+            else " --images <dir> [--prompts <file>]"
+        )
+        + "\n\n"
     )
     try:
         write_text_atomic(path, header + tomli_w.dumps(data))
     except OSError as exc:
-        raise UserError(f"cannot write profile '{path}': {exc.strerror or exc}; give a writable --profiles-dir") from None
+        raise UserError(
+            f"cannot write profile '{path}': {exc.strerror or exc}; give a writable --profiles-dir"
+        ) from None
     return path

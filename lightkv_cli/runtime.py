@@ -10,12 +10,13 @@ and value tensors themselves, never assumed from the schedule.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 
-from lightkv_cli.telemetry import PeakMemory, Stopwatch
+from lightkv_cli.measure.memory import PeakMemory
+from lightkv_cli.measure.timing import Stopwatch
 
 
 @dataclass
@@ -49,7 +50,10 @@ class CacheStats:
     @property
     def layer_vision_bytes(self) -> list[int]:
         """Bytes of each layer's K and V entries that belong to vision tokens, per request."""
-        return [int(b * v // n) if n else 0 for b, v, n in zip(self.layer_bytes, self.layer_vision_tokens, self.layer_seq_lens)]
+        return [
+            int(b * v // n) if n else 0
+            for b, v, n in zip(self.layer_bytes, self.layer_vision_tokens, self.layer_seq_lens)
+        ]
 
     @property
     def vision_bytes(self) -> int:
@@ -189,8 +193,11 @@ def greedy_generate(
         pass_cache = cache_kwarg(model.forward, cache)
         with Stopwatch(device) as sw:
             out = model(
-                **{**inputs, "attention_mask": mask}, position_ids=position_ids, **pass_cache,
-                use_cache=True, logits_to_keep=1,
+                **{**inputs, "attention_mask": mask},
+                position_ids=position_ids,
+                **pass_cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
             logits = out.logits[:, -1]
             next_tok = _suppressed(logits, suppress).argmax(-1)
@@ -212,8 +219,12 @@ def greedy_generate(
             last_pos = last_pos + 1
             with Stopwatch(device) as sw:
                 out = model(
-                    input_ids=next_tok.unsqueeze(1), attention_mask=mask, position_ids=last_pos,
-                    **pass_cache, use_cache=True, logits_to_keep=1,
+                    input_ids=next_tok.unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=last_pos,
+                    **pass_cache,
+                    use_cache=True,
+                    logits_to_keep=1,
                 )
                 next_tok = _suppressed(out.logits[:, -1], suppress).argmax(-1)
             decode_ms.append(sw.ms)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from lightkv_cli import LightKV
+from lightkv_cli.measure.costs import prefill_flops
 from lightkv_cli.runtime import greedy_generate
-from lightkv_cli.telemetry import prefill_flops
 
 QUESTION = "Describe this image in one sentence."
 

@@ -22,4 +22,4 @@ TESTSET_DIR = _HERE / "testset"
 #: The shipped prompts file (JSON lines: ``{"image", "question", "answer"}``).
 TESTSET_PROMPTS = TESTSET_DIR / "prompts.jsonl"
 
-__all__ = ["DEMO_NAME", "CHECKPOINT_DIR", "TESTSET_DIR", "TESTSET_PROMPTS"]
+__all__ = ["CHECKPOINT_DIR", "DEMO_NAME", "TESTSET_DIR", "TESTSET_PROMPTS"]

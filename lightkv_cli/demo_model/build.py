@@ -19,6 +19,7 @@ A ``LlavaForConditionalGeneration``:
 from __future__ import annotations
 
 from lightkv_cli.models.tiny import SPECIAL_TOKENS  # the same special tokens as the tiny model
+
 PROMPT_WORDS = ["user", "assistant", ":"]
 
 VISION_CONFIG = dict(

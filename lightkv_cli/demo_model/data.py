@@ -118,9 +118,7 @@ def load_split(split: str) -> list[Item]:
     try:
         import easy_vqa
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "retraining the demo model needs the easy-vqa dataset: pip install 'lightkv[train]'"
-        ) from exc
+        raise ImportError("retraining the demo model needs the easy-vqa dataset: pip install 'lightkv[train]'") from exc
     if split == "train":
         questions, answers, ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()

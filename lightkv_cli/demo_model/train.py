@@ -56,11 +56,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 
-from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR
-from lightkv_cli.demo_model import build, data
+from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR, build, data
 from lightkv_cli.methods.base import cache_kwarg
 
 N_VISION = (data.CANVAS // data.PATCH) ** 2  # 256
@@ -123,8 +122,9 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def prefix_cache(model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | None = None,
-                 keep_positions: bool = False):
+def prefix_cache(
+    model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | None = None, keep_positions: bool = False
+):
     """Run the decoder on ``<s> user : <image tokens>`` and return its ``DynamicCache``.
 
     Args:
@@ -152,8 +152,14 @@ def prefix_cache(model, enc: Encoder, feats: torch.Tensor, keep: torch.Tensor | 
     return out.past_key_values, (N_HEAD + N_VISION if position_ids is not None else x.shape[1])
 
 
-def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, start: int | None = None,
-                  hidden_layers: tuple[int, ...] = ()):
+def suffix_logits(
+    model,
+    cache,
+    rows: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    start: int | None = None,
+    hidden_layers: tuple[int, ...] = (),
+):
     """Logits ``(Q, T, V)`` of right-padded suffixes ``(Q, T)`` continuing prefix ``rows[q]`` of ``cache``;
     the suffix starts at position ``start`` (default: right after the cached tokens). With
     ``hidden_layers`` returns ``(logits, [hidden, ...])``, each ``(Q, T, D)`` the output of that decoder
@@ -166,9 +172,16 @@ def suffix_logits(model, cache, rows: torch.Tensor, suffix_ids: torch.Tensor, st
         expanded.update(layer.keys[rows], layer.values[rows], i)
     position_ids = None
     if start is not None:
-        position_ids = (start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)).expand(suffix_ids.shape[0], -1)
-    out = lm(inputs_embeds=lm.embed_tokens(suffix_ids), **cache_kwarg(lm.forward, expanded), position_ids=position_ids,
-             use_cache=True, output_hidden_states=bool(hidden_layers))
+        position_ids = (start + torch.arange(suffix_ids.shape[1], device=suffix_ids.device)).expand(
+            suffix_ids.shape[0], -1
+        )
+    out = lm(
+        inputs_embeds=lm.embed_tokens(suffix_ids),
+        **cache_kwarg(lm.forward, expanded),
+        position_ids=position_ids,
+        use_cache=True,
+        output_hidden_states=bool(hidden_layers),
+    )
     logits = model.lm_head(out.last_hidden_state)
     if not hidden_layers:
         return logits
@@ -222,8 +235,9 @@ def background_change(feats: torch.Tensor, feats_empty: torch.Tensor, background
     return (diff * background).sum() / background.sum().clamp(min=1)
 
 
-def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int, device,
-                    background_invariance: float = 0.0) -> None:
+def pretrain_vision(
+    model, items, seed: int, epochs: int, lr: float, batch: int, device, background_invariance: float = 0.0
+) -> None:
     """Stage 1: per-token colour/shape labels and a pooled shape label (see module docstring).
 
     Args:
@@ -278,10 +292,14 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
             is_bg = bg.flatten().float()
             token_w = is_obj / is_obj.sum().clamp(min=1) + is_bg / is_bg.sum().clamp(min=1)
             colour_logits, shape_logits = heads["colour"](feats), heads["shape"](feats)
-            loss_c = (F.cross_entropy(colour_logits.flatten(0, 1), col_t.flatten(), ignore_index=-100,
-                                      reduction="none") * token_w).sum() / 2
-            loss_s = (F.cross_entropy(shape_logits.flatten(0, 1), shp_t.flatten(), ignore_index=-100,
-                                      reduction="none") * token_w).sum() / 2
+            loss_c = (
+                F.cross_entropy(colour_logits.flatten(0, 1), col_t.flatten(), ignore_index=-100, reduction="none")
+                * token_w
+            ).sum() / 2
+            loss_s = (
+                F.cross_entropy(shape_logits.flatten(0, 1), shp_t.flatten(), ignore_index=-100, reduction="none")
+                * token_w
+            ).sum() / 2
             w = (frac > 0.02).float()
             pooled = (feats * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
             loss_p = F.cross_entropy(heads["pooled"](pooled), torch.where(shp > 0, shp - 1, -100), ignore_index=-100)
@@ -291,7 +309,11 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
                 stats["inv"] += float(loss_inv) * len(idx)
             warmup = min(100, steps // 10)
             for g in opt.param_groups:
-                g["lr"] = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+                g["lr"] = (
+                    lr * (step + 1) / warmup
+                    if step < warmup
+                    else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -315,7 +337,8 @@ def pretrain_vision(model, items, seed: int, epochs: int, lr: float, batch: int,
         log(
             f"vision pretrain epoch {ep + 1}/{epochs}: loss {stats['loss'] / stats['n']:.3f}, "
             f"pooled shape acc {stats['pooled_ok'] / max(1, stats['pooled_n']):.3f}, object tokens: shape acc "
-            f"{stats['token_shape_ok'] / max(1, stats['token_n']):.3f}, colour acc {stats['token_colour_ok'] / max(1, stats['token_n']):.3f}; "
+            f"{stats['token_shape_ok'] / max(1, stats['token_n']):.3f}, colour acc "
+            f"{stats['token_colour_ok'] / max(1, stats['token_n']):.3f}; "
             f"background tokens called background {stats['bg_ok'] / max(1, stats['bg_n']):.4f}"
             + (f"; background change from the object {stats['inv'] / stats['n']:.4f}" if background_invariance else "")
         )
@@ -369,7 +392,7 @@ def questions_for_epoch(item, seed: int, epoch: int, k: int) -> list[tuple[str, 
     return [qs[int(order[(epoch * k + j) % len(qs)])] for j in range(k)]
 
 
-def match_targets(enc: "Encoder", seqs: list[list[int]], qa: list[tuple[str, str]]):
+def match_targets(enc: Encoder, seqs: list[list[int]], qa: list[tuple[str, str]]):
     """Targets of the auxiliary match probe for one step.
 
     For every yes/no question in ``qa`` (``(question, answer)``, aligned with the token sequences
@@ -397,8 +420,12 @@ def match_targets(enc: "Encoder", seqs: list[list[int]], qa: list[tuple[str, str
         neg = data.is_negated(q, a)
         targets.append(float((a == "yes") != neg))
         negated.append(float(neg))
-    return (torch.tensor(which, dtype=torch.long), torch.tensor(positions, dtype=torch.long), torch.tensor(targets),
-            torch.tensor(negated))
+    return (
+        torch.tensor(which, dtype=torch.long),
+        torch.tensor(positions, dtype=torch.long),
+        torch.tensor(targets),
+        torch.tensor(negated),
+    )
 
 
 def balanced_weights(items) -> dict[tuple[str, str], float]:
@@ -426,9 +453,23 @@ def balanced_weights(items) -> dict[tuple[str, str], float]:
     return {k: v / mean for k, v in raw.items()}
 
 
-def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, batch: int, device,
-               questions_per_image: int = 0, balanced: bool = True, stage: int = 2, train_tokens: int = 0,
-               contrast: int = 0, affirmative_epochs: int = 0, match_aux: float = 0.0) -> None:
+def train_full(
+    model,
+    enc: Encoder,
+    items,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch: int,
+    device,
+    questions_per_image: int = 0,
+    balanced: bool = True,
+    stage: int = 2,
+    train_tokens: int = 0,
+    contrast: int = 0,
+    affirmative_epochs: int = 0,
+    match_aux: float = 0.0,
+) -> None:
     """Stages 2 and 3: the whole model on the answers (answer word + end-of-sequence token).
 
     Args:
@@ -459,9 +500,15 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
     aux_layers = (n_layers // 4, n_layers // 2, (3 * n_layers) // 4)
     if match_aux:
         dim = model.config.text_config.hidden_size
-        probes = torch.nn.ModuleDict({"match": torch.nn.Linear(dim, 1), "negated": torch.nn.Linear(dim, 1),
-                                      "answer": torch.nn.Linear(dim, 1), "colour": torch.nn.Linear(dim, len(data.COLOURS)),
-                                      "shape": torch.nn.Linear(dim, len(data.SHAPES))}).to(device)
+        probes = torch.nn.ModuleDict(
+            {
+                "match": torch.nn.Linear(dim, 1),
+                "negated": torch.nn.Linear(dim, 1),
+                "answer": torch.nn.Linear(dim, 1),
+                "colour": torch.nn.Linear(dim, len(data.COLOURS)),
+                "shape": torch.nn.Linear(dim, len(data.SHAPES)),
+            }
+        ).to(device)
         decay += list(probes.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     rng = np.random.default_rng([seed, 202] if stage == 2 else [seed, 202, stage])
@@ -498,7 +545,9 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             ans_pos = lens - 2  # the ":" of "ASSISTANT:" predicts the answer
             w = torch.tensor(weights, device=device)
             if match_aux:
-                logits, (h_seen, h_match, h_answer) = suffix_logits(model, cache, rows_t, ids, start, hidden_layers=aux_layers)
+                logits, (h_seen, h_match, h_answer) = suffix_logits(
+                    model, cache, rows_t, ids, start, hidden_layers=aux_layers
+                )
             else:
                 logits = suffix_logits(model, cache, rows_t, ids, start)  # (Q, T, V)
             loss_a = (F.cross_entropy(logits[ar, ans_pos], ids[ar, lens - 1], reduction="none") * w).sum() / w.sum()
@@ -507,24 +556,42 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
             if match_aux:
                 which, pos, target, negated = match_targets(enc, seqs, answers)
                 if len(which):
-                    which, pos, target, negated = which.to(device), pos.to(device), target.to(device), negated.to(device)
+                    which, pos, target, negated = (
+                        which.to(device),
+                        pos.to(device),
+                        target.to(device),
+                        negated.to(device),
+                    )
                     z = probes["match"](h_match[which, pos]).squeeze(-1)
                     z_answer = probes["answer"](h_answer[which, pos]).squeeze(-1)
                     truth = (target != negated).float()
-                    loss_m = (F.binary_cross_entropy_with_logits(z, target)
-                              + F.binary_cross_entropy_with_logits(probes["negated"](h_match[which, pos]).squeeze(-1), negated)
-                              + F.binary_cross_entropy_with_logits(z_answer, truth))
+                    loss_m = (
+                        F.binary_cross_entropy_with_logits(z, target)
+                        + F.binary_cross_entropy_with_logits(
+                            probes["negated"](h_match[which, pos]).squeeze(-1), negated
+                        )
+                        + F.binary_cross_entropy_with_logits(z_answer, truth)
+                    )
                     run["p_ok"] += int(((z_answer > 0).float() == truth).sum())
                     seen = h_seen[which, pos]
                     imaged = [items[idx[rows[r]]] for r in which.tolist()]
-                    col = torch.tensor([data.COLOURS.index(it.colour) if it.colour else -100 for it in imaged], device=device)
-                    shp = torch.tensor([data.SHAPES.index(it.shape) if it.shape else -100 for it in imaged], device=device)
-                    loss_r = (F.cross_entropy(probes["colour"](seen), col, ignore_index=-100)
-                              + F.cross_entropy(probes["shape"](seen), shp, ignore_index=-100))
+                    col = torch.tensor(
+                        [data.COLOURS.index(it.colour) if it.colour else -100 for it in imaged], device=device
+                    )
+                    shp = torch.tensor(
+                        [data.SHAPES.index(it.shape) if it.shape else -100 for it in imaged], device=device
+                    )
+                    loss_r = F.cross_entropy(probes["colour"](seen), col, ignore_index=-100) + F.cross_entropy(
+                        probes["shape"](seen), shp, ignore_index=-100
+                    )
                     loss = loss + match_aux * (loss_m + loss_r)
                     run["m_ok"] += int(((z > 0).float() == target).sum())
                     run["m_n"] += len(which)
-            lr_now = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            lr_now = (
+                lr * (step + 1) / warmup
+                if step < warmup
+                else lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr_now
             opt.zero_grad(set_to_none=True)
@@ -543,11 +610,17 @@ def train_full(model, enc: Encoder, items, seed: int, epochs: int, lr: float, ba
                 run["loss"] += float(loss_a) * len(seqs)
             if step % 50 == 0 or s + batch >= len(order):
                 log(
-                    f"stage {stage} epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss {run['loss'] / run['n']:.4f}, "
-                    f"train acc {run['ok'] / run['n']:.4f} (yes/no {run['yn_ok'] / max(1, run['yn_n']):.3f}, shape/colour "
+                    f"stage {stage} epoch {ep + 1}/{epochs} step {step}/{steps}: answer loss "
+                    f"{run['loss'] / run['n']:.4f}, "
+                    f"train acc {run['ok'] / run['n']:.4f} (yes/no {run['yn_ok'] / max(1, run['yn_n']):.3f}, "
+                    "shape/colour "
                     f"{run['attr_ok'] / max(1, run['attr_n']):.3f})"
-                    + (f", probes at the word: match {run['m_ok'] / max(1, run['m_n']):.3f}, answer {run['p_ok'] / max(1, run['m_n']):.3f}"
-                       if match_aux else "")
+                    + (
+                        f", probes at the word: match {run['m_ok'] / max(1, run['m_n']):.3f}, answer "
+                        f"{run['p_ok'] / max(1, run['m_n']):.3f}"
+                        if match_aux
+                        else ""
+                    )
                     + f", lr {lr_now:.2e}, {time.time() - t0:.0f}s"
                 )
                 run = collections.Counter()
@@ -606,7 +679,9 @@ def first_token_eval(model, enc: Encoder, items, canvases, keep_fn=None, device=
                 keep = torch.zeros(len(idx), 0, dtype=torch.long, device=device)
             else:
                 feats = vision_features(model, pixels([canvases[i].image for i in idx]).to(device))
-                keep = None if keeps[idx[0]] is None else torch.stack([torch.as_tensor(keeps[i]) for i in idx]).to(device)
+                keep = (
+                    None if keeps[idx[0]] is None else torch.stack([torch.as_tensor(keeps[i]) for i in idx]).to(device)
+                )
             cache, start = prefix_cache(model, enc, feats, keep, keep_positions=True)
             rows, seqs, meta = [], [], []
             for r, i in enumerate(idx):
@@ -673,7 +748,9 @@ def check_prefix_path(model, processor, enc: Encoder, item, canvas, device) -> f
         feats = vision_features(model, pixels([canvas.image]).to(device))
         assert torch.equal(pixels([canvas.image]), inputs["pixel_values"].cpu()), "pixel preprocessing differs"
         cache, _ = prefix_cache(model, enc, feats)
-        got = suffix_logits(model, cache, torch.tensor([0], device=device), torch.tensor([enc.suffix(q)], device=device))[0]
+        got = suffix_logits(
+            model, cache, torch.tensor([0], device=device), torch.tensor([enc.suffix(q)], device=device)
+        )[0]
     return float((ref - got).abs().max())
 
 
@@ -718,12 +795,16 @@ def replace_dir(path: Path, marker: str) -> None:
 
 
 def fmt(res: dict) -> str:
-    return " | ".join(f"{100 * res[k]:.1f}" if res.get(k) is not None else "–" for k in ("overall", *data.QUESTION_TYPES))
+    return " | ".join(
+        f"{100 * res[k]:.1f}" if res.get(k) is not None else "–" for k in ("overall", *data.QUESTION_TYPES)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m lightkv_cli.demo_model.train`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and canvas placement")
     ap.add_argument("--output", type=Path, default=CHECKPOINT_DIR, help="checkpoint directory to (over)write")
     ap.add_argument("--testset", default=str(TESTSET_DIR), help="where to write the fixed test subset ('' to skip)")
@@ -736,27 +817,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--prior-epochs", type=int, default=1, help="stage 3: epochs of plain (unweighted) answer loss")
     ap.add_argument("--prior-lr", type=float, default=5e-4)
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="start from a checkpoint this script wrote and run only stage 3 (continue a run)")
-    ap.add_argument("--evaluate-only", action="store_true",
-                    help="with --init-from: train nothing; re-evaluate that checkpoint and rewrite its metrics and model card into --output")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a checkpoint this script wrote and run only stage 3 (continue a run)",
+    )
+    ap.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="with --init-from: train nothing; re-evaluate that checkpoint and rewrite its metrics and model card "
+        "into --output",
+    )
     ap.add_argument("--batch-images", type=int, default=12, help="images per step")
     ap.add_argument("--questions-per-image", type=int, default=4, help="questions per image per epoch (0: all)")
-    ap.add_argument("--train-tokens", type=int, default=64,
-                    help="stage 2 runs the decoder on this many vision tokens per image (the object's + random background, original positions; 0: all 256); stage 3 always uses all")
-    ap.add_argument("--contrast", type=int, default=4,
-                    help="extra yes/no questions per image per step with balanced answers, half about the image's own "
-                         "colour or shape (stages 2-3; 0: none)")
-    ap.add_argument("--balanced", action="store_true",
-                    help="stage 2: weight answers by 1/P(answer | question) (the previous recipe; off: plain cross-entropy)")
-    ap.add_argument("--affirmative-epochs", type=int, default=0,
-                    help="experimental, off in the shipped recipe: stage 2 leaves negated yes/no questions out of its "
-                         "first N epochs (curriculum)")
-    ap.add_argument("--background-invariance", type=float, default=10.0,
-                    help="stage 1: weight of the loss that keeps the object out of the tokens it does not touch (0: off)")
-    ap.add_argument("--match-aux", type=float, default=1.0,
-                    help="stages 2-3: weight of the auxiliary probes at the colour/shape word of yes/no questions "
-                         "(what the image holds, mid-decoder; does the word match it, half-way) (0: off)")
+    ap.add_argument(
+        "--train-tokens",
+        type=int,
+        default=64,
+        help="stage 2 runs the decoder on this many vision tokens per image (the object's + random background, "
+        "original positions; 0: all 256); stage 3 always uses all",
+    )
+    ap.add_argument(
+        "--contrast",
+        type=int,
+        default=4,
+        help="extra yes/no questions per image per step with balanced answers, half about the image's own "
+        "colour or shape (stages 2-3; 0: none)",
+    )
+    ap.add_argument(
+        "--balanced",
+        action="store_true",
+        help="stage 2: weight answers by 1/P(answer | question) (the previous recipe; off: plain cross-entropy)",
+    )
+    ap.add_argument(
+        "--affirmative-epochs",
+        type=int,
+        default=0,
+        help="experimental, off in the shipped recipe: stage 2 leaves negated yes/no questions out of its "
+        "first N epochs (curriculum)",
+    )
+    ap.add_argument(
+        "--background-invariance",
+        type=float,
+        default=10.0,
+        help="stage 1: weight of the loss that keeps the object out of the tokens it does not touch (0: off)",
+    )
+    ap.add_argument(
+        "--match-aux",
+        type=float,
+        default=1.0,
+        help="stages 2-3: weight of the auxiliary probes at the colour/shape word of yes/no questions "
+        "(what the image holds, mid-decoder; does the word match it, half-way) (0: off)",
+    )
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N training images (quick runs)")
     ap.add_argument("--eval-images", type=int, default=0, help="evaluate on the first N test images only (quick runs)")
     ap.add_argument("--check-images", type=int, default=300, help="test images used by the token-removal checks")
@@ -808,20 +921,54 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     if previous is None:
         t = time.time()
-        pretrain_vision(model, train_items, args.seed, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch, device,
-                        background_invariance=args.background_invariance)
+        pretrain_vision(
+            model,
+            train_items,
+            args.seed,
+            args.pretrain_epochs,
+            args.pretrain_lr,
+            args.pretrain_batch,
+            device,
+            background_invariance=args.background_invariance,
+        )
         t_pre = time.time() - t
         t = time.time()
-        train_full(model, enc, train_items, args.seed, args.epochs, args.lr, args.batch_images, device,
-                   args.questions_per_image, balanced=args.balanced, train_tokens=args.train_tokens,
-                   contrast=args.contrast, affirmative_epochs=args.affirmative_epochs, match_aux=args.match_aux)
+        train_full(
+            model,
+            enc,
+            train_items,
+            args.seed,
+            args.epochs,
+            args.lr,
+            args.batch_images,
+            device,
+            args.questions_per_image,
+            balanced=args.balanced,
+            train_tokens=args.train_tokens,
+            contrast=args.contrast,
+            affirmative_epochs=args.affirmative_epochs,
+            match_aux=args.match_aux,
+        )
         t_full = time.time() - t
     else:  # stages 1-2 (and with --evaluate-only stage 3) come from --init-from
         t_pre = previous["training_seconds"]["vision_pretrain"]
         t_full = previous["training_seconds"]["full_model"]
-        keys = ["pretrain_epochs", "pretrain_lr", "pretrain_batch", "epochs", "lr", "batch_images",
-                "questions_per_image", "train_tokens", "train_images", "contrast", "affirmative_epochs",
-                "background_invariance", "match_aux", "balanced"]
+        keys = [
+            "pretrain_epochs",
+            "pretrain_lr",
+            "pretrain_batch",
+            "epochs",
+            "lr",
+            "batch_images",
+            "questions_per_image",
+            "train_tokens",
+            "train_images",
+            "contrast",
+            "affirmative_epochs",
+            "background_invariance",
+            "match_aux",
+            "balanced",
+        ]
         if args.evaluate_only:
             keys += ["prior_epochs", "prior_lr"]
         for key in keys:
@@ -834,8 +981,21 @@ def main(argv: list[str] | None = None) -> int:
         t_prior = previous["training_seconds"]["prior_stage"]
     else:
         if args.prior_epochs:
-            train_full(model, enc, train_items, args.seed, args.prior_epochs, args.prior_lr, args.batch_images, device,
-                       args.questions_per_image, balanced=False, stage=3, contrast=args.contrast, match_aux=args.match_aux)
+            train_full(
+                model,
+                enc,
+                train_items,
+                args.seed,
+                args.prior_epochs,
+                args.prior_lr,
+                args.batch_images,
+                device,
+                args.questions_per_image,
+                balanced=False,
+                stage=3,
+                contrast=args.contrast,
+                match_aux=args.match_aux,
+            )
         t_prior = time.time() - t
     model.eval()
     t_eval_start = time.time()
@@ -902,14 +1062,23 @@ def main(argv: list[str] | None = None) -> int:
         "question_only_baseline": baseline,
         "dependence_checks": checks,
         "dependence_check_images": n_check,
-        "object_tokens_per_image": {"mean": float(np.mean(cover)), "median": float(np.median(cover)),
-                                    "min": int(np.min(cover)), "max": int(np.max(cover))},
+        "object_tokens_per_image": {
+            "mean": float(np.mean(cover)),
+            "median": float(np.median(cover)),
+            "min": int(np.min(cover)),
+            "max": int(np.max(cover)),
+        },
         "parameters": n_params,
-        "training_seconds": {"vision_pretrain": round(t_pre, 1), "full_model": round(t_full, 1),
-                             "prior_stage": round(t_prior, 1), "evaluation": round(t_evaluation, 1),
-                             "total": round(t_pre + t_full + t_prior + t_evaluation, 1)},
-        "continued_from": (None if previous is None else
-                           previous.get("continued_from") if args.evaluate_only else str(args.init_from)),
+        "training_seconds": {
+            "vision_pretrain": round(t_pre, 1),
+            "full_model": round(t_full, 1),
+            "prior_stage": round(t_prior, 1),
+            "evaluation": round(t_evaluation, 1),
+            "total": round(t_pre + t_full + t_prior + t_evaluation, 1),
+        },
+        "continued_from": (
+            None if previous is None else previous.get("continued_from") if args.evaluate_only else str(args.init_from)
+        ),
         "re_evaluated": bool(args.evaluate_only),
         "device": f"{device.type}: {platform.processor() or platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
@@ -961,11 +1130,12 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"- Vision: CLIP-style, {vc.image_size} px, patch {vc.patch_size} → 16×16 = 256 vision tokens; "
         f"{vc.num_hidden_layers} encoder layers, hidden {vc.hidden_size}, {vc.num_attention_heads} heads. The language "
         f"model reads the last encoder layer (`vision_feature_layer={config.vision_feature_layer}`); CLS dropped "
-        "(`vision_feature_select_strategy=\"default\"`). The encoder lets a token see its neighbours (so an object "
+        '(`vision_feature_select_strategy="default"`). The encoder lets a token see its neighbours (so an object '
         "token can tell the shape); its training (below) keeps the object in the object's own tokens.",
         "- Projector: LLaVA's 2-layer GELU MLP.",
         f"- Decoder: Llama, {tc.num_hidden_layers} layers, hidden {tc.hidden_size}, {tc.num_attention_heads} query "
-        f"heads / {tc.num_key_value_heads} key-value heads (GQA), MLP {tc.intermediate_size}, vocabulary {tc.vocab_size}.",
+        f"heads / {tc.num_key_value_heads} key-value heads (GQA), MLP {tc.intermediate_size}, vocabulary "
+        f"{tc.vocab_size}.",
         "- Tokenizer: word-level (`tokenizers`) over the easy-VQA vocabulary + `user assistant :` + "
         "`<unk> <s> </s> <pad> <image>`. Prompt: `USER: <image>\\n{question} ASSISTANT:`; answer: one word + `</s>`.",
         "",
@@ -973,29 +1143,46 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         f"1. Vision pretraining ({m['args']['pretrain_epochs']} epochs, lr {m['args']['pretrain_lr']}, "
         f"{m['args'].get('pretrain_batch', '64')} images per step, AdamW, warm-up + cosine): every vision token the "
         f"object covers (≥ {OBJECT_COVER:.0%} of its patch) learns the object's colour (8) and shape (3); every token "
-        "the object does not touch learns \"background\" (object and background tokens weigh the same), plus the "
+        'the object does not touch learns "background" (object and background tokens weigh the same), plus the '
         "shape from the mean of the object's tokens. Labels come from the training questions and the object mask."
-        + (f" Background tokens must also come out of the tower as they do on the same canvas without the object "
-           f"(relative squared difference, weight {m['args']['background_invariance']}), so that the object's "
-           "attributes stay in the object's tokens." if float(m['args'].get('background_invariance', 0)) else ""),
+        + (
+            f" Background tokens must also come out of the tower as they do on the same canvas without the object "
+            f"(relative squared difference, weight {m['args']['background_invariance']}), so that the object's "
+            "attributes stay in the object's tokens."
+            if float(m["args"].get("background_invariance", 0))
+            else ""
+        ),
         f"2. Answers ({m['args']['epochs']} epochs, lr {m['args']['lr']}, AdamW, warm-up + cosine, "
-        f"{m['args']['batch_images']} images per step, {m['args']['questions_per_image']} of each image's questions per "
+        f"{m['args']['batch_images']} images per step, {m['args']['questions_per_image']} of each image's questions "
+        "per "
         "epoch, cycling through them; 0 = all"
-        + (f", plus {m['args']['contrast']} yes/no questions per image with balanced answers, half naming the image's "
-           "own colour or shape" if int(m['args'].get('contrast', 0)) else "")
+        + (
+            f", plus {m['args']['contrast']} yes/no questions per image with balanced answers, half naming the image's "
+            "own colour or shape"
+            if int(m["args"].get("contrast", 0))
+            else ""
+        )
         + "), **vision tower frozen** so the answer loss cannot spread the object into every token: cross-entropy on "
         "the answer word and (×0.5) on `</s>`."
-        + (" Each answer is weighted by 1 / (K·P(answer | question)) over the training questions (K answers seen for "
-           "that question), so that the question-only prior no longer lowers the loss."
-           if m['args'].get('balanced') == "True" else "")
-        + (f" Auxiliary linear probes (weight {m['args']['match_aux']}, discarded after training) read the decoder's "
-           "hidden state at the colour or shape word a yes/no question names: the image's colour and shape at layer "
-           f"{config.text_config.num_hidden_layers // 4}, whether the word matches the image and whether the question "
-           f"is negated at layer {config.text_config.num_hidden_layers // 2}, and the answer (match XOR negated) at "
-           f"layer {(3 * config.text_config.num_hidden_layers) // 4}. Without them the answer loss alone never "
-           "learned yes/no past the question-only baseline." if float(m['args'].get('match_aux', 0)) else "")
+        + (
+            " Each answer is weighted by 1 / (K·P(answer | question)) over the training questions (K answers seen for "
+            "that question), so that the question-only prior no longer lowers the loss."
+            if m["args"].get("balanced") == "True"
+            else ""
+        )
+        + (
+            f" Auxiliary linear probes (weight {m['args']['match_aux']}, discarded after training) read the decoder's "
+            "hidden state at the colour or shape word a yes/no question names: the image's colour and shape at layer "
+            f"{config.text_config.num_hidden_layers // 4}, whether the word matches the image and whether the question "
+            f"is negated at layer {config.text_config.num_hidden_layers // 2}, and the answer (match XOR negated) at "
+            f"layer {(3 * config.text_config.num_hidden_layers) // 4}. Without them the answer loss alone never "
+            "learned yes/no past the question-only baseline."
+            if float(m["args"].get("match_aux", 0))
+            else ""
+        )
         + " For speed the decoder sees "
-        f"{m['args'].get('train_tokens', '0')} of the 256 vision tokens per image in this stage (every token the object "
+        f"{m['args'].get('train_tokens', '0')} of the 256 vision tokens per image in this stage (every token the "
+        "object "
         "touches plus random background tokens, at their original positions; 0 = all). The question-independent "
         "vision prefix is run once per image and its KV cache shared by the image's questions (the same function "
         "as separate prompts; checked against a plain forward of the processor's prompt).",
@@ -1003,13 +1190,21 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         "answer weights and with all 256 vision tokens, so the model sees prompts of the length it is used with.",
         "",
         f"Training time: vision {m['training_seconds']['vision_pretrain'] / 60:.1f} min, answers "
-        f"{m['training_seconds']['full_model'] / 60:.1f} min, full prompts {m['training_seconds']['prior_stage'] / 60:.1f} min, "
+        f"{m['training_seconds']['full_model'] / 60:.1f} min, full prompts "
+        f"{m['training_seconds']['prior_stage'] / 60:.1f} min, "
         f"evaluation {m['training_seconds']['evaluation'] / 60:.1f} min on {m['device']} (torch {m['torch']})."
-        + (f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
-           "which is what the single default command does in one go." if m.get("continued_from") else "")
-        + (" The training run's own evaluation was stopped after the checkpoint was saved; the figures below come "
-           "from `--init-from CHECKPOINT --evaluate-only` on that checkpoint (same code, same test canvases)."
-           if m.get("re_evaluated") else ""),
+        + (
+            f" Stages 1-2 ran in one invocation and stage 3 in a second one (`--init-from {m['continued_from']}`), "
+            "which is what the single default command does in one go."
+            if m.get("continued_from")
+            else ""
+        )
+        + (
+            " The training run's own evaluation was stopped after the checkpoint was saved; the figures below come "
+            "from `--init-from CHECKPOINT --evaluate-only` on that checkpoint (same code, same test canvases)."
+            if m.get("re_evaluated")
+            else ""
+        ),
         "",
         "## Accuracy (test split, exact match, %)",
         "| evaluation | overall | shape | colour | yes/no | questions |",
@@ -1019,13 +1214,21 @@ def model_card(m: dict, config, ckpt: Path) -> str:
     ]
     if m.get("test_accuracy_by_placement"):
         lines.insert(-1, row("… images placed full-frame (128 px)", m["test_accuracy_by_placement"]["full_frame"]))
-        lines.insert(-1, row(f"… images placed small ({data.SCALE_RANGE[0]}–{data.SCALE_RANGE[1]} px)",
-                             m["test_accuracy_by_placement"]["placed"]))
+        lines.insert(
+            -1,
+            row(
+                f"… images placed small ({data.SCALE_RANGE[0]}–{data.SCALE_RANGE[1]} px)",
+                m["test_accuracy_by_placement"]["placed"],
+            ),
+        )
     if m.get("subset_accuracy"):
-        lines.append(row("fixed 200-question subset (`testset/prompts.jsonl`), greedy `generate()`", m["subset_accuracy"]))
+        lines.append(
+            row("fixed 200-question subset (`testset/prompts.jsonl`), greedy `generate()`", m["subset_accuracy"])
+        )
     lines += [
         "",
-        f"## Do the answers depend on the vision tokens? (first {m['dependence_check_images']} test images, first answer token, tokens removed before the decoder, %)",
+        f"## Do the answers depend on the vision tokens? (first {m['dependence_check_images']} test images, first "
+        "answer token, tokens removed before the decoder, %)",
         "| vision tokens given to the decoder | overall | shape | colour | yes/no | questions |",
         "| --- | --- | --- | --- | --- | --- |",
         row("all 256", c["first_token_all_tokens"]),
@@ -1035,19 +1238,24 @@ def model_card(m: dict, config, ckpt: Path) -> str:
         row("only those the object touches", c["object_tokens_only"]),
         row("none", c["no_vision_tokens"]),
         "",
-        "Removing tokens: the kept tokens keep their positions (as LightKV does); a random draw per image (seed 12345).",
-        f"Dropping half the tokens at random costs {100 * (c['first_token_all_tokens']['overall'] - c['random_drop_50']['overall']):.1f} "
+        "Removing tokens: the kept tokens keep their positions (as LightKV does); a random draw per image "
+        "(seed 12345).",
+        "Dropping half the tokens at random costs "
+        f"{100 * (c['first_token_all_tokens']['overall'] - c['random_drop_50']['overall']):.1f} "
         f"points; removing the object's tokens costs "
         f"{100 * (c['first_token_all_tokens']['overall'] - c['object_tokens_removed']['overall']):.1f} points.",
         "",
         "## Limits",
-        f"- Shape questions: {100 * m['test_accuracy']['shape']:.1f}% against {100 * m['question_only_baseline']['shape']:.1f}% "
+        f"- Shape questions: {100 * m['test_accuracy']['shape']:.1f}% against "
+        f"{100 * m['question_only_baseline']['shape']:.1f}% "
         f"from the question alone; yes/no: {100 * m['test_accuracy']['yes/no']:.1f}% against "
         f"{100 * m['question_only_baseline']['yes/no']:.1f}%. Where these are close, the model has not learned to read "
         "that attribute from the image in this training budget; colour is read from the object's tokens.",
         f"- Removing every token the object touches leaves shape at "
-        f"{100 * c['object_tokens_removed']['shape']:.1f}% (all tokens: {100 * c['first_token_all_tokens']['shape']:.1f}%) and "
-        f"colour at {100 * c['object_tokens_removed']['colour']:.1f}% (all tokens: {100 * c['first_token_all_tokens']['colour']:.1f}%): "
+        f"{100 * c['object_tokens_removed']['shape']:.1f}% (all tokens: "
+        f"{100 * c['first_token_all_tokens']['shape']:.1f}%) and "
+        f"colour at {100 * c['object_tokens_removed']['colour']:.1f}% (all tokens: "
+        f"{100 * c['first_token_all_tokens']['colour']:.1f}%): "
         "where the first figure stays high, the vision encoder's attention spread that attribute beyond the object's "
         "own tokens, and no token reduction can hurt it much.",
         "- Rebuilds follow the same data order, initialisation and placements from the seed; CPU kernels "

@@ -32,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ def cache_from_kwargs(kwargs: dict):
     return kwargs.get("cache") if cache is None else cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_param(fn) -> str:
     try:
         params = inspect.signature(fn).parameters
@@ -348,7 +349,9 @@ class SequencePress(Press):
             return None
         # decode (or a continued prefill)
         st = self._state
-        if input_ids is not None and bool(torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any()):
+        if input_ids is not None and bool(
+            torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any()
+        ):
             raise UnsupportedInputError(
                 "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
                 "in a later turn); compress one complete prompt per prefill"
@@ -471,9 +474,7 @@ class SequencePress(Press):
         pairs = None
         if result.pairs is not None:
             current = st.groups[-1].orig_index if st.groups else None
-            pairs = [
-                (p if current is None else current[b].to(p.device)[p]).cpu() for b, p in enumerate(result.pairs)
-            ]
+            pairs = [(p if current is None else current[b].to(p.device)[p]).cpu() for b, p in enumerate(result.pairs)]
         new_hidden, group = self._apply(st, layer, keep, result.hidden, kwargs)
         record.stages.append(
             StageRecord(
@@ -630,4 +631,3 @@ def _make_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Ten
         position_ids=None,
         layer_idx=layer,
     )
-

@@ -169,7 +169,9 @@ def attention_rows(
         yield torch.softmax(logits, dim=-1), visible
 
 
-def rope_queries(adapter: FamilyAdapter, layer: int, attn: nn.Module, q_out: torch.Tensor, qpos: torch.Tensor, position_embeddings) -> torch.Tensor:
+def rope_queries(
+    adapter: FamilyAdapter, layer: int, attn: nn.Module, q_out: torch.Tensor, qpos: torch.Tensor, position_embeddings
+) -> torch.Tensor:
     """Post-RoPE float32 queries ``(B, H, τ, d)`` of ``layer`` at prompt positions ``qpos``.
 
     Args:
@@ -177,7 +179,7 @@ def rope_queries(adapter: FamilyAdapter, layer: int, attn: nn.Module, q_out: tor
         qpos: ``(τ,)`` long positions.
         position_embeddings: ``(cos, sin)`` as the layer received them (sequence on axis -2).
     """
-    B, S, _ = q_out.shape
+    B = q_out.shape[0]
     d = attn.head_dim
     q = q_out[:, qpos.to(q_out.device)].view(B, qpos.numel(), -1, d)
     if getattr(attn, "q_norm", None) is not None:
@@ -283,7 +285,7 @@ class EvictionPress(Press):
                     "padded batches; run prompts one at a time or batch prompts of equal length"
                 )
             vis_rows = adapter.vision_mask(input_ids).cpu()  # (B, S); eviction needs no grid
-            B, S = input_ids.shape[:2]
+            S = input_ids.shape[1]
             vision = vis_rows[0].clone()
             if bool((vis_rows != vision).any()):
                 raise UnsupportedInputError(
@@ -293,12 +295,16 @@ class EvictionPress(Press):
             qpos = self.observation(S, vision)
             self._state = _EvictState(
                 phase="off" if qpos is None or qpos.numel() == 0 else "prefill",
-                seq_len=S, vision=vision, qpos=qpos, cache=cache,
+                seq_len=S,
+                vision=vision,
+                qpos=qpos,
+                cache=cache,
             )
             if self._state.phase == "off":
                 n_vis = int(vision.sum())
-                self._last_prefill = EvictionRecord(S, n_vis, adapter.num_layers, [S] * adapter.num_layers,
-                                                    [float(n_vis)] * adapter.num_layers)
+                self._last_prefill = EvictionRecord(
+                    S, n_vis, adapter.num_layers, [S] * adapter.num_layers, [float(n_vis)] * adapter.num_layers
+                )
             return None
         if input_ids is not None and bool(adapter.vision_mask(input_ids).any()):
             raise UnsupportedInputError(

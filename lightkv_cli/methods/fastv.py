@@ -64,8 +64,12 @@ class FastV(SequencePress):
 
     def describe(self) -> dict:
         """Parameters for results files."""
-        return {"layer": self.layer, "ratio": round(self.ratio, 6), "positions": self.positions,
-                "schedule_note": self.schedule_note}
+        return {
+            "layer": self.layer,
+            "ratio": round(self.ratio, 6),
+            "positions": self.positions,
+            "schedule_note": self.schedule_note,
+        }
 
     def stage_layers(self, num_layers: int) -> list[int]:
         """The scoring layer ``K − 1`` (none when ``ratio`` is 0)."""
@@ -75,7 +79,9 @@ class FastV(SequencePress):
         """Raise ``UserError`` when ``K`` leaves no layer to compress."""
         L = adapter.num_layers
         if self.layer > L - 1:
-            raise UserError(f"FastV layer K={self.layer} leaves no layer to compress: this model has {L} decoder layers")
+            raise UserError(
+                f"FastV layer K={self.layer} leaves no layer to compress: this model has {L} decoder layers"
+            )
 
     def dropped(self, n: int) -> int:
         """Vision tokens dropped out of ``n`` droppable ones: ``⌊ratio·n⌋``."""
@@ -95,7 +101,7 @@ class FastV(SequencePress):
         return counts
 
     @classmethod
-    def for_retention(cls, retention: float, model: nn.Module, layer: int = 2, positions: str = "keep") -> "FastV":
+    def for_retention(cls, retention: float, model: nn.Module, layer: int = 2, positions: str = "keep") -> FastV:
         """FastV at layer ``K`` whose drop ratio gives average vision retention closest to ``retention``.
 
         ``R = (1 − retention)·L / (L − K)``, then the closest achievable count.
@@ -118,10 +124,12 @@ class FastV(SequencePress):
         ratio = min(1.0, (1.0 - retention) * L / (L - layer))
         press = cls(layer=layer, ratio=round(ratio, 6), positions=positions)
         press.predict(model)
-        press.schedule_note = f"drop {press.ratio:.4f} of the vision tokens before layer {layer} of {L}, solved for target {retention:g}"
+        press.schedule_note = (
+            f"drop {press.ratio:.4f} of the vision tokens before layer {layer} of {L}, solved for target {retention:g}"
+        )
         return press
 
-    def with_fixed_scores(self, scores: torch.Tensor) -> "FastV":
+    def with_fixed_scores(self, scores: torch.Tensor) -> FastV:
         """A copy that ranks vision tokens by the given ``(B, n)`` scores instead of attention.
 
         Replaying ``press.last_prefill.stages[0].guidance`` on a longer input (prompt + generated

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -141,9 +141,7 @@ class LightKV(SequencePress):
                 f"so stages must be after layers 0..{L - 2}"
             )
 
-    def predict(
-        self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0
-    ) -> list[int]:
+    def predict(self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0) -> list[int]:
         """Predicted vision tokens cached by each decoder layer (length ``L``).
 
         Args:
@@ -164,7 +162,7 @@ class LightKV(SequencePress):
     @classmethod
     def for_retention(
         cls, retention: float, model: nn.Module, guidance: str = "cross", positions: str = "keep"
-    ) -> "LightKV":
+    ) -> LightKV:
         """Build a schedule whose average vision retention is as close as possible to ``retention``.
 
         Rules (METHODS.md §1): stages at 3/8, 9/16 and 3/4 of the decoder depth with 4, 2, 1
@@ -232,7 +230,7 @@ class LightKV(SequencePress):
             f"(about {lowest:.3f} with stages after layers {floor_layers}); choose a larger target"
         )
 
-    def with_fixed_guidance(self, guidance: list[torch.Tensor]) -> "LightKV":
+    def with_fixed_guidance(self, guidance: list[torch.Tensor]) -> LightKV:
         """A copy that uses the given per-stage guidance weights instead of computing them.
 
         For verification and reproduction: replaying the weights recorded in
@@ -284,7 +282,9 @@ class LightKV(SequencePress):
             plans.append(bipartite_plan(feats, wid.to(hidden.device), num_windows, ratio))
         return plans, mergeable_idx
 
-    def _merge(self, inp: StageInput, plans: list[MergePlan], mergeable_idx: list[torch.Tensor], g_all: torch.Tensor) -> StageOutput:
+    def _merge(
+        self, inp: StageInput, plans: list[MergePlan], mergeable_idx: list[torch.Tensor], g_all: torch.Tensor
+    ) -> StageOutput:
         """Guidance-weighted mean of each merged A token into its B token (float32); survivors mask."""
         hidden = inp.hidden
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)

@@ -83,7 +83,7 @@ class MergePlan:
     def __len__(self) -> int:
         return int(self.src.numel())
 
-    def top(self, m: int) -> "MergePlan":
+    def top(self, m: int) -> MergePlan:
         """Keep the ``m`` most similar pairs (used to equalise counts across batch rows)."""
         if m >= len(self):
             return self
@@ -158,9 +158,7 @@ def bipartite_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, 
     return MergePlan(src[order], dst[order], score[order])
 
 
-def simulate_counts(
-    grid: tuple[int, int], stages: list[tuple[int, float]], special: int = 0
-) -> list[int]:
+def simulate_counts(grid: tuple[int, int], stages: list[tuple[int, float]], special: int = 0) -> list[int]:
     """Vision tokens of one image left after each stage, predicted from the schedule alone.
 
     Merges the first ``r_w`` A tokens of each window (any choice gives the same counts when the

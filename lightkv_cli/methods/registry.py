@@ -5,14 +5,13 @@ Names are what users type (``--methods lightkv,lightkv-uniform``) and what resul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.lightkv import LightKV
-
 
 #: How a method compresses (shown by ``lightkv methods`` and in reports).
 KIND_MERGE, KIND_DROP, KIND_EVICT = "in-prefill merge", "in-prefill drop", "post-prefill eviction"
@@ -47,19 +46,43 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
-        MethodInfo("lightkv", "LightKV (TMLR 2026): prompt-guided vision-token merging in prefill, cross guidance (published)",
-                   KIND_MERGE, "cross", True),
-        MethodInfo("lightkv-prompt", "LightKV with guidance from the attention the prompt pays to each vision token",
-                   KIND_MERGE, "prompt", True),
-        MethodInfo("lightkv-uniform", "LightKV without prompt guidance (plain mean merge): the paper's ablation",
-                   KIND_MERGE, "uniform", True),
-        MethodInfo("vlcache", "VL-Cache (ICLR 2025): post-prefill eviction of vision and text, sparsity-aware layer budgets",
-                   KIND_EVICT),
+        MethodInfo(
+            "lightkv",
+            "LightKV (TMLR 2026): prompt-guided vision-token merging in prefill, cross guidance (published)",
+            KIND_MERGE,
+            "cross",
+            True,
+        ),
+        MethodInfo(
+            "lightkv-prompt",
+            "LightKV with guidance from the attention the prompt pays to each vision token",
+            KIND_MERGE,
+            "prompt",
+            True,
+        ),
+        MethodInfo(
+            "lightkv-uniform",
+            "LightKV without prompt guidance (plain mean merge): the paper's ablation",
+            KIND_MERGE,
+            "uniform",
+            True,
+        ),
+        MethodInfo(
+            "vlcache",
+            "VL-Cache (ICLR 2025): post-prefill eviction of vision and text, sparsity-aware layer budgets",
+            KIND_EVICT,
+        ),
         MethodInfo("fastv", "FastV (ECCV 2024): drop the least-attended vision tokens before layer 2", KIND_DROP),
-        MethodInfo("snapkv", "SnapKV (NeurIPS 2024): post-prefill eviction by an observation window's attention",
-                   KIND_EVICT),
-        MethodInfo("random", "Random drop on LightKV's stages (seeded): the floor every method must beat",
-                   KIND_DROP, None, True),
+        MethodInfo(
+            "snapkv", "SnapKV (NeurIPS 2024): post-prefill eviction by an observation window's attention", KIND_EVICT
+        ),
+        MethodInfo(
+            "random",
+            "Random drop on LightKV's stages (seeded): the floor every method must beat",
+            KIND_DROP,
+            None,
+            True,
+        ),
     )
 }
 #: The method name for each LightKV guidance mode (``lightkv profile --guidance``).
@@ -92,7 +115,7 @@ class Schedule:
         return {"layers": list(self.layers), "windows": list(self.windows), "ratios": list(self.ratios)}
 
     @classmethod
-    def build(cls, layers: Sequence[int], windows: Sequence[int], ratios: Sequence[float]) -> "Schedule":
+    def build(cls, layers: Sequence[int], windows: Sequence[int], ratios: Sequence[float]) -> Schedule:
         """A schedule with single windows/ratios values broadcast to every stage.
 
         Raises:
@@ -185,8 +208,13 @@ def make_press(
     cls = RandomDrop if method == "random" else LightKV
     kwargs = {} if method == "random" else {"guidance": info.guidance}
     if schedule is not None:
-        press = cls(layers=list(schedule.layers), windows=list(schedule.windows), ratios=list(schedule.ratios),
-                    positions=positions, **kwargs)
+        press = cls(
+            layers=list(schedule.layers),
+            windows=list(schedule.windows),
+            ratios=list(schedule.ratios),
+            positions=positions,
+            **kwargs,
+        )
         press.predict(model)
         press.schedule_note = f"explicit schedule {schedule.label()}"
         return press

@@ -59,8 +59,13 @@ class SnapKV(EvictionPress):
 
     def describe(self) -> dict:
         """Parameters for results files."""
-        return {"budget": self.budget, "match_retention": self.match_retention, "window": self.window, "kernel": self.kernel,
-                "schedule_note": self.schedule_note}
+        return {
+            "budget": self.budget,
+            "match_retention": self.match_retention,
+            "window": self.window,
+            "kernel": self.kernel,
+            "schedule_note": self.schedule_note,
+        }
 
     def observation(self, seq_len: int, vision: torch.Tensor) -> torch.Tensor:
         """The last ``window`` prompt positions."""

@@ -8,8 +8,8 @@ in ``shared/docs/METHODS.md`` §2 (no official code is public).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -17,7 +17,9 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.methods.eviction import EvictionPress, check_fraction, group_mean, keep_budget, select_per_head
 
 
-def layer_budgets(density: Sequence[float], alpha: float, seq_len: int, min_fraction: float = 0.01) -> tuple[list[int], list[float]]:
+def layer_budgets(
+    density: Sequence[float], alpha: float, seq_len: int, min_fraction: float = 0.01
+) -> tuple[list[int], list[float]]:
     """Sparsity-aware per-layer budgets that sum exactly to the global budget.
 
     ``β_l = clip(α·L·d_l / Σ d, min_fraction, 1)`` and layer ``l`` keeps ``k_l = β_l·S`` tokens. When

@@ -9,8 +9,8 @@ Qwen2-VL, ...) means adding an adapter here, not touching the methods.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ class VisionLayout:
             counts.index_add_(0, owner, per_grid[: len(self.grids)])
         return [int(c) for c in counts]
 
-    def select(self, keep: torch.Tensor, new_positions: torch.Tensor) -> "VisionLayout":
+    def select(self, keep: torch.Tensor, new_positions: torch.Tensor) -> VisionLayout:
         """The layout of the surviving vision tokens (``keep``: ``(n,)`` bool) at new positions."""
         return VisionLayout(
             positions=new_positions,
@@ -613,7 +613,11 @@ class Qwen2VLAdapter(FamilyAdapter):
                     pieces = _split_frames(thw[:, start:end])
                     video_owner = None
                     for a, z in pieces:
-                        t, h, w = thw[0, start + a : start + z], thw[1, start + a : start + z], thw[2, start + a : start + z]
+                        t, h, w = (
+                            thw[0, start + a : start + z],
+                            thw[1, start + a : start + z],
+                            thw[2, start + a : start + z],
+                        )
                         rows = h - h.min()
                         cols = w - w.min()
                         R, C = int(rows.max()) + 1, int(cols.max()) + 1
@@ -689,8 +693,10 @@ def _split_frames(thw: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _cut_image(row: int, qwen: bool = False) -> UnsupportedInputError:
-    what = "the image grid recovered from the M-RoPE positions is not a full rectangle" if qwen else (
-        "an image's base grid or newline-terminated rows are incomplete"
+    what = (
+        "the image grid recovered from the M-RoPE positions is not a full rectangle"
+        if qwen
+        else ("an image's base grid or newline-terminated rows are incomplete")
     )
     return UnsupportedInputError(
         f"row {row}: {what}: an image is split across forward calls (chunked prefill) or the prompt was "

@@ -30,8 +30,11 @@ ALIASES = {
 _SHIPPED_CONFIGS = {source: source.replace("/", "__") + ".json" for source in ALIASES.values()}
 #: Approximate download size of each aliased checkpoint (for the missing-weights message), GB.
 _DOWNLOAD_GB = {
-    "llava-hf/llava-1.5-7b-hf": 14, "llava-hf/llava-v1.6-vicuna-7b-hf": 14, "llava-hf/llava-v1.6-mistral-7b-hf": 15,
-    "Qwen/Qwen2-VL-7B-Instruct": 17, "Qwen/Qwen2.5-VL-7B-Instruct": 17,
+    "llava-hf/llava-1.5-7b-hf": 14,
+    "llava-hf/llava-v1.6-vicuna-7b-hf": 14,
+    "llava-hf/llava-v1.6-mistral-7b-hf": 15,
+    "Qwen/Qwen2-VL-7B-Instruct": 17,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 17,
 }
 #: ``config.model_type`` → (transformers class name, family label).
 _FAMILY_CLASSES = {
@@ -161,9 +164,7 @@ def _family_class(model_type: str):
         import transformers
 
         return getattr(transformers, _FAMILY_CLASSES[model_type])
-    raise UserError(
-        f"model family '{model_type}' is not supported yet; supported: {', '.join(supported_families())}"
-    )
+    raise UserError(f"model family '{model_type}' is not supported yet; supported: {', '.join(supported_families())}")
 
 
 def _resolve_source(name: str) -> tuple[str, bool]:
@@ -179,7 +180,8 @@ def _resolve_source(name: str) -> tuple[str, bool]:
 
         if not (CHECKPOINT_DIR / "model.safetensors").is_file():
             raise UserError(
-                f"the embedded {DEMO_NAME} checkpoint is missing from {CHECKPOINT_DIR}; reinstall lightkv, or rebuild it "
+                f"the embedded {DEMO_NAME} checkpoint is missing from {CHECKPOINT_DIR}; reinstall lightkv, or rebuild "
+                "it "
                 "with: pip install 'lightkv[train]' && python -m lightkv_cli.demo_model.train"
             )
         return str(CHECKPOINT_DIR), True
@@ -192,7 +194,9 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
         return name, False
     known = ", ".join([DEMO_NAME, *TINY_NAMES, *ALIASES])
-    raise UserError(f"unknown model '{name}': use one of {known}, a Hugging Face id (org/name) or a local checkpoint path")
+    raise UserError(
+        f"unknown model '{name}': use one of {known}, a Hugging Face id (org/name) or a local checkpoint path"
+    )
 
 
 def _load_config(source: str, local: bool):
@@ -224,7 +228,9 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def load_model(name: str = DEFAULT_MODEL, init: str = "pretrained", device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL, init: str = "pretrained", device: str = "auto", dtype: str = "auto"
+) -> LoadedModel:
     """Load ``name`` for profiling.
 
     Args:
@@ -295,7 +301,8 @@ def load_model(name: str = DEFAULT_MODEL, init: str = "pretrained", device: str 
     if avail is not None and need > 0.9 * avail:
         raise UserError(
             f"random weights of '{name}' need {need / 2**30:.1f} GiB in {str(dt).replace('torch.', '')} but only "
-            f"{avail / 2**30:.1f} GiB is free on {dev}; use a GPU (--device cuda), a smaller --dtype, or a smaller model"
+            f"{avail / 2**30:.1f} GiB is free on {dev}; use a GPU (--device cuda), a smaller --dtype, or a smaller "
+            "model"
         )
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]), torch.device(dev):
@@ -310,8 +317,10 @@ def _demo_note() -> str:
     """One line on what the embedded demo model is and how accurate it is (from its ``metrics.json``)."""
     from lightkv_cli.demo_model import CHECKPOINT_DIR
 
-    note = (f"{DEMO_NAME}: lightkv's embedded demo model, a small LLaVA trained from scratch on easy-VQA "
-            "(one coloured shape on a 128 px canvas); its answers only mean something on easy-VQA-style images")
+    note = (
+        f"{DEMO_NAME}: lightkv's embedded demo model, a small LLaVA trained from scratch on easy-VQA "
+        "(one coloured shape on a 128 px canvas); its answers only mean something on easy-VQA-style images"
+    )
     try:
         acc = json.loads((CHECKPOINT_DIR / "metrics.json").read_text())["test_accuracy"]["overall"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -362,12 +371,16 @@ def _fallback_processor(config):
 
         size = config.vision_config.image_size
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
             image_grid_pinpoints=config.image_grid_pinpoints,
         )
         processor = LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
             image_token="<image>",
         )
     else:
@@ -418,8 +431,10 @@ def _published_schedules() -> dict[str, dict]:
             model, method = data.get("model", {}), data.get("method", {})
             if model.get("name") and model["name"] not in found and method.get("layers"):
                 found[model["name"]] = {
-                    "layers": list(method["layers"]), "windows": list(method.get("windows", [])),
-                    "ratios": list(method.get("ratios", [])), "profile": str(path),
+                    "layers": list(method["layers"]),
+                    "windows": list(method.get("windows", [])),
+                    "ratios": list(method.get("ratios", [])),
+                    "profile": str(path),
                 }
     return found
 
@@ -460,21 +475,40 @@ def list_models() -> list[dict]:
     out = []
     try:
         demo = json.loads((CHECKPOINT_DIR / "config.json").read_text())
-        out.append({"name": DEMO_NAME, "source": "embedded (trained)", "family": demo["model_type"],
-                    "layers": demo["text_config"]["num_hidden_layers"], "weights": "embedded",
-                    "published_schedule": None})
+        out.append(
+            {
+                "name": DEMO_NAME,
+                "source": "embedded (trained)",
+                "family": demo["model_type"],
+                "layers": demo["text_config"]["num_hidden_layers"],
+                "weights": "embedded",
+                "published_schedule": None,
+            }
+        )
     except (OSError, ValueError, KeyError):
         pass
     for name in TINY_NAMES:
-        out.append({"name": name, "source": "embedded", "family": tiny.TINY_MODELS[name][0],
-                    "layers": text_layers[name], "weights": "embedded", "published_schedule": None})
+        out.append(
+            {
+                "name": name,
+                "source": "embedded",
+                "family": tiny.TINY_MODELS[name][0],
+                "layers": text_layers[name],
+                "weights": "embedded",
+                "published_schedule": None,
+            }
+        )
     published = _published_schedules()
     for name, source in ALIASES.items():
         data = json.loads((Path(__file__).parent / "configs" / _SHIPPED_CONFIGS[source]).read_text())
-        out.append({
-            "name": name, "source": source, "family": data["model_type"],
-            "layers": data["text_config"]["num_hidden_layers"],
-            "weights": "local" if _weights_in_cache(source) else "missing",
-            "published_schedule": published.get(source),
-        })
+        out.append(
+            {
+                "name": name,
+                "source": source,
+                "family": data["model_type"],
+                "layers": data["text_config"]["num_hidden_layers"],
+                "weights": "local" if _weights_in_cache(source) else "missing",
+                "published_schedule": published.get(source),
+            }
+        )
     return out

@@ -21,8 +21,8 @@ definition:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class QwenVLProcessor:
         )
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, **kwargs) -> "QwenVLProcessor":
+    def from_pretrained(cls, source: str | Path, **kwargs) -> QwenVLProcessor:
         """Load the tokenizer and the PIL image processor of a checkpoint (directory or cached Hub id).
 
         Raises:
@@ -105,7 +105,6 @@ class QwenVLProcessor:
             ValueError: no frames.
         """
         from PIL import Image
-
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         if not frames:

@@ -67,7 +67,14 @@ def default_cache_dir() -> Path:
 
 
 #: Extra special tokens of the Qwen-style tiny tokenizers (chat turns and vision placeholders).
-QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def build_tokenizer(extra_special_tokens=(), add_bos: bool = True, eos_token: str = "</s>"):
@@ -150,9 +157,7 @@ def build_processor(tokenizer, vision_config):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     size = vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -165,25 +170,60 @@ def build_processor(tokenizer, vision_config):
 
 # --- LLaVA-NeXT: CLIP tower at 112 px (8×8 base grid), anyres tiles of 112 px -------------------
 NEXT_VISION_CONFIG = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-    image_size=112, patch_size=14, projection_dim=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=112,
+    patch_size=14,
+    projection_dim=32,
 )
 #: (height, width) resolutions of the high-resolution view: up to 2×2 or 1×3 tiles of 112 px.
 NEXT_PINPOINTS = [[112, 224], [224, 112], [224, 224], [112, 336], [336, 112]]
 SMALL_TEXT_CONFIG = dict(
-    hidden_size=128, intermediate_size=344, num_hidden_layers=12, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.05,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    initializer_range=0.05,
 )
 
 # --- Qwen2-VL / Qwen2.5-VL: 14 px patches, 2×2 merge, at most 256 tokens per image --------------
-QWEN_VISION_CONFIG = dict(depth=2, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2)
-QWEN25_VISION_CONFIG = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
-                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                            fullatt_block_indexes=[1], tokens_per_second=2)
+QWEN_VISION_CONFIG = dict(
+    depth=2,
+    embed_dim=32,
+    hidden_size=128,
+    num_heads=2,
+    mlp_ratio=2,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+QWEN25_VISION_CONFIG = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=128,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=56,
+    fullatt_block_indexes=[1],
+    tokens_per_second=2,
+)
 QWEN_TEXT_CONFIG = dict(
-    hidden_size=128, intermediate_size=344, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.05,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    initializer_range=0.05,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
 )
 #: Pixel bounds of the tiny Qwen image processor: 4 to 256 tokens per image (28 px per token).
@@ -191,26 +231,48 @@ QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 256
 
 
 def _build_llava_next(tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    text = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SMALL_TEXT_CONFIG)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SMALL_TEXT_CONFIG,
+    )
     vision = CLIPVisionConfig(**NEXT_VISION_CONFIG)
     side = vision.image_size // vision.patch_size
     config = LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=side * side, tie_word_embeddings=False,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=side * side,
+        tie_word_embeddings=False,
     )
     config.pad_token_id = tokenizer.pad_token_id
     size = vision.image_size
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=NEXT_PINPOINTS,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=NEXT_PINPOINTS,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
     )
     return LlavaNextForConditionalGeneration, config, processor
 
@@ -235,18 +297,29 @@ def _build_qwen(tokenizer, v25: bool):
 
         vision = dict(QWEN_VISION_CONFIG)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    text = dict(QWEN_TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=None,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = dict(
+        QWEN_TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config = Config(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-        patch_size=14, temporal_patch_size=2, merge_size=2,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
     )
     return Model, config, QwenVLProcessor(image_processor, tokenizer)
 
@@ -260,23 +333,43 @@ def _build_llava(tokenizer):
 
 #: name → (family, description, tokenizer factory, builder, fingerprint spec).
 TINY_MODELS = {
-    "tiny": ("llava", "LLaVA-1.5 architecture: 336 px CLIP tower (24×24 = 576 vision tokens), 16-layer Llama decoder",
-             build_tokenizer, _build_llava, [TINY_REVISION, SPECIAL_TOKENS, VISION_CONFIG, TEXT_CONFIG, SEED]),
-    "tiny-llava-next": ("llava_next", "LLaVA-NeXT architecture: 112 px CLIP tower (8×8 base grid) + anyres tiles "
-                        "(up to 16×16 + newlines), 12-layer Llama decoder", build_tokenizer, _build_llava_next,
-                        ["v1", SPECIAL_TOKENS, NEXT_VISION_CONFIG, NEXT_PINPOINTS, SMALL_TEXT_CONFIG, SEED]),
-    "tiny-qwen2-vl": ("qwen2_vl", "Qwen2-VL architecture: dynamic resolution (4-256 tokens per image, 2×2 merge), "
-                      "M-RoPE, 12-layer decoder", _qwen_tokenizer, lambda t: _build_qwen(t, False),
-                      ["v1", QWEN_SPECIAL_TOKENS, QWEN_VISION_CONFIG, QWEN_TEXT_CONFIG, QWEN_MAX_PIXELS, SEED]),
-    "tiny-qwen2.5-vl": ("qwen2_5_vl", "Qwen2.5-VL architecture: dynamic resolution (4-256 tokens per image, 2×2 "
-                        "merge), windowed vision attention, M-RoPE, 12-layer decoder", _qwen_tokenizer,
-                        lambda t: _build_qwen(t, True),
-                        ["v1", QWEN_SPECIAL_TOKENS, QWEN25_VISION_CONFIG, QWEN_TEXT_CONFIG, QWEN_MAX_PIXELS, SEED]),
+    "tiny": (
+        "llava",
+        "LLaVA-1.5 architecture: 336 px CLIP tower (24×24 = 576 vision tokens), 16-layer Llama decoder",
+        build_tokenizer,
+        _build_llava,
+        [TINY_REVISION, SPECIAL_TOKENS, VISION_CONFIG, TEXT_CONFIG, SEED],
+    ),
+    "tiny-llava-next": (
+        "llava_next",
+        "LLaVA-NeXT architecture: 112 px CLIP tower (8×8 base grid) + anyres tiles "
+        "(up to 16×16 + newlines), 12-layer Llama decoder",
+        build_tokenizer,
+        _build_llava_next,
+        ["v1", SPECIAL_TOKENS, NEXT_VISION_CONFIG, NEXT_PINPOINTS, SMALL_TEXT_CONFIG, SEED],
+    ),
+    "tiny-qwen2-vl": (
+        "qwen2_vl",
+        "Qwen2-VL architecture: dynamic resolution (4-256 tokens per image, 2×2 merge), M-RoPE, 12-layer decoder",
+        _qwen_tokenizer,
+        lambda t: _build_qwen(t, False),
+        ["v1", QWEN_SPECIAL_TOKENS, QWEN_VISION_CONFIG, QWEN_TEXT_CONFIG, QWEN_MAX_PIXELS, SEED],
+    ),
+    "tiny-qwen2.5-vl": (
+        "qwen2_5_vl",
+        "Qwen2.5-VL architecture: dynamic resolution (4-256 tokens per image, 2×2 "
+        "merge), windowed vision attention, M-RoPE, 12-layer decoder",
+        _qwen_tokenizer,
+        lambda t: _build_qwen(t, True),
+        ["v1", QWEN_SPECIAL_TOKENS, QWEN25_VISION_CONFIG, QWEN_TEXT_CONFIG, QWEN_MAX_PIXELS, SEED],
+    ),
 }
 
 
 def _fingerprint(name: str = TINY_NAME) -> str:
-    spec = TINY_MODELS[name][4] if name != TINY_NAME else [TINY_REVISION, SPECIAL_TOKENS, VISION_CONFIG, TEXT_CONFIG, SEED]
+    spec = (
+        TINY_MODELS[name][4] if name != TINY_NAME else [TINY_REVISION, SPECIAL_TOKENS, VISION_CONFIG, TEXT_CONFIG, SEED]
+    )
     text = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

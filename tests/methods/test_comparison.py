@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_lightkv import _generate
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
@@ -18,7 +19,6 @@ from lightkv_cli.methods.registry import METHODS, make_press
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache, layer_budgets
 from lightkv_cli.runtime import cache_stats
-from test_lightkv import _generate
 
 QUESTION = "What is in this picture? Describe it please."
 SCHEDULE = dict(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[0.5, 0.5, 0.5])
@@ -28,7 +28,9 @@ SCHEDULE = dict(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[0.5, 0.5, 0.5])
 def eager(tiny):
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(tiny.source, dtype=torch.float32, attn_implementation="eager").eval()
+    return LlavaForConditionalGeneration.from_pretrained(
+        tiny.source, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def attentions(eager, one):
 
 
 def _vision_mask(tiny, ids):
-    return (ids[0] == tiny.adapter.image_token_id())
+    return ids[0] == tiny.adapter.image_token_id()
 
 
 def _assert_same_top(brute: torch.Tensor, kept: torch.Tensor, k: int, tol: float = 1e-5):
@@ -63,15 +65,27 @@ def _assert_same_top(brute: torch.Tensor, kept: torch.Tensor, k: int, tol: float
 def test_registry_names_and_kinds():
     assert list(METHODS) == ["lightkv", "lightkv-prompt", "lightkv-uniform", "vlcache", "fastv", "snapkv", "random"]
     assert {m.name for m in METHODS.values() if m.kind == "post-prefill eviction"} == {"vlcache", "snapkv"}
-    assert {m.name for m in METHODS.values() if m.schedules} == {"lightkv", "lightkv-prompt", "lightkv-uniform", "random"}
+    assert {m.name for m in METHODS.values() if m.schedules} == {
+        "lightkv",
+        "lightkv-prompt",
+        "lightkv-uniform",
+        "random",
+    }
 
 
 def test_make_press_types_and_schedule_refusal(tiny):
     from lightkv_cli.methods.registry import Schedule
 
     kinds = {m: type(make_press(m, tiny.model, target=0.55)).__name__ for m in METHODS}
-    assert kinds == {"lightkv": "LightKV", "lightkv-prompt": "LightKV", "lightkv-uniform": "LightKV",
-                     "vlcache": "VLCache", "fastv": "FastV", "snapkv": "SnapKV", "random": "RandomDrop"}
+    assert kinds == {
+        "lightkv": "LightKV",
+        "lightkv-prompt": "LightKV",
+        "lightkv-uniform": "LightKV",
+        "vlcache": "VLCache",
+        "fastv": "FastV",
+        "snapkv": "SnapKV",
+        "random": "RandomDrop",
+    }
     with pytest.raises(UserError, match="does not take a LightKV schedule"):
         make_press("vlcache", tiny.model, schedule=Schedule.build([3, 6, 9], [4, 2, 1], [0.5]))
 
@@ -79,12 +93,16 @@ def test_make_press_types_and_schedule_refusal(tiny):
 # ------------------------------------------------------------------------------------ keep everything
 
 
-@pytest.mark.parametrize("press", [
-    RandomDrop(**{**SCHEDULE, "ratios": [0.0, 0.0, 0.0]}),
-    FastV(layer=2, ratio=0.0),
-    VLCache(budget=1.0),
-    SnapKV(budget=1.0),
-], ids=["random", "fastv", "vlcache", "snapkv"])
+@pytest.mark.parametrize(
+    "press",
+    [
+        RandomDrop(**{**SCHEDULE, "ratios": [0.0, 0.0, 0.0]}),
+        FastV(layer=2, ratio=0.0),
+        VLCache(budget=1.0),
+        SnapKV(budget=1.0),
+    ],
+    ids=["random", "fastv", "vlcache", "snapkv"],
+)
 def test_keep_everything_is_bit_identical(tiny, one, press):
     model = tiny.model
     with torch.no_grad():
@@ -115,8 +133,11 @@ def _evicted_reference(eager, ids, pixel_values, kept, S):
         kp = torch.zeros(1, Hkv, S, dtype=torch.bool).scatter_(2, idx, True).repeat_interleave(H // Hkv, dim=1)
         allow[:, :, S:, :S] = kp[:, :, None, :]
         mask = torch.zeros(1, H, T, T).masked_fill(~allow, torch.finfo(torch.float32).min)
-        handles.append(layer.register_forward_pre_hook(
-            lambda mod, a, kw, m=mask: (a, {**kw, "attention_mask": m}), with_kwargs=True))
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda mod, a, kw, m=mask: (a, {**kw, "attention_mask": m}), with_kwargs=True
+            )
+        )
     try:
         with torch.no_grad():
             return eager(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
@@ -147,7 +168,9 @@ def test_fastv_decode_equals_uncached_reference(tiny, one):
     for t, step_logits in enumerate(out.logits):
         ids = out.sequences[:, : S + t]
         with torch.no_grad(), fixed(tiny.model):
-            full = tiny.model(input_ids=ids, pixel_values=one["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
+            full = tiny.model(
+                input_ids=ids, pixel_values=one["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False
+            )
         assert (full.logits[:, -1] - step_logits).abs().max().item() <= 1e-4, f"step {t}"
 
 
@@ -158,7 +181,9 @@ def test_random_decode_equals_uncached_reference(tiny, one):
     for t, step_logits in enumerate(out.logits):
         ids = out.sequences[:, : S + t]
         with torch.no_grad(), press(tiny.model):  # same seed: the same tokens are dropped
-            full = tiny.model(input_ids=ids, pixel_values=one["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
+            full = tiny.model(
+                input_ids=ids, pixel_values=one["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False
+            )
         assert (full.logits[:, -1] - step_logits).abs().max().item() <= 1e-4, f"step {t}"
 
 
@@ -180,7 +205,7 @@ def test_vlcache_budgets_sum_exactly_and_follow_density(seed):
     L, S = 32, int(torch.randint(50, 3000, (1,), generator=g))
     density = torch.rand(L, generator=g).tolist()
     alpha = float(torch.rand(1, generator=g)) * 0.9 + 0.05
-    budgets, betas = layer_budgets(density, alpha, S)
+    budgets, _betas = layer_budgets(density, alpha, S)
     assert sum(budgets) == round(alpha * L * S)
     assert all(max(1, math.ceil(0.01 * S)) <= k <= S for k in budgets)
     order = sorted(range(L), key=lambda i: density[i])
@@ -201,7 +226,7 @@ def test_vlcache_kept_counts_and_recent_window(tiny, one):
         assert layer.keys.shape[-2] == layer.values.shape[-2] == k
         assert tuple(idx.shape) == (1, tiny.adapter.text_config.num_key_value_heads, k)
         recent = math.floor(0.1 * k)
-        assert bool((idx[..., k - recent:] == torch.arange(S - recent, S)).all())
+        assert bool((idx[..., k - recent :] == torch.arange(S - recent, S)).all())
     stats = cache_stats(out.past_key_values, tiny.adapter.vision_tokens_per_image(), rec)
     assert stats.layer_seq_lens == rec.budgets and stats.processed_seq_lens == [S] * L
     assert abs(stats.vision_retention - rec.vision_retention) < 1e-12
@@ -216,19 +241,19 @@ def test_vlcache_statistics_match_brute_force(tiny, one, attentions):
     S = ids.shape[1]
     last_vis = int(torch.nonzero(_vision_mask(tiny, ids)).max())
     Hkv = tiny.adapter.text_config.num_key_value_heads
-    for l, A in enumerate(attentions):
+    for layer, A in enumerate(attentions):
         post = A[0, :, last_vis + 1 :]  # (H, τ, S), rows of the post-vision queries
         tau = post.shape[1]
         visible = torch.ones(tau, S, dtype=torch.bool).tril(diagonal=last_vis + 1)
         zeroed = (post < 0.01 * post.amax(-1, keepdim=True)) & visible
         gamma = (zeroed.sum(-1).float() / visible.sum(-1).float()).mean().item()
-        assert abs(rec.details["density"][l] - (1 - gamma)) < 1e-4, l
+        assert abs(rec.details["density"][layer] - (1 - gamma)) < 1e-4, layer
         scores = post.sum(1).view(Hkv, -1, S).mean(1)  # (H_kv, S)
-        k = rec.budgets[l]
+        k = rec.budgets[layer]
         recent = math.floor(0.1 * k)
         for h in range(Hkv):
-            kept = rec.kept_index[l][0, h]
-            assert bool((kept[k - recent:] == torch.arange(S - recent, S)).all())
+            kept = rec.kept_index[layer][0, h]
+            assert bool((kept[k - recent :] == torch.arange(S - recent, S)).all())
             _assert_same_top(scores[h, : S - recent], kept[: k - recent], k - recent)
 
 
@@ -243,12 +268,12 @@ def test_snapkv_counts_and_statistics_match_brute_force(tiny, one, attentions):
     k = round(0.3 * S)
     assert rec.budgets == [k] * tiny.adapter.num_layers
     Hkv = tiny.adapter.text_config.num_key_value_heads
-    for l, A in enumerate(attentions):
-        assert out.past_key_values.layers[l].keys.shape[-2] == k
+    for layer, A in enumerate(attentions):
+        assert out.past_key_values.layers[layer].keys.shape[-2] == k
         mean = A[0, :, S - 8 :].mean(1).view(Hkv, -1, S).mean(1)  # (H_kv, S)
         prefix = F.avg_pool1d(mean[:, None, : S - 8], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
         for h in range(Hkv):
-            kept = rec.kept_index[l][0, h]
+            kept = rec.kept_index[layer][0, h]
             assert bool((kept[-8:] == torch.arange(S - 8, S)).all())  # the window is always kept
             _assert_same_top(prefix[h], kept[:-8], k - 8)
 
@@ -287,7 +312,9 @@ def test_random_drop_counts_per_window_and_per_layer(tiny, one):
     n = tiny.adapter.vision_tokens_per_image()
     assert rec.layer_vision_tokens == LightKV(**SCHEDULE).predict(tiny.model) == press.predict(tiny.model)
     S = one["input_ids"].shape[1]
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [S - n + c for c in rec.layer_vision_tokens]
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [
+        S - n + c for c in rec.layer_vision_tokens
+    ]
     # stage 1: 4×4 windows of 6×6 tokens on the 24×24 grid, each loses exactly r_w = 18
     vis = torch.nonzero(_vision_mask(tiny, one["input_ids"])).flatten()
     survived = torch.isin(vis, rec.kept_index[0][0])

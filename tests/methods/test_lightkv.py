@@ -58,7 +58,9 @@ def test_cached_decode_equals_uncached_reference(tiny, images, encode, guidance,
     for t, step_logits in enumerate(out.logits):
         ids = out.sequences[:, : S + t]
         with torch.no_grad(), fixed(model):
-            full = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
+            full = model(
+                input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False
+            )
         assert (full.logits[:, -1] - step_logits).abs().max().item() <= 1e-4, f"step {t}"
 
 
@@ -134,8 +136,9 @@ def _brute_force_guidance(tiny, inputs, layer, mode):
     lm = tiny.adapter.language_model
     captured = {}
     h = lm.layers[layer].register_forward_hook(
-        lambda mod, args, kwargs, out: captured.update(x=kwargs.get("hidden_states", args[0] if args else None),
-                                                        pe=kwargs["position_embeddings"]),
+        lambda mod, args, kwargs, out: captured.update(
+            x=kwargs.get("hidden_states", args[0] if args else None), pe=kwargs["position_embeddings"]
+        ),
         with_kwargs=True,
     )
     try:
@@ -260,9 +263,8 @@ def test_invalid_schedules_raise():
 
 def test_stage_after_last_layer_is_rejected(tiny):
     press = LightKV(layers=[15], windows=[1], ratios=[0.5])
-    with pytest.raises(UserError, match="decoder layers"):
-        with press(tiny.model):
-            pass
+    with pytest.raises(UserError, match="decoder layers"), press(tiny.model):
+        pass
 
 
 def test_hooks_removed_on_exit_and_on_error(tiny, images, encode):
@@ -277,9 +279,8 @@ def test_hooks_removed_on_exit_and_on_error(tiny, images, encode):
     with press(model):
         assert n_hooks() > before
     assert n_hooks() == before
-    with pytest.raises(RuntimeError, match="boom"):
-        with press(model):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), press(model):
+        raise RuntimeError("boom")
     assert n_hooks() == before
     assert len(layers[4]._forward_pre_hooks) == 0
 
@@ -302,9 +303,8 @@ def test_rows_with_different_vision_counts_raise(tiny, images, encode):
 def test_inputs_embeds_without_input_ids_raise(tiny, images, encode):
     inputs = encode(images[:1], [QUESTION])
     embeds = tiny.model.get_input_embeddings()(inputs["input_ids"])
-    with pytest.raises(UnsupportedInputError, match="input_ids"):
-        with torch.no_grad(), LightKV(**SCHEDULE)(tiny.model):
-            tiny.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+    with pytest.raises(UnsupportedInputError, match="input_ids"), torch.no_grad(), LightKV(**SCHEDULE)(tiny.model):
+        tiny.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
 
 
 def test_chunked_prefill_splitting_an_image_raises(tiny, images, encode):
@@ -317,7 +317,9 @@ def test_chunked_prefill_splitting_an_image_raises(tiny, images, encode):
     with pytest.raises(UnsupportedInputError, match="chunked prefill"):
         with torch.no_grad(), LightKV(**SCHEDULE)(tiny.model):
             cache = DynamicCache(config=tiny.adapter.text_config)
-            tiny.model(input_ids=ids[:, :cut], pixel_values=inputs["pixel_values"], **cache_kwarg(tiny.model.forward, cache))
+            tiny.model(
+                input_ids=ids[:, :cut], pixel_values=inputs["pixel_values"], **cache_kwarg(tiny.model.forward, cache)
+            )
 
 
 def test_static_cache_is_refused(tiny, images, encode):
@@ -372,8 +374,12 @@ def test_multi_token_decode_step_equals_reference(tiny, images, encode, position
     ids = torch.cat([inputs["input_ids"], new], dim=1)
     with torch.no_grad(), press(tiny.model):
         out = tiny.model(**inputs, use_cache=True)
-        step = tiny.model(input_ids=new, attention_mask=torch.ones_like(ids), **cache_kwarg(tiny.model.forward, out.past_key_values))
-        full = tiny.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False)
+        step = tiny.model(
+            input_ids=new, attention_mask=torch.ones_like(ids), **cache_kwarg(tiny.model.forward, out.past_key_values)
+        )
+        full = tiny.model(
+            input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False
+        )
     k = new.shape[1]
     assert k >= 3
     assert (step.logits - full.logits[:, -k:]).abs().max().item() <= 1e-4
@@ -382,7 +388,9 @@ def test_multi_token_decode_step_equals_reference(tiny, images, encode, position
 def test_eager_attention_gives_the_same_result_as_sdpa(tiny, images, encode):
     from transformers import LlavaForConditionalGeneration
 
-    eager = LlavaForConditionalGeneration.from_pretrained(tiny.source, dtype=torch.float32, attn_implementation="eager").eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(
+        tiny.source, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     inputs = encode(images[:1], [QUESTION])
     got_sdpa = _generate(tiny.model, inputs, n=4, press=LightKV(**SCHEDULE))
     got_eager = _generate(eager, inputs, n=4, press=LightKV(**SCHEDULE))
@@ -400,8 +408,11 @@ def test_cls_token_of_full_feature_strategy_is_never_merged(tiny, images):
     config.vision_feature_select_strategy = "full"
     model = LlavaForConditionalGeneration(config).eval()
     proc = LlavaProcessor(
-        image_processor=tiny.processor.image_processor, tokenizer=tiny.processor.tokenizer, patch_size=14,
-        vision_feature_select_strategy="full", num_additional_image_tokens=1,
+        image_processor=tiny.processor.image_processor,
+        tokenizer=tiny.processor.tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=1,
     )
     inputs = proc(images=images[:1], text=[tiny.adapter.format_prompt(QUESTION)], return_tensors="pt")
     vis = torch.nonzero(inputs["input_ids"][0] == config.image_token_id).flatten()

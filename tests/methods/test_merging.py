@@ -44,7 +44,16 @@ def test_images_never_share_a_window():
 
 @pytest.mark.parametrize(
     "n,rho,expect",
-    [(36, 0.5, 18), (36, 0.9, 18), (35, 0.5, 17), (10, 0.29, 2), (100, 0.29, 29), (7, 0.0, 0), (1, 0.5, 0), (36, 0.2777, 9)],
+    [
+        (36, 0.5, 18),
+        (36, 0.9, 18),
+        (35, 0.5, 17),
+        (10, 0.29, 2),
+        (100, 0.29, 29),
+        (7, 0.0, 0),
+        (1, 0.5, 0),
+        (36, 0.2777, 9),
+    ],
 )
 def test_merges_per_window_formula(n, rho, expect):
     assert int(merges_per_window(torch.tensor([n]), rho)[0]) == expect

@@ -1,0 +1,399 @@
+"""What every ``lightkv`` command shares: the typer app, the consoles, one-line errors, option
+definitions, list parsers, progress bars. Thin: parse and print; the work is in the library.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from lightkv_cli import __version__
+from lightkv_cli.demo_model import DEMO_NAME
+from lightkv_cli.errors import LightKVError, UserError
+
+app = typer.Typer(
+    name="lightkv",
+    help="Profile how much of a vision-language model's KV cache you can safely throw away, on your images and your "
+    "GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# Wide enough for the results table when output goes to a file or a CI log (rich assumes 80).
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"lightkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """lightkv: KV-cache compression profiler for vision-language models."""
+
+
+def friendly(fn):
+    """Turn lightkv's own errors into one red line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LightKVError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def command_line(ctx) -> str:
+    """The command as it could be re-run: the subcommand and every option that differs from its default."""
+    parts = ["lightkv", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or not param.opts:
+            continue
+        flag = param.opts[0]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
+def parse_retentions(text: str) -> list[float]:
+    """Parse ``"1.0,0.9,0.75"`` into floats in ``(0, 1]``.
+
+    Raises:
+        UserError: a value that is not a number or lies outside ``(0, 1]``.
+    """
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            r = float(part)
+        except ValueError:
+            raise UserError(
+                f"--retentions: '{part}' is not a number; give a comma-separated list like 0.9,0.75,0.55"
+            ) from None
+        if not (0.0 < r <= 1.0) or math.isnan(r):
+            raise UserError(
+                f"--retentions: {part} is outside (0, 1]; a retention is the fraction of vision tokens kept"
+            )
+        values.append(r)
+    if not values:
+        raise UserError("--retentions is empty; give a comma-separated list like 0.9,0.75,0.55")
+    return values
+
+
+def demo_prompts(model: str | None, images, prompt, prompts, videos=()) -> Path | None:
+    """The shipped easy-VQA test subset when the demo model is asked to run with no inputs at all
+    (so `lightkv profile` works out of the box); else ``prompts`` unchanged."""
+    if images or prompt or prompts is not None or videos or model != DEMO_NAME:
+        return prompts
+    from lightkv_cli.demo_model import TESTSET_PROMPTS
+
+    console.print(
+        f"[dim]no --images or --prompts: using the {DEMO_NAME} model's easy-VQA test subset ({TESTSET_PROMPTS})[/]",
+        highlight=False,
+    )
+    return TESTSET_PROMPTS
+
+
+def load_inputs(
+    images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None, videos: list[Path] = ()
+):
+    """Load the inputs; print what was ignored or skipped (one line per skipped file)."""
+    from lightkv_cli.inputs import describe_skipped, gather_inputs
+
+    got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit, videos=videos)
+    if not got.images and not got.skipped:
+        from lightkv_cli.inputs import IMAGE_EXTENSIONS
+
+        where = ", ".join(str(p) for p in images) or "the prompts file's images"
+        raise UserError(
+            f"no image files in {where}"
+            + (f" (ignored {len(got.ignored)} non-image file(s))" if got.ignored else "")
+            + f"; give a folder with {', '.join(sorted(IMAGE_EXTENSIONS))} images"
+        )
+    if got.ignored:
+        names = ", ".join(p.name for p in got.ignored[:6]) + (" …" if len(got.ignored) > 6 else "")
+        console.print(f"[dim]ignored {len(got.ignored)} non-image file(s): {names}[/]", highlight=False)
+    for s in got.skipped:
+        err_console.print(f"[yellow]{describe_skipped(s)}[/]", highlight=False, soft_wrap=True)
+    return got.images, got.items, got.skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Options shared by several commands (one definition, one help text).
+# --------------------------------------------------------------------------------------------------
+ImagesOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--images", "-i", help="Image directory or image files (repeat the option for several)."),
+]
+
+
+ModelHelp = (
+    "easyvqa (default: embedded demo model trained on easy-VQA; with no --images/--prompts it runs on its "
+    "shipped test questions), tiny (embedded random weights; also tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), "
+    "an alias "
+    "(llava, llava-next, llava-next-mistral, qwen2-vl, qwen2.5-vl; see `lightkv models`), a Hugging Face id "
+    "in the local cache, or a checkpoint path."
+)
+
+
+InitHelp = (
+    "pretrained: the checkpoint's weights; random: its architecture with random weights (memory/latency "
+    "planning; quality not meaningful)."
+)
+
+
+PromptOpt = Annotated[
+    str | None, typer.Option(help="Question asked about every image (default: a describe-the-image prompt).")
+]
+
+
+PromptsOpt = Annotated[Path | None, typer.Option(help='JSON-lines file of {"image", "question", "answer"?} per line.')]
+
+
+PositionsOpt = Annotated[str, typer.Option(help="Position ids of merged tokens: keep (default) or renumber.")]
+
+
+MaxNewOpt = Annotated[int, typer.Option(min=1, help="Greedy decode length bound.")]
+
+
+RepeatsOpt = Annotated[int, typer.Option(min=1, help="Timed generations per run and input (median reported).")]
+
+
+WarmupOpt = Annotated[int, typer.Option(min=0, help="Untimed generations per run before timing.")]
+
+
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), float16, bfloat16 or float32.")]
+
+
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Use at most this many inputs.")]
+
+
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o", help="Directory for results.json (written after every run), report.html and report.md."
+    ),
+]
+
+
+GpuMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget for capacity planning, e.g. 80GB (GB = GiB, as GPUs are sold); default: the detected "
+        "device."
+    ),
+]
+
+
+NvmlOpt = Annotated[
+    float, typer.Option(min=1.0, help="NVML sampling interval in ms (GPU memory and utilisation timeline).")
+]
+
+
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the sweep in --output: skip runs already in its results.json.")
+]
+
+
+SaveProfileOpt = Annotated[
+    str | None, typer.Option(help="Save the recommended operating point as PROFILES_DIR/NAME.toml.")
+]
+
+
+ProfilesDirOpt = Annotated[Path, typer.Option(help="Where --save-profile writes.")]
+
+
+MinAnswerOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Threshold: answer match vs. uncompressed at least this (default 0.95)."),
+]
+
+
+MinTop1Opt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-top1", min=0.0, max=1.0, help="Threshold: first-token top-1 agreement at least this (default 0.95)."
+    ),
+]
+
+
+MinAccOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Threshold: accuracy against the prompts file's answers at least this."),
+]
+
+
+MaxKlOpt = Annotated[
+    float | None, typer.Option(min=0.0, help="Threshold: worst first-token KL vs. uncompressed (nats) at most this.")
+]
+
+
+MaxRetOpt = Annotated[
+    float | None,
+    typer.Option("--max-retention", min=0.0, max=1.0, help="Threshold: measured vision retention at most this."),
+]
+
+
+MaxKvOpt = Annotated[str | None, typer.Option(help="Threshold: KV bytes per request at most this (e.g. 200MiB).")]
+
+
+MaxPrefillOpt = Annotated[float | None, typer.Option(min=0.0, help="Threshold: median prefill time (ms) at most this.")]
+
+
+def threshold_overrides(
+    min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms
+) -> dict:
+    """Threshold values given on the command line (``None`` = not given)."""
+    from lightkv_cli.units import parse_memory_size
+
+    kv = float(parse_memory_size(max_kv_bytes, option="--max-kv-bytes")) if max_kv_bytes is not None else None
+    return {
+        "min_answer_match": min_answer_match,
+        "min_top1_agreement": min_top1,
+        "min_accuracy": min_accuracy,
+        "max_kl": max_kl,
+        "max_vision_retention": max_retention,
+        "max_kv_bytes": kv,
+        "max_prefill_ms": max_prefill_ms,
+    }
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option}: '{text}' is not a comma-separated list of integers, e.g. 12,18,24") from None
+
+
+def parse_float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(
+            f"{option}: '{text}' is not a comma-separated list of numbers, e.g. 0.5 or 0.5,0.5,0.25"
+        ) from None
+
+
+def parse_schedules(layers: list[str], windows: list[str], ratios: list[str]):
+    """The grid of explicit schedules: every combination of the repeated --layers/--windows/--ratios.
+
+    Each option value is one comma-separated list (one value per stage, or one value for all stages).
+
+    Raises:
+        UserError: a malformed list, or --windows/--ratios without --layers (or the reverse).
+    """
+    from lightkv_cli.methods.registry import Schedule
+
+    if not (layers or windows or ratios):
+        return []
+    if not layers:
+        raise UserError("--windows/--ratios need --layers (e.g. --layers 12,18,24 --windows 4,2,1 --ratios 0.5)")
+    layer_lists = [parse_int_list(v, "--layers") for v in layers]
+    window_lists = [parse_int_list(v, "--windows") for v in windows] or [None]
+    ratio_lists = [parse_float_list(v, "--ratios") for v in ratios] or [[0.5]]
+    out = []
+    for ls in layer_lists:
+        for ws in window_lists:
+            for rs in ratio_lists:
+                w = ws if ws is not None else ([4, 2, 1] + [1] * len(ls))[: len(ls)]  # default 4-2-1, then 1
+                sched = Schedule.build(ls, w, rs)
+                if sched not in out:
+                    out.append(sched)
+    return out
+
+
+def check_output_dir(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output '{output}' exists and is not a directory; give a directory for results.json")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--output '{output}': cannot create the directory ({exc.strerror or exc}); give a writable directory"
+        ) from None
+    if not os.access(output, os.W_OK):
+        raise UserError(f"--output '{output}' is not writable; give a writable directory")
+
+
+def progress_bar() -> Progress:
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=console, transient=False)
+
+
+def run_with_progress(sweep) -> dict:
+    """Run ``sweep`` under a progress bar; Ctrl-C keeps what finished and exits 130."""
+    with progress_bar() as progress:
+        task = progress.add_task("planning", total=sweep.total_steps)
+
+        def on_progress(run_id: str, input_id: str) -> None:
+            progress.update(task, advance=1, description=f"{run_id} · {input_id}")
+
+        sweep.on_progress = on_progress
+        try:
+            return sweep.run()
+        except KeyboardInterrupt:
+            progress.stop()
+            raise
+
+
+def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | None:
+    from lightkv_cli.report.write import write_reports
+
+    try:
+        return write_reports(results, output)
+    except Exception as exc:  # a report problem must not lose the measured results
+        err_console.print(
+            f"[yellow]could not write the reports ({type(exc).__name__}: {exc}); results.json is complete[/]"
+        )
+        return None
+
+
+def resolve_model_name(name: str) -> str:
+    from lightkv_cli.models.loader import ALIASES
+
+    return ALIASES.get(name, name).rstrip("/")

@@ -1,0 +1,115 @@
+"""The plan of a sweep: its settings and the runs (uncompressed reference, each method at each target
+retention and explicit schedule) with their ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lightkv_cli.errors import UserError
+from lightkv_cli.methods.base import Press
+from lightkv_cli.methods.registry import METHODS, Schedule, make_press
+from lightkv_cli.models.loader import LoadedModel
+from lightkv_cli.scoring.thresholds import Thresholds
+
+#: Target retentions of ``lightkv profile`` (1.0 = the uncompressed reference).
+DEFAULT_RETENTIONS = (1.0, 0.9, 0.75, 0.55, 0.4)
+
+
+@dataclass
+class SweepSettings:
+    """Knobs of a sweep (the ``settings`` and ``thresholds`` sections of the results file).
+
+    Attributes:
+        methods: method names (:data:`~lightkv_cli.methods.registry.METHODS`) run at every target
+            retention and explicit schedule.
+        retentions: target average vision retentions; values of 1.0 are the uncompressed reference,
+            which always runs first, once.
+        schedules: explicit LightKV schedules, run for every method besides the targets.
+        positions: position ids of merged tokens (``keep`` or ``renumber``).
+        max_new_tokens: greedy decode length bound.
+        repeats: timed generations per (run, input); the first also gives the answer.
+        warmup: untimed generations per run before measuring.
+        nvml_interval_ms: NVML sampling interval, milliseconds.
+        thresholds: what the recommended operating point must meet.
+        memory_budget: memory for capacity planning, bytes (default: the detected device's).
+        memory_source: where ``memory_budget`` came from (for the report).
+    """
+
+    methods: Sequence[str] = ("lightkv",)
+    retentions: Sequence[float] = DEFAULT_RETENTIONS
+    schedules: Sequence[Schedule] = ()
+    positions: str = "keep"
+    max_new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    nvml_interval_ms: float = 20.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    memory_budget: int | None = None
+    memory_source: str | None = None
+
+    def to_dict(self) -> dict:
+        """The ``settings`` section of the results file."""
+        return {
+            "methods": list(self.methods),
+            "retentions": [float(r) for r in self.retentions],
+            "schedules": [s.to_dict() for s in self.schedules],
+            "positions": self.positions,
+            "max_new_tokens": self.max_new_tokens,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "nvml_interval_ms": self.nvml_interval_ms,
+        }
+
+
+@dataclass
+class RunSpec:
+    """One run: a method at a target retention or with an explicit schedule (or the reference).
+
+    Attributes:
+        id: stable id (``uncompressed``, ``lightkv@0.55``, ``lightkv[L12-18-24/W4-2-1/r0.5-0.5-0.5]``).
+        method: method name, ``uncompressed`` for the reference.
+        target_retention: the target the schedule was generated for (1.0 for the reference,
+            None for an explicit schedule).
+        press: the compression method, None for the reference.
+    """
+
+    id: str
+    method: str
+    target_retention: float | None
+    press: Press | None = None
+
+    def params(self) -> dict:
+        """The method's parameters as recorded in the results file (empty when uncompressed)."""
+        if self.press is None:
+            return {}
+        return self.press.describe()
+
+
+def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
+    """The grid: the uncompressed reference first, then for each method its target retentions
+    (highest first), then its explicit schedules.
+
+    Raises:
+        UserError: a target outside ``(0, 1]`` or below what the model can reach, an unknown
+            method, or a schedule that does not fit the model.
+    """
+    targets = []
+    for r in settings.retentions:
+        r = float(r)
+        if math.isnan(r) or not (0.0 < r <= 1.0):
+            raise UserError(f"retention {r:g} is outside (0, 1]; give targets like 0.9,0.75,0.55")
+        if r < 1.0 and r not in targets:
+            targets.append(r)
+    targets.sort(reverse=True)
+    runs = [RunSpec(id="uncompressed", method="uncompressed", target_retention=1.0)]
+    for method in settings.methods:
+        for r in targets:
+            press = make_press(method, loaded.model, target=r, positions=settings.positions)
+            runs.append(RunSpec(id=f"{method}@{r:g}", method=method, target_retention=r, press=press))
+        for sched in settings.schedules if METHODS[method].schedules else ():
+            press = make_press(method, loaded.model, schedule=sched, positions=settings.positions)
+            runs.append(RunSpec(id=f"{method}[{sched.label()}]", method=method, target_retention=None, press=press))
+    return runs

@@ -1,0 +1,122 @@
+"""Model inputs for every (image, question) pair: the processor's tensors on the model's device, and the
+fingerprint that says two sweeps saw the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightkv_cli.errors import UserError
+from lightkv_cli.inputs import ImageInput, PromptItem, VideoInput
+from lightkv_cli.measure.timing import Stopwatch
+from lightkv_cli.models.loader import LoadedModel
+
+
+@dataclass
+class ProfileInput:
+    """One (image, question) pair, with its processor output on the model's device.
+
+    Attributes:
+        preprocess_ms: wall time of the processor (image resize/normalise, tokenisation) and the
+            copy to the device, milliseconds; part of the time to first token.
+    """
+
+    id: str
+    image: ImageInput | VideoInput
+    question: str
+    answer: str | None
+    tensors: dict
+    prompt_tokens: int
+    vision_tokens: int
+    preprocess_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        """One entry of the ``inputs`` section of the results file."""
+        return {
+            "id": self.id,
+            "image": str(self.image.path),
+            "kind": "video" if isinstance(self.image, VideoInput) else "image",
+            "sha256": self.image.sha256,
+            "width": self.image.width,
+            "height": self.image.height,
+            "question": self.question,
+            "answer": self.answer,
+            "prompt_tokens": self.prompt_tokens,
+            "vision_tokens": self.vision_tokens,
+            "preprocess_ms": self.preprocess_ms,
+        }
+
+
+def inputs_fingerprint(inputs: Sequence[ProfileInput]) -> str:
+    """``sha256:<hex>`` over every input's image bytes hash, question and answer, in order.
+
+    Two runs with the same fingerprint saw the same images and prompts (file names do not matter).
+    """
+    h = hashlib.sha256()
+    for inp in inputs:
+        h.update(json.dumps([inp.image.sha256, inp.question, inp.answer]).encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def prepare_inputs(
+    loaded: LoadedModel, images: Sequence[ImageInput], prompts: Sequence[PromptItem]
+) -> list[ProfileInput]:
+    """Build the model inputs for every (image, question) pair.
+
+    Args:
+        loaded: the model (its processor formats and tokenises the prompt).
+        images: loaded images, one per prompt item, in the same order.
+        prompts: the questions (and optional answers).
+
+    Returns:
+        One :class:`ProfileInput` per pair, tensors on the model's device and dtype.
+    """
+    names = [im.path.name for im in images]
+    out = []
+    adapter = loaded.adapter
+    vision_ids = adapter.vision_token_ids()
+    if any(isinstance(im, VideoInput) for im in images) and not adapter.supports_video:
+        raise UserError(
+            f"model '{loaded.name}' ({adapter.family}) takes no video input; use a Qwen2-VL or Qwen2.5-VL model "
+            "(e.g. --model tiny-qwen2-vl or qwen2.5-vl) for --video"
+        )
+    for image, item in zip(images, prompts):
+        ident = image.path.name if names.count(image.path.name) == 1 else f"{image.path.name}#L{item.line}"
+        is_video = isinstance(image, VideoInput)
+        text = adapter.format_prompt(item.question, num_images=0 if is_video else 1, num_videos=int(is_video))
+        with Stopwatch(loaded.device) as sw:
+            if is_video:
+                enc = loaded.processor(text=text, videos=[image.frames], return_tensors="pt")
+            else:
+                enc = loaded.processor(images=image.image, text=text, return_tensors="pt")
+            tensors = {}
+            for k, v in enc.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                v = v.to(loaded.device)
+                if v.is_floating_point():
+                    v = v.to(loaded.dtype)
+                tensors[k] = v
+        n_vis = int(torch.isin(tensors["input_ids"][0], torch.tensor(vision_ids, device=loaded.device)).sum())
+        if not adapter.dynamic_resolution and not is_video and n_vis != adapter.vision_tokens_per_image():
+            raise RuntimeError(
+                f"processor produced {n_vis} vision tokens, expected {adapter.vision_tokens_per_image()}"
+            )
+        out.append(
+            ProfileInput(
+                id=ident,
+                image=image,
+                question=item.question,
+                answer=item.answer,
+                tensors=tensors,
+                prompt_tokens=int(tensors["input_ids"].shape[1]),
+                vision_tokens=n_vis,
+                preprocess_ms=sw.ms,
+            )
+        )
+    return out

@@ -1,0 +1,365 @@
+"""Answer quality of a compressed run: fidelity to the uncompressed run, and task accuracy.
+
+Two kinds of score are computed per input:
+
+* **Fidelity** compares the compressed run with the uncompressed (reference) run of the same
+  model on the same input: SQuAD-style exact match and token F1 between the two generated
+  answers, agreement of the first generated token (top-1 of the prefill logits), and the
+  KL divergence ``KL(P_ref || P)`` of the first-token distributions, in nats.
+* **Accuracy** compares the compressed run's answer with a ground-truth answer, when the
+  input has one (``answer_correct``: normalized match or contiguous word containment).
+
+``summarize`` aggregates the per-input scores into means and gives each mean a percentile
+bootstrap confidence interval over inputs (``bootstrap_ci``; Efron & Tibshirani, *An
+Introduction to the Bootstrap*, 1993, ch. 13).
+
+Text normalization follows the SQuAD v1.1 evaluation script (lowercase, drop punctuation,
+drop the articles a/an/the, collapse whitespace), extended to Unicode punctuation.
+
+Nothing here prints; the functions return numbers and the CLI decides how to show them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lightkv_cli.scoring.stats import bootstrap_ci
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", flags=re.UNICODE)
+
+
+def _is_punctuation(char: str) -> bool:
+    return char in _ASCII_PUNCTUATION or unicodedata.category(char).startswith("P")
+
+
+def normalize_answer(text: str) -> str:
+    """Normalize an answer the way the SQuAD evaluation script does.
+
+    Steps, in order: lowercase; delete every punctuation character (``string.punctuation``
+    plus any Unicode character whose category starts with ``"P"``, e.g. curly quotes,
+    em dashes, ``¿``); remove the English articles ``a``, ``an``, ``the`` as whole words;
+    collapse runs of whitespace to one space; strip.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The normalized string (possibly empty).
+    """
+    lowered = text.lower()
+    no_punct = "".join(ch for ch in lowered if not _is_punctuation(ch))
+    no_articles = _ARTICLES.sub(" ", no_punct)
+    return " ".join(no_articles.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """SQuAD exact match: 1.0 if the normalized strings are equal, else 0.0.
+
+    Args:
+        prediction: the answer being scored.
+        reference: the answer it is compared with.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 between two answers.
+
+    Both answers are normalized and split on whitespace; the overlap is the multiset
+    intersection of the two word lists. Precision = overlap / len(prediction words),
+    recall = overlap / len(reference words), F1 = 2·P·R / (P + R).
+
+    Args:
+        prediction: the answer being scored.
+        reference: the answer it is compared with.
+
+    Returns:
+        F1 in [0, 1]. Both normalized answers empty → 1.0; exactly one empty → 0.0.
+    """
+    pred_tokens = normalize_answer(prediction).split()
+    ref_tokens = normalize_answer(reference).split()
+    if not pred_tokens or not ref_tokens:
+        return 1.0 if pred_tokens == ref_tokens else 0.0
+    overlap = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(ref_tokens)
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def answer_correct(prediction: str, answer: str) -> float:
+    """Whether a free-form prediction contains the ground-truth answer.
+
+    Correct when the normalized answer equals the normalized prediction, or when the
+    answer's normalized word sequence occurs as a contiguous run of whole words in the
+    prediction's. So ``"yes"`` is correct for ``"Yes, there is a spoon."`` and ``"24"`` for
+    ``"There are 24 coins"``, but ``"24"`` is not correct for ``"240 coins"`` and ``"no"``
+    is not correct for ``"not sure"``.
+
+    Args:
+        prediction: the model's answer.
+        answer: the ground-truth answer.
+
+    Returns:
+        1.0 or 0.0.
+
+    Raises:
+        ValueError: if the answer is empty after normalization (nothing to look for).
+    """
+    answer_norm = normalize_answer(answer)
+    if not answer_norm:
+        raise ValueError(f"answer {answer!r} is empty after normalization; cannot score against it")
+    prediction_norm = normalize_answer(prediction)
+    if prediction_norm == answer_norm:
+        return 1.0
+    answer_words = answer_norm.split()
+    prediction_words = prediction_norm.split()
+    width = len(answer_words)
+    for start in range(len(prediction_words) - width + 1):
+        if prediction_words[start : start + width] == answer_words:
+            return 1.0
+    return 0.0
+
+
+def _as_vocab_vector(logits: Any, name: str) -> torch.Tensor:
+    """Return logits as a float64 CPU vector of shape (vocab,), from shape (vocab,) or (1, vocab)."""
+    import torch
+
+    tensor = torch.as_tensor(logits).detach()
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 1 or tensor.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (vocab,) or (1, vocab); got {tuple(tensor.shape)}")
+    return tensor.to(device="cpu", dtype=torch.float64)
+
+
+def _pair(reference_logits: Any, logits: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = _as_vocab_vector(reference_logits, "reference_logits")
+    cmp = _as_vocab_vector(logits, "logits")
+    if ref.shape != cmp.shape:
+        raise ValueError(
+            f"logits shape mismatch: reference has vocab {ref.shape[0]}, compared run has vocab {cmp.shape[0]}"
+        )
+    return ref, cmp
+
+
+def first_token_kl(reference_logits: Any, logits: Any) -> float:
+    """KL divergence ``KL(P_ref || P)`` of the first-token distributions, in nats.
+
+    ``P_ref = softmax(reference_logits)`` (uncompressed run) and ``P = softmax(logits)``
+    (compressed run), both over the vocabulary, computed in float64 on the CPU.
+
+    Args:
+        reference_logits: tensor (or array-like) of shape (vocab,) or (1, vocab).
+        logits: same shape contract as ``reference_logits``, same vocab size.
+
+    Returns:
+        KL in nats, ≥ 0; exactly 0.0 for identical inputs; ``inf`` if the compressed run
+        gives zero probability (a ``-inf`` logit) to a token the reference does not.
+
+    Raises:
+        ValueError: if either input is not (vocab,) / (1, vocab) or the vocab sizes differ.
+    """
+    import torch
+
+    ref, cmp = _pair(reference_logits, logits)
+    if torch.equal(ref, cmp):
+        return 0.0
+    log_p_ref = torch.log_softmax(ref, dim=-1)
+    log_p = torch.log_softmax(cmp, dim=-1)
+    p_ref = log_p_ref.exp()
+    # Terms with P_ref = 0 contribute 0 (avoids 0 * (-inf - -inf) = nan).
+    terms = torch.where(p_ref > 0, p_ref * (log_p_ref - log_p), torch.zeros_like(p_ref))
+    kl = float(terms.sum().item())
+    if math.isnan(kl):
+        raise ValueError("KL divergence is NaN; the logits contain NaN")
+    return max(kl, 0.0)
+
+
+def top1_agree(reference_logits: Any, logits: Any) -> float:
+    """Whether the two runs would pick the same first token (greedy).
+
+    Args:
+        reference_logits: tensor (or array-like) of shape (vocab,) or (1, vocab).
+        logits: same shape contract, same vocab size.
+
+    Returns:
+        1.0 when ``argmax(reference_logits) == argmax(logits)``, else 0.0.
+
+    Raises:
+        ValueError: if either input is not (vocab,) / (1, vocab) or the vocab sizes differ.
+    """
+    ref, cmp = _pair(reference_logits, logits)
+    return 1.0 if int(ref.argmax().item()) == int(cmp.argmax().item()) else 0.0
+
+
+@dataclass
+class InputQuality:
+    """Quality scores of one input's compressed run.
+
+    Attributes:
+        exact_match: SQuAD exact match of the compressed answer vs the uncompressed answer.
+        token_f1: SQuAD token F1 of the compressed answer vs the uncompressed answer.
+        top1_agreement: 1.0 if both runs' first-token argmax agree.
+        first_token_kl: ``KL(P_ref || P)`` of the first-token distributions, nats.
+        accuracy: ``answer_correct`` of the compressed answer vs the ground-truth answer;
+            None when the input has no ground-truth answer.
+    """
+
+    exact_match: float
+    token_f1: float
+    top1_agreement: float
+    first_token_kl: float
+    accuracy: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        """Plain-float dict for JSON output."""
+        return {k: (None if v is None else float(v)) for k, v in asdict(self).items()}
+
+
+def score_input(
+    reference_answer: str,
+    answer: str,
+    reference_logits: Any,
+    logits: Any,
+    expected: str | None,
+) -> InputQuality:
+    """Score one input's compressed run against its uncompressed run (and the truth, if known).
+
+    Args:
+        reference_answer: generated answer of the uncompressed run.
+        answer: generated answer of the compressed run.
+        reference_logits: first-token logits of the uncompressed run, (vocab,) or (1, vocab).
+        logits: first-token logits of the compressed run, same shape.
+        expected: ground-truth answer, or None when the input has none.
+
+    Returns:
+        An ``InputQuality``.
+
+    Raises:
+        ValueError: on a logits shape mismatch, or if ``expected`` is given but empty after
+            normalization.
+    """
+    return InputQuality(
+        exact_match=exact_match(answer, reference_answer),
+        token_f1=token_f1(answer, reference_answer),
+        top1_agreement=top1_agree(reference_logits, logits),
+        first_token_kl=first_token_kl(reference_logits, logits),
+        accuracy=None if expected is None else answer_correct(answer, expected),
+    )
+
+
+@dataclass
+class QualitySummary:
+    """Quality of one compression setting, aggregated over inputs.
+
+    Attributes:
+        answer_match: mean exact match vs the uncompressed answers (fraction in [0, 1]).
+        token_f1: mean token F1 vs the uncompressed answers.
+        top1_agreement: fraction of inputs whose first token agrees with the uncompressed run.
+        first_token_kl_mean: mean first-token KL, nats.
+        first_token_kl_max: worst first-token KL, nats.
+        accuracy: mean accuracy over the inputs that have a ground-truth answer; None if none do.
+        n_inputs: number of inputs summarized.
+        n_with_answers: number of those with a ground-truth answer.
+        ci: 95% percentile bootstrap intervals over inputs (``bootstrap_ci``), ``metric →
+            (low, high)``, for ``answer_match``, ``token_f1``, ``top1_agreement``,
+            ``first_token_kl_mean`` and ``accuracy`` (None when no input has an answer);
+            same units as the metric. Empty when built by hand.
+    """
+
+    answer_match: float
+    token_f1: float
+    top1_agreement: float
+    first_token_kl_mean: float
+    first_token_kl_max: float
+    accuracy: float | None
+    n_inputs: int
+    n_with_answers: int
+    ci: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-number dict for JSON output.
+
+        Floats for the metrics, ints for the counts, None for no accuracy, and ``"ci"`` as
+        ``{metric: [low, high] or None}``. Non-finite floats (an ``inf`` KL) are kept; the
+        results writer turns them into null.
+        """
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "ci":
+                out[key] = {
+                    metric: None if bounds is None else [float(bounds[0]), float(bounds[1])]
+                    for metric, bounds in self.ci.items()
+                }
+            elif value is None:
+                out[key] = None
+            elif key in ("n_inputs", "n_with_answers"):
+                out[key] = int(value)
+            else:
+                out[key] = float(value)
+        return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(items: Sequence[InputQuality]) -> QualitySummary:
+    """Aggregate per-input scores into means (and the max KL), with bootstrap intervals.
+
+    Args:
+        items: per-input scores, at least one.
+
+    Returns:
+        A ``QualitySummary``; ``accuracy`` is the mean over items whose accuracy is not None,
+        or None when no item has one. ``ci`` holds the 95% bootstrap interval of each mean
+        (``bootstrap_ci`` with its default resamples and seed, so it is deterministic);
+        ``ci["accuracy"]`` is over the items with an answer, None when there are none.
+
+    Raises:
+        ValueError: if ``items`` is empty.
+    """
+    if len(items) == 0:
+        raise ValueError("cannot summarize quality over zero inputs")
+    n = len(items)
+    matches = [float(item.exact_match) for item in items]
+    f1s = [float(item.token_f1) for item in items]
+    agreements = [float(item.top1_agreement) for item in items]
+    kls = [float(item.first_token_kl) for item in items]
+    answered = [float(item.accuracy) for item in items if item.accuracy is not None]
+    return QualitySummary(
+        answer_match=_mean(matches),
+        token_f1=_mean(f1s),
+        top1_agreement=_mean(agreements),
+        first_token_kl_mean=_mean(kls),
+        first_token_kl_max=max(kls),
+        accuracy=_mean(answered) if answered else None,
+        n_inputs=n,
+        n_with_answers=len(answered),
+        ci={
+            "answer_match": bootstrap_ci(matches),
+            "token_f1": bootstrap_ci(f1s),
+            "top1_agreement": bootstrap_ci(agreements),
+            "first_token_kl_mean": bootstrap_ci(kls),
+            "accuracy": bootstrap_ci(answered) if answered else None,
+        },
+    )

@@ -1,0 +1,113 @@
+"""Thresholds and the recommendation: cheapest run meeting every threshold, or what failed and by how much."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightkv_cli.errors import UserError
+from lightkv_cli.scoring.recommend import recommend
+from lightkv_cli.scoring.thresholds import Thresholds, evaluate
+
+
+def _run(ident, method, r, match, top1, kv=100.0, kl=0.01, acc=None, prefill=10.0, status="ok"):
+    return {
+        "id": ident,
+        "method": method,
+        "status": status,
+        "target_retention": r,
+        "vision_retention": r,
+        "kv_bytes": kv * r,
+        "kv_bytes_vision": 0.9 * kv * r,
+        "prefill_ms": {"median": prefill * r},
+        "quality": {"answer_match": match, "top1_agreement": top1, "first_token_kl_max": kl, "accuracy": acc},
+    }
+
+
+RUNS = [
+    _run("uncompressed", "uncompressed", 1.0, 1.0, 1.0, kl=0.0),
+    _run("lightkv@0.9", "lightkv", 0.9, 1.0, 1.0),
+    _run("lightkv@0.75", "lightkv", 0.75, 0.96, 0.97, kl=0.2),
+    _run("lightkv@0.55", "lightkv", 0.55, 0.99, 0.90),  # top-1 below 0.95
+    _run("lightkv@0.4", "lightkv", 0.4, 0.5, 0.5),
+    {"id": "lightkv@0.3", "method": "lightkv", "status": "oom", "target_retention": 0.3},
+]
+
+
+def test_recommend_picks_the_cheapest_run_meeting_every_threshold():
+    rec = recommend(RUNS, Thresholds())
+    assert rec["run"] == "lightkv@0.75" and rec["vision_retention"] == 0.75 and rec["failures"] == []
+    assert recommend(RUNS, Thresholds(min_answer_match=0.8, min_top1_agreement=0.8))["run"] == "lightkv@0.55"
+    # A KL ceiling excludes 0.75 (KL 0.2), leaving 0.9.
+    assert recommend(RUNS, Thresholds(max_kl=0.1))["run"] == "lightkv@0.9"
+
+
+def test_cheapest_is_fewest_kv_bytes_across_methods():
+    runs = RUNS[:3] + [_run("other@0.8", "lightkv-uniform", 0.8, 1.0, 1.0, kv=50.0)]  # 40 bytes < 75
+    assert recommend(runs, Thresholds())["run"] == "other@0.8"
+
+
+def test_equal_kv_bytes_prefer_quality_over_prefill_time():
+    # Two methods at the same retention hold the same bytes; the faster one answers worse.
+    fast = _run("random@0.4", "random", 0.4, 0.96, 0.97, acc=0.88, prefill=5.0)
+    good = _run("lightkv-prompt@0.4", "lightkv-prompt", 0.4, 0.99, 0.99, acc=0.905, prefill=12.0)
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "lightkv-prompt@0.4"
+    # Without task accuracy, answer match decides; with equal quality, prefill time.
+    fast["quality"]["accuracy"] = good["quality"]["accuracy"] = None
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "lightkv-prompt@0.4"
+    fast["quality"]["answer_match"] = 0.99
+    assert recommend([RUNS[0], fast, good], Thresholds())["run"] == "random@0.4"
+    # Fewer bytes still win over quality.
+    cheaper = _run("random@0.3", "random", 0.3, 0.95, 0.95, acc=0.5)
+    assert recommend([RUNS[0], fast, good, cheaper], Thresholds())["run"] == "random@0.3"
+
+
+def test_cost_thresholds_can_leave_no_run_and_say_by_how_much():
+    rec = recommend(RUNS, Thresholds(max_vision_retention=0.5))
+    assert rec["run"] is None
+    # Closest = fewest failed thresholds, then smallest relative shortfall: lightkv@0.75 misses only
+    # the retention ceiling, by 0.25 (0.55 misses two thresholds; 0.9 misses the ceiling by more).
+    assert [(f["run"], f["threshold"]) for f in rec["failures"]] == [("lightkv@0.75", "max_vision_retention")]
+    assert rec["failures"][0]["short_by"] == pytest.approx(0.25)
+    assert "vision retention 0.750 > 0.500 (over by 0.250)" in rec["reason"]
+
+
+def test_shortfall_is_exact():
+    checks = evaluate(RUNS[3], Thresholds(min_top1_agreement=0.95, min_answer_match=0.9, max_prefill_ms=5.0))
+    by = {c.threshold: c for c in checks}
+    assert by["min_answer_match"].passed and by["min_answer_match"].short_by == 0.0
+    assert not by["min_top1_agreement"].passed
+    assert by["min_top1_agreement"].short_by == pytest.approx(0.05)
+    assert by["max_prefill_ms"].measured == pytest.approx(5.5) and by["max_prefill_ms"].short_by == pytest.approx(0.5)
+    assert "0.900 < 0.950 (short by 0.050)" in by["min_top1_agreement"].describe()
+
+
+def test_uncompressed_recommended_names_the_closest_compressed_run():
+    runs = [RUNS[0], _run("lightkv@0.9", "lightkv", 0.9, 0.8, 0.99)]
+    rec = recommend(runs, Thresholds())
+    assert rec["run"] == "uncompressed"
+    assert rec["failures"][0]["run"] == "lightkv@0.9" and rec["failures"][0]["short_by"] == pytest.approx(0.15)
+    assert "keep the full cache" in rec["reason"]
+
+
+def test_accuracy_threshold_without_answers_is_unmeasured_and_fails():
+    (c,) = evaluate(RUNS[1], Thresholds(min_answer_match=None, min_top1_agreement=None, min_accuracy=0.5))
+    assert c.measured is None and not c.passed and math.isinf(c.short_by)
+
+
+def test_null_kl_reads_as_infinite():
+    run = _run("x", "lightkv", 0.5, 1.0, 1.0, kl=None)
+    (c,) = evaluate(run, Thresholds(min_answer_match=None, min_top1_agreement=None, max_kl=10.0))
+    assert math.isinf(c.measured) and not c.passed
+
+
+def test_unknown_threshold_name_is_a_user_error_with_a_suggestion():
+    with pytest.raises(UserError, match="did you mean 'min_top1_agreement'"):
+        Thresholds.from_dict({"min_top1_agrement": 0.9})
+    with pytest.raises(UserError, match="must be a number"):
+        Thresholds(max_kl="high")
+
+
+def test_no_finished_run():
+    assert recommend([RUNS[-1]], Thresholds())["run"] is None
