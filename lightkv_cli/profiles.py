@@ -13,11 +13,10 @@ valid name and the fix.
 from __future__ import annotations
 
 import datetime as _dt
-import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -25,8 +24,10 @@ from lightkv_cli import __version__
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
-from lightkv_cli.methods.registry import METHODS, Schedule
-from lightkv_cli.scoring.thresholds import Thresholds
+from lightkv_cli.methods.registry import METHODS
+from lightkv_cli.methods.schedule import Schedule
+from lightkv_cli.schemas import explain
+from lightkv_cli.scoring.thresholds import Thresholds, ThresholdsSection
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,22 +40,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ThresholdsTable(_Strict):
-    """``[thresholds]``: see :class:`~lightkv_cli.scoring.thresholds.Thresholds` (omitted = not checked)."""
-
-    min_answer_match: float | None = Field(default=None, ge=0, le=1)
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
-    min_accuracy: float | None = Field(default=None, ge=0, le=1)
-    max_kl: float | None = Field(default=None, ge=0)
-    max_vision_retention: float | None = Field(default=None, ge=0, le=1)
-    max_kv_bytes: float | None = Field(default=None, ge=0)
-    max_prefill_ms: float | None = Field(default=None, ge=0)
-
-    def to_thresholds(self) -> Thresholds:
-        """The :class:`Thresholds` this table sets (unset keys stay unset)."""
-        return Thresholds(**self.model_dump())
 
 
 class ProfileMeta(_Strict):
@@ -150,12 +135,13 @@ class ProfileSettings(_Strict):
 
 
 class Profile(_Strict):
-    """A whole ``profiles/NAME.toml``."""
+    """A whole ``profiles/NAME.toml``. ``[thresholds]`` is a
+    :class:`~lightkv_cli.scoring.thresholds.Thresholds` whose keys left out are not checked."""
 
     profile: ProfileMeta
     model: ProfileModel
     method: ProfileMethod
-    thresholds: ThresholdsTable = ThresholdsTable()
+    thresholds: ThresholdsSection = Field(default_factory=Thresholds.unset)
     measured: ProfileMeasured | None = None
     inputs: ProfileInputs | None = None
     settings: ProfileSettings = ProfileSettings()
@@ -173,7 +159,8 @@ class SweepConfig(_Strict):
     """A ``sweep.toml``: every ``lightkv sweep`` option, so a sweep is repeatable.
 
     Keys are the long option names with ``_`` for ``-`` (``max_new_tokens``); options given on the
-    command line override the file. Relative paths are relative to the file's folder.
+    command line override the file. Relative paths are relative to the file's folder. ``[thresholds]``
+    is a :class:`~lightkv_cli.scoring.thresholds.Thresholds`; the keys it leaves out keep their defaults.
     """
 
     model: str | None = None
@@ -195,43 +182,20 @@ class SweepConfig(_Strict):
     limit: int | None = Field(default=None, ge=1)
     output: str | None = None
     save_profile: str | None = None
-    thresholds: ThresholdsTable | None = None
+    thresholds: ThresholdsSection | None = None
 
+    #: The tables that are not ``lightkv sweep`` options (the command merges them itself).
+    TABLES: ClassVar[tuple[str, ...]] = ("thresholds", "schedules")
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names valid at ``loc`` (for "did you mean")."""
-    cls = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        info = cls.model_fields.get(str(part)) if cls else None
-        if info is None:
-            return []
-        ann = info.annotation
-        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            for a in getattr(ann, "__args__", ()):
-                nested += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
-        cls = nested[0] if nested else None
-    return list(cls.model_fields) if cls else []
-
-
-def _explain(exc: ValidationError, model: type[BaseModel], where: str, fix: str) -> UserError:
-    """One line for the first validation error: which key, what is wrong, how to fix it."""
-    # A misspelt key shows up both as unknown and as missing: name the unknown one, it is the cause.
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    err = errors[0]
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        known = _fields_at(model, loc)
-        near = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        return UserError(f"{where}: unknown field '{key}'; {hint}valid fields here: {', '.join(known)}")
-    if err["type"] == "missing":
-        return UserError(f"{where}: missing field '{key}'; {fix}")
-    msg = err["msg"].removeprefix("Value error, ")
-    return UserError(f"{where}: field '{key}': {msg} (got {err.get('input')!r}); {fix}")
+    def option_defaults(self) -> dict:
+        """The options this file sets, as ``lightkv sweep`` takes them (its click ``default_map``):
+        lists of methods and retentions joined with commas, images as a list of paths; without the
+        ``[thresholds]`` and ``[[schedules]]`` tables (:attr:`TABLES`)."""
+        values = self.model_dump(exclude_none=True, exclude=set(self.TABLES))
+        for key in ("methods", "retentions"):
+            if key in values:
+                values[key] = ",".join(str(v) for v in values[key])
+        return values
 
 
 def _read_toml(path: Path, what: str) -> dict:
@@ -264,7 +228,7 @@ def load_profile(path: Path) -> Profile:
     try:
         prof = Profile.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, Profile, f"profile '{path}'", "see profiles/README.md for the fields") from None
+        raise explain(exc, Profile, f"profile '{path}'", "see profiles/README.md for the fields") from None
     try:
         if prof.method.uses_schedule:
             prof.method.schedule()
@@ -284,7 +248,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(data)
     except ValidationError as exc:
-        raise _explain(
+        raise explain(
             exc, SweepConfig, f"sweep config '{path}'", "see `lightkv sweep --help` for the options"
         ) from None
     base = path.parent

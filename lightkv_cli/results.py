@@ -1,6 +1,13 @@
 """The results file (``results.json``, schema ``lightkv.results/1``, fields in docs/results-schema.md):
-validate, load, write atomically. No torch: ``lightkv report`` and ``lightkv check results.json`` read
-results through this module alone.
+its pydantic model, validate, load, write atomically. No torch: ``lightkv report`` and ``lightkv check
+results.json`` read results through this module alone.
+
+The model (:class:`ResultsFile`) is what a reader may rely on: ``schema`` names this format,
+``runs`` is a list of runs with an ``id``, a ``method`` and a ``status``, and the ``thresholds``
+section is a :class:`~lightkv_cli.scoring.thresholds.Thresholds`. Everything else may be missing
+(older files) or null (a non-finite number, or not measured), and keys this version does not know
+are kept (``extra="allow"``), so a file written by a later 1.x lightkv still reads. Readers get
+the plain dictionary back (:func:`load_results`), not the model.
 """
 
 from __future__ import annotations
@@ -8,32 +15,352 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from lightkv_cli import __version__
 from lightkv_cli.errors import UserError
 from lightkv_cli.files import write_text_atomic
+from lightkv_cli.schemas import explain
+from lightkv_cli.scoring.thresholds import ThresholdsSection
 
-SCHEMA = "lightkv.results/1"
+SCHEMA_NAME = "lightkv.results"
 
 
-SCHEMA_NAME, SCHEMA_VERSION = "lightkv.results", 1
+SCHEMA_VERSION = 1
+
+
+#: The ``schema`` value this version writes: ``lightkv.results/1``.
+SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
+
+
+# A number the writer may leave null: not measured, or non-finite (JSON has no infinity).
+Num = float | None
+
+
+Count = int | None
+
+
+class _Open(BaseModel):
+    """A section of the results file: known keys typed, unknown keys kept (forward compatible)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class EnvironmentNvml(_Open):
+    """``environment.nvml``: what NVML reports about the GPU (``available`` false on CPU)."""
+
+    available: bool | None = None
+    note: str | None = None
+    device_name: str | None = None
+    driver: str | None = None
+
+
+class Environment(_Open):
+    """``environment``: software and hardware of the measurement; memory in bytes."""
+
+    python: str | None = None
+    torch: str | None = None
+    transformers: str | None = None
+    platform: str | None = None
+    device: str | None = None
+    device_name: str | None = None
+    cpu_count: Count = None
+    total_memory_bytes: Num = None
+    cuda: bool | None = None
+    dtype: str | None = None
+    nvml: EnvironmentNvml | None = None
+
+
+class ModelInfo(_Open):
+    """``model``: the model measured (sizes in layers, heads, tokens, parameters, bytes)."""
+
+    name: str | None = None
+    source: str | None = None
+    family: str | None = None
+    architecture: str | None = None
+    init: str | None = None
+    weights_meaningful: bool | None = None
+    layers: Count = None
+    hidden_size: Count = None
+    num_attention_heads: Count = None
+    num_key_value_heads: Count = None
+    head_dim: Count = None
+    vision_tokens_per_image: Count = None
+    image_grid: list[Count] | None = None
+    dynamic_resolution: bool | None = None
+    supports_video: bool | None = None
+    parameters: Count = None
+    weight_bytes: Num = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+class ScheduleRecord(_Open):
+    """One entry of ``settings.schedules``: decoder layers, merge windows, ratios per stage."""
+
+    layers: list[int] | None = None
+    windows: list[int] | None = None
+    ratios: list[Num] | None = None
+
+
+class Settings(_Open):
+    """``settings``: the sweep's grid and measurement knobs (``nvml_interval_ms`` in milliseconds)."""
+
+    methods: list[str] | None = None
+    retentions: list[Num] | None = None
+    schedules: list[ScheduleRecord] | None = None
+    positions: str | None = None
+    max_new_tokens: Count = None
+    repeats: Count = None
+    warmup: Count = None
+    nvml_interval_ms: Num = None
+
+
+class Capacity(_Open):
+    """``capacity``: the memory budget of capacity planning and the weights, bytes."""
+
+    memory_bytes: Num = None
+    source: str | None = None
+    weight_bytes: Num = None
+
+
+class InputRecord(_Open):
+    """One entry of ``inputs``: an image or video, its question and answer, its token counts."""
+
+    id: str | None = None
+    image: str | None = None
+    kind: str | None = None
+    sha256: str | None = None
+    width: Count = None
+    height: Count = None
+    question: str | None = None
+    answer: str | None = None
+    prompt_tokens: Count = None
+    vision_tokens: Count = None
+    preprocess_ms: Num = None
+
+
+class SkippedInput(_Open):
+    """One entry of ``skipped``: an input that could not be used, and why."""
+
+    path: str | None = None
+    reason: str | None = None
+
+
+def _plain_number_as_median(v: object) -> object:
+    """Older files stored some times as a plain number (the median); read it as ``{"median": v}``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"median": v}
+    return v
+
+
+class TimeSpread(_Open):
+    """A Spread of times over repeats × inputs, milliseconds (``n``: how many)."""
+
+    median: Num = None
+    p25: Num = None
+    p75: Num = None
+    min: Num = None
+    max: Num = None
+    n: Count = None
+
+
+SpreadField = Annotated[TimeSpread | None, BeforeValidator(_plain_number_as_median)]
+
+
+class RunNvml(_Open):
+    """``run.nvml``: the NVML sampler of one run (bytes, percent, milliseconds)."""
+
+    available: bool | None = None
+    note: str | None = None
+    interval_ms: Num = None
+    samples: Count = None
+    peak_used_bytes: Num = None
+    baseline_used_bytes: Num = None
+    peak_utilization_pct: Num = None
+    mean_utilization_pct: Num = None
+    timeline: dict[str, list[Num]] | None = None
+
+
+class RunCapacity(_Open):
+    """``run.capacity``: bytes per request and how many requests fit in the budget."""
+
+    kv_bytes_per_request: Num = None
+    activation_reserve_bytes: Num = None
+    max_concurrent_requests: Count = None
+    ratio_vs_uncompressed: Num = None
+
+
+class Quality(_Open):
+    """``run.quality``: fidelity to the uncompressed run, accuracy
+    (fractions in [0, 1]; KL in nats), and 95% bootstrap intervals ``ci``."""
+
+    answer_match: Num = None
+    token_f1: Num = None
+    top1_agreement: Num = None
+    first_token_kl_mean: Num = None
+    first_token_kl_max: Num = None
+    accuracy: Num = None
+    n_inputs: Count = None
+    n_with_answers: Count = None
+    ci: dict[str, list[Num] | None] | None = None
+
+
+class InputQuality(_Open):
+    """``run.per_input[].quality``: one input's scores against the uncompressed run (KL in nats)."""
+
+    exact_match: Num = None
+    token_f1: Num = None
+    top1_agreement: Num = None
+    first_token_kl: Num = None
+    accuracy: Num = None
+
+
+class PerInput(_Open):
+    """One entry of ``run.per_input``: the answer and the measurements of one input (bytes, ms, FLOPs)."""
+
+    input: str | None = None
+    answer: str | None = None
+    generated_tokens: Count = None
+    vision_retention: Num = None
+    kv_bytes: Num = None
+    kv_bytes_vision: Num = None
+    prefill_ms: Num = None
+    decode_ms_per_token: Num = None
+    flops_prefill: Num = None
+    quality: InputQuality | None = None
+    per_image_retention: list[Num] | None = None
+
+
+class Run(_Open):
+    """One run: a method at a target retention or schedule, or the uncompressed reference.
+
+    ``id``, ``method`` and ``status`` are required (``lightkv check`` finds runs by id); the
+    measurements are present when ``status`` is ``ok``. Bytes, milliseconds, FLOPs; retentions are
+    fractions.
+    """
+
+    id: str
+    method: str
+    status: str
+    error: str | None = None
+    params: dict[str, Any] | None = None
+    target_retention: Num = None
+    expected_retention: Num = None
+    vision_retention: Num = None
+    kv_bytes: Num = None
+    kv_bytes_vision: Num = None
+    kv_bytes_per_layer: list[Num] | None = None
+    cached_tokens_per_layer: list[Num] | None = None
+    vision_tokens_per_layer: list[Num] | None = None
+    kv_ratio: Num = None
+    kv_vision_ratio: Num = None
+    flops_ratio: Num = None
+    prefill_ms: SpreadField = None
+    time_to_first_token_ms: SpreadField = None
+    decode_ms_per_token: SpreadField = None
+    tokens_per_s: Num = None
+    peak_memory_bytes: Num = None
+    peak_memory_kind: str | None = None
+    nvml: RunNvml | None = None
+    flops_prefill: Num = None
+    capacity: RunCapacity | None = None
+    quality: Quality | None = None
+    per_input: list[PerInput] | None = None
+
+
+class Failure(_Open):
+    """One threshold the closest run missed: ``required``, ``measured`` and the shortfall ``short_by``."""
+
+    run: str | None = None
+    threshold: str | None = None
+    required: Num = None
+    measured: Num = None
+    short_by: Num = None
+    text: str | None = None
+
+
+class Recommendation(_Open):
+    """``recommendation``: the chosen run (or null) and why, with what the closest run missed."""
+
+    run: str | None = None
+    method: str | None = None
+    reason: str | None = None
+    failures: list[Failure] | None = None
+    target_retention: Num = None
+    vision_retention: Num = None
+    kv_bytes: Num = None
+    kv_bytes_vision: Num = None
+
+
+def _schema_version(schema: object) -> int | None:
+    """The version of a ``lightkv.results/N`` value; None when it is not one."""
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_NAME + "/"):
+        return None
+    tail = schema.split("/", 1)[1]
+    return int(tail) if tail.isdigit() else None
+
+
+class ResultsFile(_Open):
+    """A whole ``results.json`` (docs/results-schema.md) that this version reads.
+
+    Strict where readers depend on it: ``schema`` is ``lightkv.results/N`` with ``N`` at most
+    :data:`SCHEMA_VERSION`, ``runs`` is a list of :class:`Run`, ``thresholds`` a
+    :class:`~lightkv_cli.scoring.thresholds.Thresholds` (keys left out are unset). Every other
+    section may be missing.
+    """
+
+    schema_: str = Field(alias="schema")
+    tool_version: str | None = None
+    created: str | None = None
+    command: str | None = None
+    environment: Environment | None = None
+    model: ModelInfo | None = None
+    settings: Settings | None = None
+    thresholds: ThresholdsSection | None = None
+    capacity: Capacity | None = None
+    inputs: list[InputRecord] | None = None
+    inputs_fingerprint: str | None = None
+    skipped: list[SkippedInput] | None = None
+    runs: list[Run]
+    recommendation: Recommendation | None = None
+    complete: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        version = _schema_version(v)
+        if version is None:
+            raise ValueError(f"expected {SCHEMA}")
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"newer than this lightkv {__version__} reads ({SCHEMA}); upgrade lightkv")
+        return v
 
 
 def check_schema(results: object, where: str) -> dict:
-    """Validate that ``results`` is a results dictionary this version can read.
+    """Validate that ``results`` is a results dictionary this version can read (:class:`ResultsFile`).
+
+    Args:
+        results: the parsed JSON.
+        where: names the file in error messages (a path, or "the results file to resume").
+
+    Returns:
+        ``results`` itself, unchanged (a plain dict).
 
     Raises:
-        UserError: not a lightkv results file, or one written by a newer lightkv (newer schema).
+        UserError: not a lightkv results file, one written by a newer lightkv (newer schema), no list
+            of runs, or a field of the wrong type (one line naming the field, e.g. ``runs.0.id``).
     """
     schema = results.get("schema") if isinstance(results, dict) else None
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_NAME + "/"):
         raise UserError(
             f'{where} is not a lightkv results file (no "schema": "{SCHEMA}"); give the results.json a sweep wrote'
         )
-    try:
-        version = int(schema.split("/", 1)[1])
-    except ValueError:
-        raise UserError(f"{where}: unknown schema '{schema}'; expected {SCHEMA}") from None
+    version = _schema_version(schema)
+    if version is None:
+        raise UserError(f"{where}: unknown schema '{schema}'; expected {SCHEMA}")
     if version > SCHEMA_VERSION:
         raise UserError(
             f"{where} uses schema {schema}, newer than this lightkv {__version__} reads ({SCHEMA}); "
@@ -41,14 +368,27 @@ def check_schema(results: object, where: str) -> dict:
         )
     if not isinstance(results.get("runs"), list):
         raise UserError(f"{where}: the results file has no list of runs; it is damaged or not from lightkv")
+    try:
+        ResultsFile.model_validate(results)
+    except ValidationError as exc:
+        raise explain(
+            exc,
+            ResultsFile,
+            where,
+            "the results file is damaged or not from lightkv; give the results.json a sweep wrote",
+        ) from None
     return results
 
 
 def load_results(path: Path) -> dict:
-    """Read and validate a results file.
+    """Read and validate a results file (:func:`check_schema`).
+
+    Returns:
+        The results as a plain dict.
 
     Raises:
-        UserError: missing or unreadable file, invalid JSON, not a results file, or a newer schema.
+        UserError: missing or unreadable file, invalid JSON, not a results file, a newer schema, or a
+            field of the wrong type.
     """
     try:
         text = Path(path).read_text()
@@ -78,5 +418,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
     Non-finite numbers (an infinite KL divergence, say) are written as ``null``, since JSON has no
     representation for them.
+
+    Raises:
+        OSError: the folder cannot be written.
     """
     write_text_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")

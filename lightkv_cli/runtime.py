@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightkv_cli.measure.memory import PeakMemory
 from lightkv_cli.measure.timing import Stopwatch
+
+if TYPE_CHECKING:
+    from lightkv_cli.methods.records import CompressionRecord
 
 
 @dataclass
@@ -68,25 +72,24 @@ class CacheStats:
         return sum(self.layer_vision_tokens) / (len(self.layer_vision_tokens) * self.vision_tokens)
 
 
-def cache_stats(cache, vision_tokens: int, record=None) -> CacheStats:
+def cache_stats(cache, vision_tokens: int, record: CompressionRecord | None = None) -> CacheStats:
     """Measure a ``DynamicCache`` right after prefill.
 
-    Without eviction, layer 0 is never shortened, so it holds the whole prompt; every token a layer
-    lost is a vision token (in-prefill methods never touch text), hence ``vision held = held - text``.
-    After post-prefill eviction (``record`` an :class:`~lightkv_cli.methods.eviction.EvictionRecord`)
-    the vision entries each layer kept come from the record's kept indices, and every layer
-    processed the whole prompt.
+    Without a record, or after an in-prefill method (``record.evicts_text`` False), layer 0 holds the
+    whole prompt and every token a layer lost is a vision token (text is never touched), hence
+    ``vision held = held - text``, measured from the cache. After post-prefill eviction
+    (``record.evicts_text`` True: text entries went too, per KV head) the vision entries each layer
+    kept come from the record (its kept indices), and every layer processed the whole prompt.
 
     Args:
         cache: the ``DynamicCache`` filled by a prefill (keys ``(B, H_kv, S_l, d)`` per layer).
         vision_tokens: vision tokens per row of the prompt.
-        record: the press's ``last_prefill`` (or None).
+        record: the press's ``last_prefill`` (a
+            :class:`~lightkv_cli.methods.records.CompressionRecord`), or None.
 
     Returns:
         :class:`CacheStats` per request (bytes divided by the batch size).
     """
-    from lightkv_cli.methods.eviction import EvictionRecord
-
     lens, sizes = [], []
     batch = 1
     for layer in cache.layers:
@@ -94,7 +97,7 @@ def cache_stats(cache, vision_tokens: int, record=None) -> CacheStats:
         batch = k.shape[0]
         lens.append(int(k.shape[-2]))
         sizes.append((k.numel() * k.element_size() + v.numel() * v.element_size()) // batch)
-    if isinstance(record, EvictionRecord):
+    if record is not None and record.evicts_text:
         return CacheStats(
             layer_seq_lens=lens,
             layer_bytes=sizes,
@@ -179,7 +182,7 @@ def greedy_generate(
         mask = torch.ones_like(inputs["input_ids"])
     batch = mask.shape[0]
     # Positions as generate() computes them, per family (1-D from the mask; Qwen's 3-D M-RoPE).
-    from lightkv_cli.methods.base import cache_kwarg
+    from lightkv_cli.methods.hf_compat import cache_kwarg
     from lightkv_cli.models.adapters import adapter_for
 
     adapter = adapter_for(model)

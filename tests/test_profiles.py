@@ -61,7 +61,7 @@ def test_published_defaults_ship_and_are_marked():
 def test_good_profile_loads(tmp_path):
     prof = load_profile(_write(tmp_path, GOOD))
     assert prof.method.schedule().label() == "L6-9-12/W4-2-1/r0.3-0.3-0.3"
-    t = prof.thresholds.to_thresholds()
+    t = prof.thresholds
     assert t.min_answer_match == 0.9 and t.min_top1_agreement is None
 
 
@@ -79,6 +79,10 @@ def test_good_profile_loads(tmp_path):
         (('name = "lightkv"', 'name = "fastvv"'), "unknown method 'fastvv'"),
         (("windows = [4, 2, 1]", "windows = [4, 2]"), "one window count and one ratio per layer"),
         (("min_answer_match = 0.9", "min_answer_match = 1.5"), "field 'thresholds.min_answer_match'"),
+        (
+            ("min_answer_match = 0.9", 'min_answer_match = "0.9"'),
+            "field 'thresholds.min_answer_match': must be a number",
+        ),
         (('format = "lightkv.profile/1"', 'format = "lightkv.profile/7"'), "upgrade lightkv"),
         (("layers = [6, 9, 12]\n", ""), "needs a schedule: missing layers"),
     ],
@@ -103,6 +107,11 @@ def test_sweep_config_wrong_field_and_relative_paths(tmp_path):
         _write(tmp_path, 'images = ["imgs"]\nmethods = ["lightkv"]\nretentions = [0.5]\n', "s.toml")
     )
     assert cfg.images == [str(tmp_path / "imgs")] and cfg.retentions == [0.5]
+    # [thresholds] is the one Thresholds model; keys it leaves out are unset here (sweep keeps the defaults).
+    cfg = load_sweep_config(_write(tmp_path, "[thresholds]\nmax_kl = 0.5\n", "s.toml"))
+    assert cfg.thresholds.set_items() == {"max_kl": 0.5}
+    with pytest.raises(UserError, match=r"unknown field 'thresholds\.max_kll'; did you mean 'max_kl'"):
+        load_sweep_config(_write(tmp_path, "[thresholds]\nmax_kll = 0.5\n", "s.toml"))
     with pytest.raises(UserError, match="unknown field 'retention'; did you mean 'retentions'"):
         load_sweep_config(_write(tmp_path, "retention = [0.5]\n", "s.toml"))
     with pytest.raises(UserError, match=r"unknown field 'schedules\.0\.window'; did you mean 'windows'"):
@@ -158,7 +167,7 @@ def test_save_profile_round_trip(tmp_path):
     prof = load_profile(path)
     assert prof.profile.kind == "measured" and prof.model.name == "tiny" and prof.model.layers == 16
     assert prof.method.ratios == [0.4, 0.4, 0.4] and prof.method.target_retention == 0.55
-    assert prof.thresholds.to_thresholds().to_dict()["max_kl"] is None
+    assert prof.thresholds.to_dict()["max_kl"] is None
     assert prof.measured.kv_bytes == 2.0e6 and prof.measured.max_concurrent_requests == 40
     assert prof.measured.accuracy is None and prof.measured.decode_ms_per_token is None
     assert prof.inputs.fingerprint == "sha256:abc" and prof.inputs.count == 2

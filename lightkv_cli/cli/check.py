@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lightkv_cli.cli.common import (
+    ConsoleEvents,
     DeviceOpt,
     DtypeOpt,
     ImagesOpt,
@@ -24,15 +25,12 @@ from lightkv_cli.cli.common import (
     RepeatsOpt,
     WarmupOpt,
     app,
-    check_output_dir,
     command_line,
     console,
     demo_prompts,
     err_console,
     friendly,
-    load_inputs,
     resolve_model_name,
-    run_with_progress,
     threshold_overrides,
     write_reports_or_warn,
 )
@@ -107,11 +105,7 @@ def check(
         from lightkv_cli.results import load_results
 
         data = load_results(results)
-        base = (
-            prof.thresholds.to_thresholds()
-            if prof
-            else Thresholds.from_dict(data.get("thresholds") or {}, f"{results}: thresholds")
-        )
+        base = prof.thresholds if prof else Thresholds.from_dict(data.get("thresholds") or {}, f"{results}: thresholds")
         ids = [r.get("id") for r in data["runs"]]
         run_id = (
             run or (_profile_run(prof, data["runs"]) if prof else None) or (data.get("recommendation") or {}).get("run")
@@ -130,7 +124,7 @@ def check(
         data, run_id = _rerun_profile(
             ctx, prof, profile_path, images, prompt, prompts, model, init, repeats, warmup, device, dtype, limit, output
         )
-        base = prof.thresholds.to_thresholds()
+        base = prof.thresholds
         source = str(profile_path)
     thresholds = base.merged(**overrides)
     if not thresholds.set_items():
@@ -176,33 +170,48 @@ def _profile_run(prof, runs: list[dict]) -> str | None:
     return None
 
 
+class _ProfileEvents(ConsoleEvents):
+    """The console of a profile's re-run: the model must have the profile's depth; say when the inputs
+    differ from those the profile was chosen on."""
+
+    def __init__(self, prof, profile_path: Path):
+        super().__init__(show_notes=False, model_label=prof.model.name)
+        self.prof, self.profile_path = prof, profile_path
+
+    def model_loaded(self, loaded) -> None:
+        layers = self.prof.model.layers
+        if layers is not None and loaded.adapter.num_layers != layers:
+            raise UserError(
+                f"profile '{self.profile_path}' is for a {layers}-layer model; '{loaded.name}' has "
+                f"{loaded.adapter.num_layers} decoder layers: save a profile for this model with lightkv sweep "
+                "--save-profile"
+            )
+
+    def ready(self, sweep, moved_aside: Path | None) -> None:
+        super().ready(sweep, moved_aside)
+        chosen_on = self.prof.inputs
+        if chosen_on is not None and chosen_on.fingerprint != sweep.results["inputs_fingerprint"]:
+            console.print(
+                f"[dim]note: checking on other inputs than the profile was chosen on ({len(sweep.inputs)} here, "
+                f"{chosen_on.count} there)[/]",
+                highlight=False,
+            )
+
+
 def _rerun_profile(
     ctx, prof, profile_path, images, prompt, prompts, model, init, repeats, warmup, device, dtype, limit, output
 ):
     """Re-run a profile's operating point and the uncompressed reference; return (results, run id)."""
+    from lightkv_cli.engine.ids import run_id
+    from lightkv_cli.engine.job import SweepInterrupted, SweepRequest, run_sweep
     from lightkv_cli.engine.plan import SweepSettings
-    from lightkv_cli.engine.prepare import prepare_inputs
-    from lightkv_cli.engine.sweep import Sweep
-    from lightkv_cli.methods.registry import Schedule
-    from lightkv_cli.models.loader import load_model
+    from lightkv_cli.methods.schedule import Schedule
 
     want = resolve_model_name(prof.model.name)
     if model is not None and resolve_model_name(model) != want:
         raise UserError(
             f"profile '{profile_path}' is for model '{prof.model.name}', not '{model}'; "
             f"drop --model, or save a profile for '{model}' with lightkv sweep --model {model} --save-profile NAME"
-        )
-    if output is not None:
-        check_output_dir(output)
-    loaded_images, items, skipped = load_inputs(list(images or []), prompt, prompts, limit)
-    if not items:
-        raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
-    with console.status(f"loading model '{prof.model.name}'…"):
-        lm = load_model(model or prof.model.name, init=init or prof.model.init, device=device, dtype=dtype)
-    if prof.model.layers is not None and lm.adapter.num_layers != prof.model.layers:
-        raise UserError(
-            f"profile '{profile_path}' is for a {prof.model.layers}-layer model; '{lm.name}' has "
-            f"{lm.adapter.num_layers} decoder layers: save a profile for this model with lightkv sweep --save-profile"
         )
     m = prof.method
     sched = Schedule.build(m.layers, m.windows, m.ratios) if m.uses_schedule else None
@@ -214,31 +223,30 @@ def _rerun_profile(
         max_new_tokens=prof.settings.max_new_tokens,
         repeats=repeats,
         warmup=warmup,
-        thresholds=prof.thresholds.to_thresholds(),
+        thresholds=prof.thresholds,
     )
-    inputs = prepare_inputs(lm, loaded_images, items)
-    sweep = Sweep(
-        lm,
-        inputs,
+    request = SweepRequest(
         settings,
+        model=model or prof.model.name,
+        init=init or prof.model.init,
+        device=device,
+        dtype=dtype,
+        images=list(images or []),
+        prompt=prompt,
+        prompts=prompts,
+        limit=limit,
+        output=output,
+        backup=False,
         command=command_line(ctx),
-        skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped],
-        results_path=(output / "results.json") if output else None,
     )
-    if prof.inputs is not None and prof.inputs.fingerprint != sweep.results["inputs_fingerprint"]:
-        console.print(
-            f"[dim]note: checking on other inputs than the profile was chosen on ({len(inputs)} here, "
-            f"{prof.inputs.count} there)[/]",
-            highlight=False,
-        )
     try:
-        data = run_with_progress(sweep)
-    except KeyboardInterrupt:
+        data = run_sweep(request, _ProfileEvents(prof, profile_path))
+    except SweepInterrupted:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
     if output is not None:
         write_reports_or_warn(data, output)
-    return data, (f"{m.name}[{sched.label()}]" if sched else f"{m.name}@{m.target_retention:g}")
+    return data, (run_id(m.name, schedule=sched) if sched else run_id(m.name, target=m.target_retention))
 
 
 def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,8 @@ from rich.progress import (
 
 from lightkv_cli import __version__
 from lightkv_cli.demo_model import DEMO_NAME
+from lightkv_cli.engine.job import SweepEvents
+from lightkv_cli.engine.job import check_output_dir as check_output_dir  # for the commands
 from lightkv_cli.errors import LightKVError, UserError
 
 app = typer.Typer(
@@ -75,12 +78,15 @@ def friendly(fn):
 
 
 def command_line(ctx) -> str:
-    """The command as it could be re-run: the subcommand and every option that differs from its default."""
+    """The command as it could be re-run: the subcommand and every option that differs from its default
+    (values taken from a ``--config`` file stay in the file: ``--config`` names it)."""
     parts = ["lightkv", ctx.info_name or ""]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value is None or value == param.default or not param.opts:
             continue
+        if getattr(ctx.get_parameter_source(param.name), "name", None) == "DEFAULT_MAP":
+            continue  # typer ships its own click: compare the source by name
         flag = param.opts[0]
         for v in value if isinstance(value, (list, tuple)) else [value]:
             parts += [flag, shlex.quote(str(v))]
@@ -126,30 +132,6 @@ def demo_prompts(model: str | None, images, prompt, prompts, videos=()) -> Path 
         highlight=False,
     )
     return TESTSET_PROMPTS
-
-
-def load_inputs(
-    images: list[Path], prompt: str | None, prompts: Path | None, limit: int | None, videos: list[Path] = ()
-):
-    """Load the inputs; print what was ignored or skipped (one line per skipped file)."""
-    from lightkv_cli.inputs import describe_skipped, gather_inputs
-
-    got = gather_inputs(images, prompt=prompt, prompts=prompts, limit=limit, videos=videos)
-    if not got.images and not got.skipped:
-        from lightkv_cli.inputs import IMAGE_EXTENSIONS
-
-        where = ", ".join(str(p) for p in images) or "the prompts file's images"
-        raise UserError(
-            f"no image files in {where}"
-            + (f" (ignored {len(got.ignored)} non-image file(s))" if got.ignored else "")
-            + f"; give a folder with {', '.join(sorted(IMAGE_EXTENSIONS))} images"
-        )
-    if got.ignored:
-        names = ", ".join(p.name for p in got.ignored[:6]) + (" …" if len(got.ignored) > 6 else "")
-        console.print(f"[dim]ignored {len(got.ignored)} non-image file(s): {names}[/]", highlight=False)
-    for s in got.skipped:
-        err_console.print(f"[yellow]{describe_skipped(s)}[/]", highlight=False, soft_wrap=True)
-    return got.images, got.items, got.skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +278,11 @@ def threshold_overrides(
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
+    """Parse ``"12,18,24"`` into integers.
+
+    Raises:
+        UserError: a part that is not an integer (the message names ``option``).
+    """
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -303,6 +290,11 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 
 def parse_float_list(text: str, option: str) -> list[float]:
+    """Parse ``"0.5,0.5,0.25"`` into floats.
+
+    Raises:
+        UserError: a part that is not a number (the message names ``option``).
+    """
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -319,7 +311,7 @@ def parse_schedules(layers: list[str], windows: list[str], ratios: list[str]):
     Raises:
         UserError: a malformed list, or --windows/--ratios without --layers (or the reverse).
     """
-    from lightkv_cli.methods.registry import Schedule
+    from lightkv_cli.methods.schedule import Schedule
 
     if not (layers or windows or ratios):
         return []
@@ -339,20 +331,8 @@ def parse_schedules(layers: list[str], windows: list[str], ratios: list[str]):
     return out
 
 
-def check_output_dir(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output '{output}' exists and is not a directory; give a directory for results.json")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"--output '{output}': cannot create the directory ({exc.strerror or exc}); give a writable directory"
-        ) from None
-    if not os.access(output, os.W_OK):
-        raise UserError(f"--output '{output}' is not writable; give a writable directory")
-
-
 def progress_bar() -> Progress:
+    """A progress bar on the console: spinner, description, bar, done/total, elapsed time, eta."""
     columns = [
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -365,23 +345,67 @@ def progress_bar() -> Progress:
     return Progress(*columns, console=console, transient=False)
 
 
-def run_with_progress(sweep) -> dict:
-    """Run ``sweep`` under a progress bar; Ctrl-C keeps what finished and exits 130."""
-    with progress_bar() as progress:
-        task = progress.add_task("planning", total=sweep.total_steps)
+class ConsoleEvents(SweepEvents):
+    """Shows a sweep (:func:`~lightkv_cli.engine.job.run_sweep`) on the console: ignored and skipped
+    inputs, a spinner while the model loads, notes, the resume or ``results.json.bak`` line, the
+    progress bar.
 
-        def on_progress(run_id: str, input_id: str) -> None:
-            progress.update(task, advance=1, description=f"{run_id} · {input_id}")
+    Args:
+        show_notes: print the model's and the planner's notes.
+        model_label: the model name shown while loading (default: the name loaded).
+    """
 
-        sweep.on_progress = on_progress
-        try:
-            return sweep.run()
-        except KeyboardInterrupt:
-            progress.stop()
-            raise
+    def __init__(self, show_notes: bool = True, model_label: str | None = None):
+        self.show_notes = show_notes
+        self.model_label = model_label
+        self._advance = None
+
+    def inputs_read(self, inputs) -> None:
+        from lightkv_cli.inputs import describe_skipped
+
+        if inputs.ignored:
+            names = ", ".join(p.name for p in inputs.ignored[:6]) + (" …" if len(inputs.ignored) > 6 else "")
+            console.print(f"[dim]ignored {len(inputs.ignored)} non-image file(s): {names}[/]", highlight=False)
+        for s in inputs.skipped:
+            err_console.print(f"[yellow]{describe_skipped(s)}[/]", highlight=False, soft_wrap=True)
+
+    def loading_model(self, name: str):
+        return console.status(f"loading model '{self.model_label or name}'…")
+
+    def note(self, text: str) -> None:
+        if self.show_notes:
+            console.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    def ready(self, sweep, moved_aside: Path | None) -> None:
+        if sweep.resumed:
+            console.print(
+                f"resuming: {len(sweep.resumed)} run(s) already in {sweep.results_path}, {len(sweep.pending)} to go",
+                highlight=False,
+            )
+        elif moved_aside is not None:
+            console.print(
+                f"[yellow]note:[/] the previous results were moved to {moved_aside} (use --resume to continue a sweep)",
+                highlight=False,
+            )
+
+    @contextmanager
+    def running(self, total_steps: int) -> Iterator[None]:
+        with progress_bar() as progress:
+            task = progress.add_task("planning", total=total_steps)
+            self._advance = lambda description: progress.update(task, advance=1, description=description)
+            try:
+                yield
+            finally:
+                self._advance = None
+
+    def progress(self, run_id: str, input_id: str) -> None:
+        if self._advance is not None:
+            self._advance(f"{run_id} · {input_id}")
 
 
 def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | None:
+    """Write report.html and report.md into ``output``; on failure print a warning (results.json is
+    already complete) and return None."""
     from lightkv_cli.report.write import write_reports
 
     try:
@@ -394,6 +418,7 @@ def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | No
 
 
 def resolve_model_name(name: str) -> str:
+    """The model name an alias stands for (``llava`` → its Hugging Face id), without a trailing ``/``."""
     from lightkv_cli.models.loader import ALIASES
 
     return ALIASES.get(name, name).rstrip("/")

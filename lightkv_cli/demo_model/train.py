@@ -1,5 +1,9 @@
 """Train the embedded easy-VQA demo model from scratch, evaluate it, and write its checkpoint.
 
+One cohesive script (the recipe's three stages, its evaluation and the model card read as one
+story), kept beside the model it builds and off the profiler's runtime path: nothing in lightkv
+imports it.
+
 Usage::
 
     pip install 'lightkv[train]'            # the easy-vqa dataset
@@ -60,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR, build, data
-from lightkv_cli.methods.base import cache_kwarg
+from lightkv_cli.methods.hf_compat import cache_kwarg
 
 N_VISION = (data.CANVAS // data.PATCH) ** 2  # 256
 #: A vision token is labelled with the object's colour and shape in vision pretraining when the object

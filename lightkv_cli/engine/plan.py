@@ -8,9 +8,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lightkv_cli.engine.ids import UNCOMPRESSED, run_id
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.base import Press
-from lightkv_cli.methods.registry import METHODS, Schedule, make_press
+from lightkv_cli.methods.registry import METHODS, make_press
+from lightkv_cli.methods.schedule import Schedule
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.scoring.thresholds import Thresholds
 
@@ -36,6 +38,9 @@ class SweepSettings:
         thresholds: what the recommended operating point must meet.
         memory_budget: memory for capacity planning, bytes (default: the detected device's).
         memory_source: where ``memory_budget`` came from (for the report).
+
+    Raises:
+        UserError: ``positions`` other than ``keep`` or ``renumber``.
     """
 
     methods: Sequence[str] = ("lightkv",)
@@ -49,6 +54,10 @@ class SweepSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
     memory_budget: int | None = None
     memory_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("keep", "renumber"):
+            raise UserError(f"--positions must be keep or renumber, got '{self.positions}'")
 
     def to_dict(self) -> dict:
         """The ``settings`` section of the results file."""
@@ -69,7 +78,8 @@ class RunSpec:
     """One run: a method at a target retention or with an explicit schedule (or the reference).
 
     Attributes:
-        id: stable id (``uncompressed``, ``lightkv@0.55``, ``lightkv[L12-18-24/W4-2-1/r0.5-0.5-0.5]``).
+        id: stable id (:func:`~lightkv_cli.engine.ids.run_id`: ``uncompressed``, ``lightkv@0.55``,
+            ``lightkv[L12-18-24/W4-2-1/r0.5-0.5-0.5]``).
         method: method name, ``uncompressed`` for the reference.
         target_retention: the target the schedule was generated for (1.0 for the reference,
             None for an explicit schedule).
@@ -104,12 +114,12 @@ def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
         if r < 1.0 and r not in targets:
             targets.append(r)
     targets.sort(reverse=True)
-    runs = [RunSpec(id="uncompressed", method="uncompressed", target_retention=1.0)]
+    runs = [RunSpec(id=run_id(UNCOMPRESSED), method=UNCOMPRESSED, target_retention=1.0)]
     for method in settings.methods:
         for r in targets:
             press = make_press(method, loaded.model, target=r, positions=settings.positions)
-            runs.append(RunSpec(id=f"{method}@{r:g}", method=method, target_retention=r, press=press))
+            runs.append(RunSpec(id=run_id(method, target=r), method=method, target_retention=r, press=press))
         for sched in settings.schedules if METHODS[method].schedules else ():
             press = make_press(method, loaded.model, schedule=sched, positions=settings.positions)
-            runs.append(RunSpec(id=f"{method}[{sched.label()}]", method=method, target_retention=None, press=press))
+            runs.append(RunSpec(id=run_id(method, schedule=sched), method=method, target_retention=None, press=press))
     return runs

@@ -10,7 +10,7 @@ No model code is copied or patched: only ``register_forward_pre_hook`` / ``regis
 (with ``with_kwargs=True``) on the top model and on decoder layers.
 
 :class:`SequencePress` is the base of methods that shorten the sequence *inside* the decoder during
-prefill (LightKV, and later FastV and random dropping). A subclass says after which decoder layers it
+prefill (LightKV, FastV, RandomDrop). A subclass says after which decoder layers it
 acts (:meth:`SequencePress.stage_layers`) and which tokens survive (:meth:`SequencePress.reduce`);
 the base does the rest, identically for every such method:
 
@@ -19,19 +19,21 @@ the base does the rest, identically for every such method:
   independently), and layer 0 is never shortened so ``generate()`` keeps deriving positions and the
   2-D mask from the uncompressed length;
 - later layers get the attention mask rebuilt for the shorter sequence (padding included) with
-  ``transformers.masking_utils.create_causal_mask``, and the position embeddings gathered at the
-  surviving positions (``positions="keep"``) or recomputed for renumbered positions
+  ``transformers.masking_utils`` (:func:`~lightkv_cli.methods.hf_compat.causal_mask`), and the
+  position embeddings gathered at the surviving positions (``positions="keep"``) or recomputed for renumbered positions
   (``positions="renumber"``, 1-D RoPE only);
 - during decode, compressed layers get a mask built from their own cached length, and with
   ``renumber`` positions shifted back by the number of removed tokens;
-- what happened is recorded in :attr:`SequencePress.last_prefill` (a :class:`PrefillRecord`).
+- what happened is recorded in :attr:`SequencePress.last_prefill` (a
+  :class:`~lightkv_cli.methods.records.PrefillRecord`).
+
+What depends on the transformers version (the cache keyword, mask construction, cache types) lives in
+:mod:`lightkv_cli.methods.hf_compat`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,32 +42,9 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.methods.hf_compat import cache_from_kwargs, causal_mask, check_dynamic_cache
+from lightkv_cli.methods.records import PrefillRecord, StageRecord
 from lightkv_cli.models.adapters import FamilyAdapter, VisionLayout, adapter_for
-
-
-def cache_from_kwargs(kwargs: dict):
-    """The KV cache a forward (or a forward hook) was given: ``past_key_values`` (transformers ≤ 5.23,
-    and what callers pass), or ``cache``, the name transformers ≥ 5.24 passes to decoder layers."""
-    cache = kwargs.get("past_key_values")
-    return kwargs.get("cache") if cache is None else cache
-
-
-@functools.cache
-def _cache_param(fn) -> str:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwarg(fn, cache) -> dict:
-    """The keyword argument that hands ``cache`` to ``fn`` (a model's ``forward`` or a transformers
-    function): ``{"cache": cache}`` where ``fn`` takes ``cache`` (transformers ≥ 5.24, where
-    ``past_key_values`` is deprecated and goes away in 5.40), else ``{"past_key_values": cache}``.
-    The signature is read once per function (bound methods are looked up by their function)."""
-    return {_cache_param(getattr(fn, "__func__", fn)): cache}
-
 
 POSITION_MODES = ("keep", "renumber")
 
@@ -97,84 +76,6 @@ class Press:
 
     def _detach(self) -> None:
         """Drop per-model state after the hooks are removed."""
-
-
-@dataclass
-class StageRecord:
-    """What one reduction stage did during the last prefill.
-
-    Attributes:
-        layer: the decoder layer after which the stage ran.
-        seq_len_in, seq_len_out: sequence length before and after (same for every row).
-        vision_in, vision_out: vision tokens per row before and after.
-        guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
-        merge_pairs: per row, ``(m, 2)`` long original-prompt indices ``(merged token, token it
-            merged into)`` (None for methods that drop rather than merge).
-        inputs_out: vision tokens of each visual input (image or video) of row 0 after the stage.
-    """
-
-    layer: int
-    seq_len_in: int
-    seq_len_out: int
-    vision_in: int
-    vision_out: int
-    guidance: torch.Tensor | None = None
-    merge_pairs: list[torch.Tensor] | None = None
-    inputs_out: list[int] = field(default_factory=list)
-
-
-@dataclass
-class PrefillRecord:
-    """What a :class:`SequencePress` did to the last prefill it saw.
-
-    Attributes:
-        seq_len: prompt length ``S`` (padding included).
-        vision_tokens: vision tokens per row before compression.
-        num_layers: decoder layers ``L``.
-        stages: one :class:`StageRecord` per stage that removed at least one token.
-        layer_seq_lens: tokens each decoder layer processed (and cached), length ``L``.
-        layer_vision_tokens: vision tokens each decoder layer processed (and cached), length ``L``.
-        kept_index: for each stage that removed tokens, ``(B, seq_len_out)`` long indices into the
-            original prompt of the tokens that survived it (a merged token: its B token's index).
-        input_tokens: vision tokens of each visual input (image or video, prompt order) of row 0
-            before compression, special tokens included.
-        grids: ``(rows, cols)`` of every grid of row 0 (see ``VisionLayout.grids``).
-        special_tokens: never-merged vision tokens of row 0 (e.g. LLaVA-NeXT newlines).
-    """
-
-    seq_len: int
-    vision_tokens: int
-    num_layers: int
-    stages: list[StageRecord] = field(default_factory=list)
-    layer_seq_lens: list[int] = field(default_factory=list)
-    layer_vision_tokens: list[int] = field(default_factory=list)
-    kept_index: list[torch.Tensor] = field(default_factory=list)
-    input_tokens: list[int] = field(default_factory=list)
-    grids: list[tuple[int, int]] = field(default_factory=list)
-    special_tokens: int = 0
-
-    @property
-    def vision_retention(self) -> float:
-        """Mean over all layers of (vision tokens cached / vision tokens before compression)."""
-        if self.vision_tokens == 0:
-            return 1.0
-        return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
-
-    @property
-    def per_image_retention(self) -> list[float]:
-        """Vision retention of each visual input (image or video) of row 0, in prompt order: mean over
-        all layers of its cached tokens / its tokens before compression."""
-        out = []
-        for i, n in enumerate(self.input_tokens):
-            total = 0
-            for lay in range(self.num_layers):
-                c = n
-                for s in self.stages:
-                    if s.layer < lay and i < len(s.inputs_out):
-                        c = s.inputs_out[i]
-                total += c
-            out.append(total / (self.num_layers * n) if n else 1.0)
-        return out
 
 
 @dataclass
@@ -272,6 +173,18 @@ class SequencePress(Press):
     def validate(self, adapter: FamilyAdapter) -> None:
         """Raise ``UserError`` when the schedule does not fit the model."""
 
+    def replay(self) -> SequencePress:
+        """A press that makes the last prefill's decisions again when run over a longer input.
+
+        Running the returned press, uncached, over the prompt followed by generated tokens removes the
+        same prompt tokens the last prefill removed, which is how cached decoding is checked against an
+        uncached reference forward (the tests do this for every method). Default: ``self``, right for
+        methods whose decisions depend only on the prompt's vision tokens (RandomDrop's seeded draws);
+        methods guided by attention, which later tokens change, return a copy that replays what they
+        recorded (LightKV, FastV).
+        """
+        return self
+
     # --- public state ----------------------------------------------------------------------
     @property
     def last_prefill(self) -> PrefillRecord | None:
@@ -338,7 +251,7 @@ class SequencePress(Press):
                 self._state = _ForwardState(phase="off")
                 return None
             if cache is not None:
-                self._check_cache(cache)
+                check_dynamic_cache(cache)
             B, S = input_ids.shape[:2]
             mask = kwargs.get("attention_mask")
             if mask is None or mask.ndim != 2:
@@ -414,19 +327,6 @@ class SequencePress(Press):
         )
         self._finish_record(self._state)
         return None
-
-    @staticmethod
-    def _check_cache(cache) -> None:
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            return
-        for layer in layers:
-            if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
-                raise UnsupportedInputError(
-                    f"{type(cache).__name__} with {type(layer).__name__} layers preallocates every layer to the "
-                    "same length, so shortening the sequence saves no memory and is not supported; use the "
-                    "default DynamicCache"
-                )
 
     def _stage_hook(self, layer: int):
         def hook(module, args, kwargs, output):
@@ -589,7 +489,7 @@ class SequencePress(Press):
                 layer_type = types[layer]
             if layer_type not in g.masks:
                 with torch.profiler.record_function("lightkv::mask"):
-                    g.masks[layer_type] = _make_mask(
+                    g.masks[layer_type] = causal_mask(
                         config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer
                     )
             kwargs["attention_mask"] = g.masks[layer_type]
@@ -609,25 +509,3 @@ class SequencePress(Press):
             return args, kwargs
 
         return hook
-
-
-def _make_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, layer: int):
-    """The attention mask a layer of ``layer_type`` needs for ``hidden`` given a 2-D padding mask.
-
-    ``position_ids`` is deliberately not passed: gapped ids would make transformers build a
-    packed-sequence (block-diagonal) mask. With SDPA and no padding the result is ``None`` (the
-    kernel's own causal masking), which is correct.
-    """
-    from transformers import masking_utils
-
-    fn = masking_utils.create_causal_mask
-    if layer_type == "sliding_attention":
-        fn = masking_utils.create_sliding_window_causal_mask
-    return fn(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=mask_2d,
-        **cache_kwarg(fn, cache),
-        position_ids=None,
-        layer_idx=layer,
-    )

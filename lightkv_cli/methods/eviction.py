@@ -2,10 +2,11 @@
 
 Prefill runs unchanged (same compute, same peak memory). While it runs, each decoder layer's
 attention from a few *observation* queries to every prompt key is computed from the layer's own
-post-RoPE queries and cached keys — ``H·τ·S`` logits per layer, never an ``S×S`` matrix, and the
-model keeps running SDPA / flash attention. When the prefill forward returns, every layer's cache is
-cut to its budget, per key/value head (each head keeps its own tokens, every head of a layer the same
-number, so the cache stays rectangular: ``(B, H_kv, k_l, d)``). Decoding attends to what is left.
+post-RoPE queries and cached keys (:mod:`lightkv_cli.methods.attention`) — ``H·τ·S`` logits per
+layer, never an ``S×S`` matrix, and the model keeps running SDPA / flash attention. When the
+prefill forward returns, every layer's cache is cut to its budget, per key/value head (each head
+keeps its own tokens, every head of a layer the same number, so the cache stays rectangular:
+``(B, H_kv, k_l, d)``). Decoding attends to what is left.
 
 Unlike the in-prefill methods (:class:`~lightkv_cli.methods.base.SequencePress`), eviction may
 shorten layer 0 and drops text tokens as well as vision tokens; positions are unaffected (the cached
@@ -28,58 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError, UserError
-from lightkv_cli.methods.base import Press, SequencePress, _make_mask, cache_from_kwargs
+from lightkv_cli.methods.attention import attention_rows, rope_queries
+from lightkv_cli.methods.base import Press
+from lightkv_cli.methods.hf_compat import cache_from_kwargs, causal_mask, check_dynamic_cache
+from lightkv_cli.methods.records import EvictionRecord
 from lightkv_cli.models.adapters import FamilyAdapter
-
-#: Largest block of attention probabilities materialised at once while gathering statistics.
-MAX_CHUNK_BYTES = 64 * 2**20
-
-
-@dataclass
-class EvictionRecord:
-    """What a post-prefill eviction did to the last prefill.
-
-    Attributes:
-        seq_len: prompt length ``S``.
-        vision_tokens: vision tokens per row before eviction.
-        num_layers: decoder layers ``L``.
-        budgets: tokens each layer keeps per KV head (its cached length after prefill), length ``L``.
-        layer_vision_tokens: vision tokens each layer keeps, mean over rows and KV heads (floats: heads
-            keep different tokens), length ``L``.
-        kept_index: per layer, ``(B, H_kv, k_l)`` long indices into the prompt of the kept entries,
-            ascending (on CPU).
-        details: method-specific statistics (VL-Cache: per-layer density and β).
-    """
-
-    seq_len: int
-    vision_tokens: int
-    num_layers: int
-    budgets: list[int]
-    layer_vision_tokens: list[float]
-    kept_index: list[torch.Tensor] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
-
-    @property
-    def layer_seq_lens(self) -> list[int]:
-        """Tokens cached by each layer after prefill (= :attr:`budgets`)."""
-        return list(self.budgets)
-
-    @property
-    def processed_seq_lens(self) -> list[int]:
-        """Tokens each layer processed in prefill: all ``S`` (eviction happens afterwards)."""
-        return [self.seq_len] * self.num_layers
-
-    @property
-    def vision_retention(self) -> float:
-        """Mean over layers of (vision tokens kept / vision tokens before eviction)."""
-        if self.vision_tokens == 0:
-            return 1.0
-        return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
-
-    @property
-    def kv_retention(self) -> float:
-        """Fraction of all prompt KV entries kept, over every layer: ``Σ k_l / (L·S)``."""
-        return sum(self.budgets) / (self.num_layers * self.seq_len)
 
 
 def keep_budget(alpha: float | None, match_retention: float | None, seq_len: int, vision_tokens: int) -> float:
@@ -127,69 +81,10 @@ def select_per_head(scores: torch.Tensor, keep: int, recent: int) -> torch.Tenso
     return idx.sort(dim=-1).values
 
 
-def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, H_kv, S, d)`` → ``(B, H, S, d)``: each KV head repeated for its query-head group."""
-    groups = num_heads // k.shape[1]
-    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
-
-
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``(B, H, ...)`` per query head → ``(B, H_kv, ...)``: mean over each KV head's query group."""
     B, H = x.shape[:2]
     return x.view(B, kv_heads, H // kv_heads, *x.shape[2:]).mean(dim=2)
-
-
-def attention_rows(
-    q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scale: float, max_chunk_bytes: int = MAX_CHUNK_BYTES
-):
-    """Causal attention probabilities of the observation queries, in chunks of queries.
-
-    ``A[b, h, i, j] = softmax_j(q_i·k_j·scale)`` over the keys ``j ≤ qpos[i]`` (float32).
-
-    Args:
-        q: ``(B, H, τ, d)`` post-RoPE queries at positions ``qpos``.
-        k: ``(B, H_kv, S, d)`` post-RoPE keys of the whole prompt.
-        qpos: ``(τ,)`` long positions of the queries in the prompt.
-        scale: logit scale (``1/√d``).
-
-    Yields:
-        ``(probs, visible)``: ``(B, H, c, S)`` float32 probabilities (0 where not visible) and the
-        ``(c, S)`` bool causal visibility, for consecutive chunks of ``c`` queries.
-    """
-    B, H, tau, _ = q.shape
-    S = k.shape[2]
-    keys = _expand_kv(k.float(), H)
-    chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
-    kpos = torch.arange(S, device=q.device)
-    for i0 in range(0, tau, chunk):
-        qi = qpos[i0 : i0 + chunk]
-        logits = torch.matmul(q[:, :, i0 : i0 + chunk].float(), keys.transpose(-1, -2)) * scale  # (B, H, c, S)
-        visible = kpos.view(1, -1) <= qi.view(-1, 1)
-        logits.masked_fill_(~visible.view(1, 1, *visible.shape), float("-inf"))
-        yield torch.softmax(logits, dim=-1), visible
-
-
-def rope_queries(
-    adapter: FamilyAdapter, layer: int, attn: nn.Module, q_out: torch.Tensor, qpos: torch.Tensor, position_embeddings
-) -> torch.Tensor:
-    """Post-RoPE float32 queries ``(B, H, τ, d)`` of ``layer`` at prompt positions ``qpos``.
-
-    Args:
-        q_out: ``(B, S, H·d)`` output of the layer's ``q_proj``.
-        qpos: ``(τ,)`` long positions.
-        position_embeddings: ``(cos, sin)`` as the layer received them (sequence on axis -2).
-    """
-    B = q_out.shape[0]
-    d = attn.head_dim
-    q = q_out[:, qpos.to(q_out.device)].view(B, qpos.numel(), -1, d)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    q = q.transpose(1, 2).float()
-    cos, sin = position_embeddings
-    idx = qpos.to(cos.device)
-    cos, sin = cos[..., idx, :].float(), sin[..., idx, :].float()
-    rotary = adapter.rotary_function(layer)
-    return rotary(q, q, cos, sin)[0]
 
 
 @dataclass
@@ -226,7 +121,8 @@ class EvictionPress(Press):
         raise NotImplementedError
 
     def layer_statistics(self, layer: int, chunks, kv_heads: int) -> Any:
-        """Reduce a layer's observation attention (:func:`attention_rows` chunks) to what :meth:`plan` needs."""
+        """Reduce a layer's observation attention (:func:`~lightkv_cli.methods.attention.attention_rows`
+        chunks) to what :meth:`plan` needs."""
         raise NotImplementedError
 
     def plan(self, stats: list[Any], seq_len: int, vision_tokens: int) -> tuple[list[torch.Tensor], dict]:
@@ -277,7 +173,7 @@ class EvictionPress(Press):
                 self._state = _EvictState()
                 return None
             if cache is not None:
-                SequencePress._check_cache(cache)
+                check_dynamic_cache(cache)
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.ndim == 2 and not bool(mask.bool().all()):
                 raise UnsupportedInputError(
@@ -406,7 +302,7 @@ class EvictionPress(Press):
             key = (layer_type, past)
             if key not in st.masks:
                 ones = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long, device=hidden.device)
-                st.masks[key] = _make_mask(config, layer_type, hidden, ones, cache, layer)
+                st.masks[key] = causal_mask(config, layer_type, hidden, ones, cache, layer)
             kwargs["attention_mask"] = st.masks[key]
             return args, kwargs
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightkv_cli.errors import UserError
+from lightkv_cli.methods.attention import expand_kv, post_rope_qk
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
-from lightkv_cli.methods.lightkv import post_rope_qk
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 _FLOOR_EPS = 1e-9
@@ -87,13 +88,26 @@ class FastV(SequencePress):
         """Vision tokens dropped out of ``n`` droppable ones: ``⌊ratio·n⌋``."""
         return int(math.floor(self.ratio * n + _FLOOR_EPS))
 
-    def predict(self, model: nn.Module) -> list[int]:
-        """Predicted vision tokens per image cached by each decoder layer; sets :attr:`expected_retention`."""
+    def predict(self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0) -> list[int]:
+        """Predicted vision tokens cached by each decoder layer (length ``L``); sets :attr:`expected_retention`.
+
+        Args:
+            model: the model (depth; its representative image when ``grids`` is None).
+            grids: the ``(rows, cols)`` grids of an actual input (e.g. ``press.last_prefill.grids``);
+                default: one representative image of the family.
+            special: never-dropped vision tokens besides the grids (newlines, CLS), with ``grids``.
+
+        Raises:
+            UserError: as :meth:`validate`.
+        """
         adapter = adapter_for(model)
         self.validate(adapter)
-        n = adapter.vision_tokens_per_image()
-        rows, cols = adapter.image_grid()
-        special = n - rows * cols
+        if grids is None:
+            n = adapter.vision_tokens_per_image()
+            rows, cols = adapter.image_grid()
+            special = n - rows * cols
+        else:
+            n = sum(r * c for r, c in grids) + special
         after = n - self.dropped(n - special)
         L = adapter.num_layers
         counts = [n if i < self.layer or self.ratio == 0 else after for i in range(L)]
@@ -140,6 +154,18 @@ class FastV(SequencePress):
         new._fixed_scores = scores.clone()
         return new
 
+    def replay(self) -> FastV:
+        """A copy that drops the last prefill's tokens again: its recorded scores (see
+        :meth:`SequencePress.replay`; the last token of a longer input attends differently).
+
+        Raises:
+            RuntimeError: no prefill ran under this press yet.
+        """
+        rec = self.last_prefill
+        if rec is None:
+            raise RuntimeError("replay() needs a prefill under this press first")
+        return self.with_fixed_scores(rec.stages[0].guidance) if rec.stages else self
+
     def reduce(self, inp: StageInput) -> StageOutput | None:
         """Score every row's vision tokens by the last token's attention; drop the lowest ones."""
         B, S, _ = inp.hidden.shape
@@ -163,8 +189,7 @@ class FastV(SequencePress):
                 raise ValueError(f"fixed scores have shape {tuple(self._fixed_scores.shape)}, expected {(B, n)}")
             return self._fixed_scores.float()
         q, k = post_rope_qk(inp, self._adapter)  # (B, H, S, d), (B, H_kv, S, d)
-        H = q.shape[1]
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        k = expand_kv(k, q.shape[1])
         scale = float(getattr(inp.module.self_attn, "scaling", q.shape[-1] ** -0.5))
         logits = torch.matmul(q[:, :, -1:], k.transpose(-1, -2)).squeeze(2) * scale  # (B, H, S)
         real = inp.attention_mask_2d.bool().to(logits.device)

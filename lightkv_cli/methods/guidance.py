@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from lightkv_cli.methods.attention import MAX_CHUNK_BYTES, expand_kv
+
 GUIDANCE_MODES = ("cross", "prompt", "uniform")
-MAX_CHUNK_BYTES = 64 * 2**20
-
-
-def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
-    groups = num_heads // k.shape[0]
-    return k if groups == 1 else k.repeat_interleave(groups, dim=0)
 
 
 def cross_guidance(
@@ -51,7 +47,7 @@ def cross_guidance(
     """
     H, S, _ = q.shape
     g = torch.zeros(S, dtype=torch.float32, device=q.device)
-    keys = _expand_kv(k[:, text], H)  # (H, T, d)
+    keys = expand_kv(k[:, text], H, dim=0)  # (H, T, d)
     T = keys.shape[1]
     if T == 0:
         return g
@@ -96,7 +92,7 @@ def prompt_guidance(
     qpos = torch.nonzero(after & real).flatten()
     if qpos.numel() == 0:
         return None
-    keys = _expand_kv(k, H)  # (H, S, d)
+    keys = expand_kv(k, H, dim=0)  # (H, S, d)
     g = torch.zeros(S, dtype=torch.float32, device=q.device)
     chunk = max(1, int(max_chunk_bytes // (4 * H * S)))
     kpos = torch.arange(S, device=q.device)

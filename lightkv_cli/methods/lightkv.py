@@ -9,24 +9,19 @@ causal mask, needs eager attention and supports batch size 1 only).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lightkv_cli.errors import UnsupportedInputError, UserError
+from lightkv_cli.errors import UserError
+from lightkv_cli.methods import schedule
+from lightkv_cli.methods.attention import post_rope_qk
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
 from lightkv_cli.methods.guidance import GUIDANCE_MODES, cross_guidance, prompt_guidance
-from lightkv_cli.methods.merging import MergePlan, bipartite_plan, simulate_counts, window_ids
-from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
-
-#: Default stage depths as fractions of the decoder depth (12, 18, 24 of 32 for LLaVA-1.5-7B).
-DEFAULT_FRACTIONS = (3 / 8, 9 / 16, 3 / 4)
-DEFAULT_WINDOWS = (4, 2, 1)
-#: A fourth stage, used only when a target cannot be reached with three.
-EXTRA_FRACTION, EXTRA_WINDOWS = 7 / 8, 1
+from lightkv_cli.methods.merging import MergePlan, bipartite_plan, window_ids
+from lightkv_cli.models.adapters import FamilyAdapter
 
 
 @dataclass
@@ -81,20 +76,7 @@ class LightKV(SequencePress):
     _fixed_guidance: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.layers = [int(x) for x in self.layers]
-        self.windows = [int(x) for x in self.windows]
-        self.ratios = [float(x) for x in self.ratios]
-        if not (len(self.layers) == len(self.windows) == len(self.ratios)):
-            raise UserError(
-                f"layers, windows and ratios must have the same length (got {len(self.layers)}, "
-                f"{len(self.windows)}, {len(self.ratios)}); give one window count and one ratio per stage"
-            )
-        if any(b <= a for a, b in zip(self.layers, self.layers[1:])) or any(x < 0 for x in self.layers):
-            raise UserError(f"layers must be non-negative and strictly increasing, got {self.layers}")
-        if any(w < 1 for w in self.windows):
-            raise UserError(f"windows must be ≥ 1, got {self.windows}")
-        if any(not (0.0 <= r <= 1.0) or math.isnan(r) for r in self.ratios):
-            raise UserError(f"ratios must be in [0, 1], got {self.ratios}")
+        self.layers, self.windows, self.ratios = schedule.check_stages(self.layers, self.windows, self.ratios)
         if self.guidance not in GUIDANCE_MODES:
             raise UserError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {self.guidance!r}")
         if self.positions not in POSITION_MODES:
@@ -119,27 +101,16 @@ class LightKV(SequencePress):
 
     def stage_layers(self, num_layers: int) -> list[int]:
         """The schedule's layers whose ratio is non-zero (a zero-ratio stage changes nothing)."""
-        return [lay for lay, r in zip(self.layers, self.ratios) if r > 0]
+        return schedule.stage_layers(self.layers, self.ratios)
 
     def validate(self, adapter: FamilyAdapter) -> None:
-        """Raise ``UserError`` when a stage layer leaves no later decoder layer to compress.
+        """Raise when the schedule does not fit the model (:func:`~lightkv_cli.methods.schedule.validate`).
 
         Raises:
             UserError: a stage after the last-but-one decoder layer.
             UnsupportedInputError: ``positions="renumber"`` for a family with multi-axis positions.
         """
-        if self.positions == "renumber" and not adapter.supports_renumber:
-            raise UnsupportedInputError(
-                f"positions='renumber' needs 1-D RoPE; the {adapter.family} family uses M-RoPE (t, h, w) positions, "
-                "for which renumbering is not defined: use positions='keep'"
-            )
-        L = adapter.num_layers
-        bad = [lay for lay in self.layers if lay > L - 2]
-        if bad:
-            raise UserError(
-                f"stage layers {bad} leave no later layer to compress: this model has {L} decoder layers, "
-                f"so stages must be after layers 0..{L - 2}"
-            )
+        schedule.validate(adapter, self.layers, self.positions)
 
     def predict(self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0) -> list[int]:
         """Predicted vision tokens cached by each decoder layer (length ``L``).
@@ -152,12 +123,11 @@ class LightKV(SequencePress):
             special: never-merged vision tokens besides the grids (newlines, CLS), with ``grids``.
 
         Also sets :attr:`expected_retention`.
+
+        Raises:
+            UserError, UnsupportedInputError: as :meth:`validate`.
         """
-        adapter = adapter_for(model)
-        self.validate(adapter)
-        counts = _predict_layer_counts(adapter, self.layers, self.windows, self.ratios, grids, special)
-        self.expected_retention = sum(counts) / (len(counts) * counts[0])
-        return counts
+        return schedule.predict(self, model, grids, special)
 
     @classmethod
     def for_retention(
@@ -165,82 +135,54 @@ class LightKV(SequencePress):
     ) -> LightKV:
         """Build a schedule whose average vision retention is as close as possible to ``retention``.
 
-        Rules (METHODS.md §1): stages at 3/8, 9/16 and 3/4 of the decoder depth with 4, 2, 1
-        windows, and one common ratio solved for the target. When the target cannot be reached with
-        ratio ≤ 0.5 at those depths, the stages move earlier (all depths scaled down together); if
-        that is still not enough, a fourth stage (1 window, at 7/8 of the depth) is added. The
-        chosen schedule is described in :attr:`schedule_note`; the predicted retention is
-        :attr:`expected_retention`.
+        Rules (METHODS.md §1, :func:`~lightkv_cli.methods.schedule.for_retention`): stages at 3/8, 9/16
+        and 3/4 of the decoder depth with 4, 2, 1 windows, and one common ratio solved for the target.
+        When the target cannot be reached with ratio ≤ 0.5 at those depths, the stages move earlier
+        (all depths scaled down together); if that is still not enough, a fourth stage (1 window, at
+        7/8 of the depth) is added. The chosen schedule is described in :attr:`schedule_note`; the
+        predicted retention is :attr:`expected_retention`.
 
         Args:
             retention: target average vision retention ``R`` in ``(0, 1]``.
             model: the model (its depth and vision grid decide the schedule).
+            guidance, positions: as the class's fields.
 
         Raises:
             UserError: ``retention`` outside ``(0, 1]``, or below the lowest retention reachable.
+            UnsupportedInputError: ``positions="renumber"`` for a family with M-RoPE positions.
         """
-        if not (0.0 < retention <= 1.0) or math.isnan(retention):
-            raise UserError(f"retention must be in (0, 1], got {retention}")
-        adapter = adapter_for(model)
-        L = adapter.num_layers
-        if L < 5:
-            raise UserError(f"LightKV.for_retention needs at least 5 decoder layers; this model has {L}")
+        return schedule.for_retention(cls, retention, model, guidance=guidance, positions=positions)
 
-        def build(layers, windows, ratio, note):
-            press = cls(layers, windows, [ratio] * len(layers), guidance=guidance, positions=positions)
-            press.validate(adapter)
-            counts = _predict_layer_counts(adapter, press.layers, press.windows, press.ratios)
-            press.expected_retention = sum(counts) / (len(counts) * counts[0])
-            press.schedule_note = note
-            return press
-
-        def retention_of(layers, windows, ratio):
-            counts = _predict_layer_counts(adapter, layers, windows, [ratio] * len(layers))
-            return sum(counts) / (len(counts) * counts[0])
-
-        default_layers = _layers_at(DEFAULT_FRACTIONS, L, 1.0) or _layers_at(DEFAULT_FRACTIONS, L, 0.05)
-        if retention >= 1.0:
-            return build(default_layers, list(DEFAULT_WINDOWS), 0.0, "target 1.0: ratio 0, nothing is merged")
-        for fractions, windows in (
-            (DEFAULT_FRACTIONS, DEFAULT_WINDOWS),
-            (DEFAULT_FRACTIONS + (EXTRA_FRACTION,), DEFAULT_WINDOWS + (EXTRA_WINDOWS,)),
-        ):
-            for step in range(20):
-                scale = 1.0 - step * 0.05
-                layers = _layers_at(fractions, L, scale)
-                if layers is None:
-                    continue
-                if retention_of(layers, windows, 0.5) > retention + 1e-9:
-                    continue
-                ratio = _solve_ratio(lambda r, ls=layers, ws=windows: retention_of(ls, ws, r), retention)
-                where = "default depths" if step == 0 else f"depths scaled by {scale:.2f} (moved earlier)"
-                extra = "" if len(fractions) == 3 else ", with a fourth stage"
-                note = (
-                    f"layers {layers} of {L} ({where}{extra}), windows {list(windows)}, "
-                    f"common ratio {ratio:.4f} solved for target {retention:g}"
-                )
-                return build(layers, list(windows), ratio, note)
-        floor_fractions, floor_windows = DEFAULT_FRACTIONS + (EXTRA_FRACTION,), DEFAULT_WINDOWS + (EXTRA_WINDOWS,)
-        floor_layers = _layers_at(floor_fractions, L, 0.05)
-        if floor_layers is None:  # too shallow for four stages
-            floor_layers, floor_windows = _layers_at(DEFAULT_FRACTIONS, L, 0.05), DEFAULT_WINDOWS
-        lowest = retention_of(floor_layers, floor_windows, 0.5)
-        raise UserError(
-            f"target retention {retention:g} is below the lowest this model reaches with LightKV "
-            f"(about {lowest:.3f} with stages after layers {floor_layers}); choose a larger target"
-        )
-
-    def with_fixed_guidance(self, guidance: list[torch.Tensor]) -> LightKV:
+    def with_fixed_guidance(self, guidance: list[torch.Tensor | None]) -> LightKV:
         """A copy that uses the given per-stage guidance weights instead of computing them.
 
         For verification and reproduction: replaying the weights recorded in
         ``press.last_prefill.stages[k].guidance`` (``(B, n_k)`` each) on a longer input (the prompt
         followed by generated tokens) reproduces the same merges, which is how an uncached
         reference forward is compared with cached decoding.
+
+        Args:
+            guidance: one ``(B, n_k)`` float tensor per entry of :attr:`layers` (None for a stage that
+                merged nothing, whose weights are then never read).
         """
         new = dataclasses.replace(self)
-        new._fixed_guidance = [g.clone() for g in guidance]
+        new._fixed_guidance = [None if g is None else g.clone() for g in guidance]
         return new
+
+    def replay(self) -> LightKV:
+        """A copy that makes the last prefill's merges again: its recorded guidance, stage by stage.
+
+        See :meth:`SequencePress.replay`; the guidance an uncached forward over the prompt and the
+        generated tokens would compute differs (the text after the image changes), so it is replayed.
+
+        Raises:
+            RuntimeError: no prefill ran under this press yet.
+        """
+        rec = self.last_prefill
+        if rec is None:
+            raise RuntimeError("replay() needs a prefill under this press first")
+        by_layer = {s.layer: s.guidance for s in rec.stages}
+        return self.with_fixed_guidance([by_layer.get(lay) for lay in self.layers])
 
     # --- one stage -----------------------------------------------------------------------------
     def reduce(self, inp: StageInput) -> StageOutput | None:
@@ -314,8 +256,9 @@ class LightKV(SequencePress):
         k = self.layers.index(inp.layer)
         if self._fixed_guidance is not None:
             g = self._fixed_guidance[k]
-            if tuple(g.shape) != (B, n):
-                raise ValueError(f"fixed guidance for stage {k} has shape {tuple(g.shape)}, expected {(B, n)}")
+            if g is None or tuple(g.shape) != (B, n):
+                got = None if g is None else tuple(g.shape)
+                raise ValueError(f"fixed guidance for stage {k} has shape {got}, expected {(B, n)}")
             return g.float()
         if self.guidance == "uniform":
             return torch.ones(B, n, dtype=torch.float32)
@@ -335,72 +278,3 @@ class LightKV(SequencePress):
                     g = torch.ones(inp.hidden.shape[1], dtype=torch.float32, device=q.device)
             rows.append(g[lay.positions.to(q.device)])
         return torch.stack(rows).cpu()
-
-
-def post_rope_qk(inp: StageInput, adapter: FamilyAdapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE float32 queries ``(B, H, S, d)`` and keys ``(B, H_kv, S, d)`` of the stage layer."""
-    if inp.queries is None or inp.keys is None:
-        raise RuntimeError("internal error: q_proj/k_proj outputs were not captured for guidance")
-    attn = inp.module.self_attn
-    B, S, _ = inp.hidden.shape
-    d = attn.head_dim
-    q = inp.queries.view(B, S, -1, d)
-    k = inp.keys.view(B, S, -1, d)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    q = q.transpose(1, 2).float()
-    k = k.transpose(1, 2).float()
-    cos, sin = inp.position_embeddings
-    rotary = adapter.rotary_function(inp.layer)
-    q, k = rotary(q, k, cos.float(), sin.float())
-    return q, k
-
-
-def _layers_at(fractions: Sequence[float], num_layers: int, scale: float) -> list[int] | None:
-    """Stage layers at ``fraction · L · scale`` (rounded), strictly increasing, in ``[1, L-2]``."""
-    layers = []
-    for f in fractions:
-        lay = max(1, int(math.floor(f * num_layers * scale + 0.5)))
-        if layers and lay <= layers[-1]:
-            lay = layers[-1] + 1
-        layers.append(lay)
-    if layers[-1] > num_layers - 2:
-        return None
-    return layers
-
-
-def _solve_ratio(retention_of, target: float) -> float:
-    """Common ratio in ``[0, 0.5]`` whose retention is closest to ``target`` (retention falls with ratio)."""
-    lo, hi = 0.0, 0.5
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if retention_of(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    # hi: smallest ratio reaching ≤ target; lo: just above target. Round outward to 4 decimals.
-    r_hi = math.ceil(hi * 1e4) / 1e4
-    r_lo = math.floor(lo * 1e4) / 1e4
-    best = min((abs(retention_of(r) - target), r) for r in (r_hi, r_lo))
-    return min(best[1], 0.5)
-
-
-def _predict_layer_counts(adapter: FamilyAdapter, layers, windows, ratios, grids=None, special: int = 0) -> list[int]:
-    """Vision tokens cached by each decoder layer under a schedule (length ``L``), for the given grids
-    (each windowed on its own) plus ``special`` never-merged tokens, or one representative image."""
-    L = adapter.num_layers
-    if grids is None:
-        grids, special = adapter.prediction_grids()
-    per_image = sum(r * c for r, c in grids) + special
-    stages = [(w, r) for w, r in zip(windows, ratios)]
-    after = [special] * len(stages)
-    for grid in grids:
-        for k, c in enumerate(simulate_counts(tuple(grid), stages)):
-            after[k] += c
-    counts = [per_image] * L
-    for lay, c in zip(layers, after):
-        for j in range(lay + 1, L):
-            counts[j] = c
-    return counts

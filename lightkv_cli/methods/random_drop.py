@@ -7,43 +7,91 @@ is drawn uniformly at random from a seeded generator, and they are dropped, not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from lightkv_cli.methods.base import StageInput, StageOutput
-from lightkv_cli.methods.lightkv import LightKV
+from lightkv_cli.errors import UserError
+from lightkv_cli.methods import schedule
+from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
 from lightkv_cli.methods.merging import merges_per_window, window_ids
+from lightkv_cli.models.adapters import FamilyAdapter
 
 
 @dataclass
-class RandomDrop(LightKV):
-    """Random dropping on LightKV's schedule (same ``layers``, ``windows``, ``ratios``).
+class RandomDrop(SequencePress):
+    """Random dropping on a LightKV schedule (same ``layers``, ``windows``, ``ratios``).
 
     Inside each window, ``r_w`` uniformly random vision tokens are removed (special tokens never).
     The draw depends only on ``seed``, the stage and the batch row, so the same prompt always loses
-    the same tokens. Layer counts, retention and schedules (:meth:`LightKV.for_retention`) are
-    exactly LightKV's.
+    the same tokens. Layer counts, retention and schedules (:meth:`for_retention`) are exactly
+    LightKV's: both run :mod:`lightkv_cli.methods.schedule`.
 
     Args:
+        layers: decoder layers after which a stage runs, strictly increasing, each in ``[0, L-2]``.
+        windows: windows per grid axis at each stage (``W ≥ 1``).
+        ratios: fraction of each window's tokens removed at each stage, in ``[0, 1]`` (capped at half a
+            window).
+        positions: ``"keep"`` (default) or ``"renumber"`` (1-D RoPE families only), as LightKV's.
         seed: seed of the draws (0).
-        (others as :class:`~lightkv_cli.methods.lightkv.LightKV`; ``guidance`` is unused.)
+
+    Attributes:
+        expected_retention: the predicted average vision retention (:meth:`for_retention`, :meth:`predict`).
+        schedule_note: how :meth:`for_retention` chose the schedule.
+
+    Raises:
+        UserError: inconsistent or out-of-range schedule, unknown positions mode.
     """
 
-    guidance: str = "uniform"
+    layers: Sequence[int]
+    windows: Sequence[int]
+    ratios: Sequence[float]
+    positions: str = "keep"
     seed: int = 0
+    expected_retention: float | None = field(default=None, compare=False)
+    schedule_note: str = field(default="", compare=False)
 
-    @property
-    def needs_qk(self) -> bool:  # type: ignore[override]
-        """Random choices need no attention."""
-        return False
+    #: random choices need no attention
+    needs_qk = False
+
+    def __post_init__(self) -> None:
+        self.layers, self.windows, self.ratios = schedule.check_stages(self.layers, self.windows, self.ratios)
+        if self.positions not in POSITION_MODES:
+            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
 
     def describe(self) -> dict:
-        """Parameters for results files."""
-        out = super().describe()
-        out.pop("guidance", None)
-        out["seed"] = self.seed
-        return out
+        """Parameters for results files: schedule, positions, how the schedule was chosen, seed."""
+        return {
+            "layers": list(self.layers),
+            "windows": list(self.windows),
+            "ratios": [round(r, 6) for r in self.ratios],
+            "positions": self.positions,
+            "schedule_note": self.schedule_note,
+            "seed": self.seed,
+        }
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """The schedule's layers whose ratio is non-zero."""
+        return schedule.stage_layers(self.layers, self.ratios)
+
+    def validate(self, adapter: FamilyAdapter) -> None:
+        """Raise when the schedule does not fit the model (:func:`~lightkv_cli.methods.schedule.validate`)."""
+        schedule.validate(adapter, self.layers, self.positions)
+
+    def predict(self, model: nn.Module, grids: Sequence[tuple[int, int]] | None = None, special: int = 0) -> list[int]:
+        """Predicted vision tokens cached by each decoder layer (LightKV's counts); sets :attr:`expected_retention`."""
+        return schedule.predict(self, model, grids, special)
+
+    @classmethod
+    def for_retention(cls, retention: float, model: nn.Module, positions: str = "keep", seed: int = 0) -> RandomDrop:
+        """The schedule LightKV chooses for ``retention`` (:func:`~lightkv_cli.methods.schedule.for_retention`).
+
+        Raises:
+            UserError: ``retention`` outside ``(0, 1]``, or below the lowest retention reachable.
+        """
+        return schedule.for_retention(cls, retention, model, positions=positions, seed=seed)
 
     def reduce(self, inp: StageInput) -> StageOutput | None:
         """Drop ``r_w`` random tokens per window (rows equalised to the smallest total)."""

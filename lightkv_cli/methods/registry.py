@@ -1,20 +1,34 @@
 """The methods a sweep can run, by name, and how a (method, schedule or target) becomes a press.
 
 Names are what users type (``--methods lightkv,lightkv-uniform``) and what results files record.
+:data:`METHODS` is the only list of methods: ``lightkv methods``, the sweep, profiles and the tests
+read it. An entry is data: name, kind, summary, guidance mode, whether it takes explicit schedules, and
+``build``, the function that makes its press from a target retention or a schedule. Adding a method is
+its own file plus one entry here.
+
+Importable without torch (``lightkv check results.json --profile`` and ``lightkv report`` read the
+registry): the ``build`` functions import their method when called.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lightkv_cli.errors import UserError
-from lightkv_cli.methods.lightkv import LightKV
+from lightkv_cli.methods.schedule import Schedule
+
+if TYPE_CHECKING:
+    from torch import nn
 
 #: How a method compresses (shown by ``lightkv methods`` and in reports).
 KIND_MERGE, KIND_DROP, KIND_EVICT = "in-prefill merge", "in-prefill drop", "post-prefill eviction"
+
+#: ``build(model, *, target, schedule, positions) -> press``: exactly one of ``target`` (a retention
+#: ``R`` in ``(0, 1]``) and ``schedule`` (a :class:`Schedule`) is given.
+Build = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,10 @@ class MethodInfo:
         name: the name users type and results record.
         summary: one line for ``lightkv methods``, ``--help`` and reports.
         kind: :data:`KIND_MERGE`, :data:`KIND_DROP` or :data:`KIND_EVICT`.
+        build: ``build(model, *, target=None, schedule=None, positions="keep")`` → the press, for a
+            target ``R`` or an explicit schedule (called by :func:`make_press`, which checks the
+            arguments first); it sets ``expected_retention`` where it can be predicted and
+            ``schedule_note``.
         guidance: LightKV guidance mode of this entry (None for other methods).
         schedules: whether the method runs explicit LightKV schedules (``--layers/--windows/--ratios``).
     """
@@ -32,6 +50,7 @@ class MethodInfo:
     name: str
     summary: str
     kind: str
+    build: Build
     guidance: str | None = None
     schedules: bool = False
 
@@ -43,6 +62,62 @@ class MethodInfo:
         return "average vision retention R over layers"
 
 
+# --- how each method is built (the classes are imported on use: no torch at import time) ----------------
+
+
+def _windowed(cls, model: nn.Module, target: float | None, schedule: Schedule | None, positions: str, **kwargs):
+    """A press on a windowed LightKV schedule: solved for ``target``, or the explicit ``schedule``."""
+    if schedule is not None:
+        press = cls(
+            layers=list(schedule.layers),
+            windows=list(schedule.windows),
+            ratios=list(schedule.ratios),
+            positions=positions,
+            **kwargs,
+        )
+        press.predict(model)
+        press.schedule_note = f"explicit schedule {schedule.label()}"
+        return press
+    return cls.for_retention(target, model, positions=positions, **kwargs)
+
+
+def _build_lightkv(model, *, target=None, schedule=None, positions="keep", guidance: str = "cross"):
+    from lightkv_cli.methods.lightkv import LightKV
+
+    return _windowed(LightKV, model, target, schedule, positions, guidance=guidance)
+
+
+def _build_random(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.random_drop import RandomDrop
+
+    return _windowed(RandomDrop, model, target, schedule, positions)
+
+
+def _build_fastv(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.fastv import FastV
+
+    return FastV.for_retention(target, model, positions=positions)
+
+
+def _matched_eviction(cls, target: float):
+    """An eviction press whose KV budget matches an in-prefill method's at vision retention ``target``."""
+    press = cls(match_retention=target)
+    press.schedule_note = f"KV budget matched to vision retention {target:g}"
+    return press
+
+
+def _build_vlcache(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.vlcache import VLCache
+
+    return _matched_eviction(VLCache, target)
+
+
+def _build_snapkv(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.snapkv import SnapKV
+
+    return _matched_eviction(SnapKV, target)
+
+
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
@@ -50,89 +125,55 @@ METHODS: dict[str, MethodInfo] = {
             "lightkv",
             "LightKV (TMLR 2026): prompt-guided vision-token merging in prefill, cross guidance (published)",
             KIND_MERGE,
-            "cross",
-            True,
+            functools.partial(_build_lightkv, guidance="cross"),
+            guidance="cross",
+            schedules=True,
         ),
         MethodInfo(
             "lightkv-prompt",
             "LightKV with guidance from the attention the prompt pays to each vision token",
             KIND_MERGE,
-            "prompt",
-            True,
+            functools.partial(_build_lightkv, guidance="prompt"),
+            guidance="prompt",
+            schedules=True,
         ),
         MethodInfo(
             "lightkv-uniform",
             "LightKV without prompt guidance (plain mean merge): the paper's ablation",
             KIND_MERGE,
-            "uniform",
-            True,
+            functools.partial(_build_lightkv, guidance="uniform"),
+            guidance="uniform",
+            schedules=True,
         ),
         MethodInfo(
             "vlcache",
             "VL-Cache (ICLR 2025): post-prefill eviction of vision and text, sparsity-aware layer budgets",
             KIND_EVICT,
+            _build_vlcache,
         ),
-        MethodInfo("fastv", "FastV (ECCV 2024): drop the least-attended vision tokens before layer 2", KIND_DROP),
         MethodInfo(
-            "snapkv", "SnapKV (NeurIPS 2024): post-prefill eviction by an observation window's attention", KIND_EVICT
+            "fastv",
+            "FastV (ECCV 2024): drop the least-attended vision tokens before layer 2",
+            KIND_DROP,
+            _build_fastv,
+        ),
+        MethodInfo(
+            "snapkv",
+            "SnapKV (NeurIPS 2024): post-prefill eviction by an observation window's attention",
+            KIND_EVICT,
+            _build_snapkv,
         ),
         MethodInfo(
             "random",
             "Random drop on LightKV's stages (seeded): the floor every method must beat",
             KIND_DROP,
-            None,
-            True,
+            _build_random,
+            schedules=True,
         ),
     )
 }
 #: The method name for each LightKV guidance mode (``lightkv profile --guidance``).
 METHOD_FOR_GUIDANCE = {m.guidance: m.name for m in METHODS.values() if m.guidance}
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """An explicit LightKV schedule: stages after ``layers`` with ``windows`` per axis and ``ratios``.
-
-    Attributes:
-        layers: decoder layers after which a stage runs (strictly increasing).
-        windows: windows per grid axis at each stage.
-        ratios: fraction of each window's tokens merged away at each stage.
-    """
-
-    layers: tuple[int, ...]
-    windows: tuple[int, ...]
-    ratios: tuple[float, ...]
-
-    def label(self) -> str:
-        """Compact, stable text used in run ids: ``L12-18-24/W4-2-1/r0.5-0.5-0.5``."""
-        return (
-            f"L{'-'.join(map(str, self.layers))}/W{'-'.join(map(str, self.windows))}"
-            f"/r{'-'.join(f'{r:g}' for r in self.ratios)}"
-        )
-
-    def to_dict(self) -> dict:
-        """``{"layers", "windows", "ratios"}`` as lists."""
-        return {"layers": list(self.layers), "windows": list(self.windows), "ratios": list(self.ratios)}
-
-    @classmethod
-    def build(cls, layers: Sequence[int], windows: Sequence[int], ratios: Sequence[float]) -> Schedule:
-        """A schedule with single windows/ratios values broadcast to every stage.
-
-        Raises:
-            UserError: lengths that do not match the number of layers, or invalid values.
-        """
-        layers = [int(x) for x in layers]
-        windows = [int(x) for x in windows] * (len(layers) if len(windows) == 1 else 1)
-        ratios = [float(x) for x in ratios] * (len(layers) if len(ratios) == 1 else 1)
-        if not layers:
-            raise UserError("a schedule needs at least one stage layer, e.g. --layers 12,18,24")
-        if len(windows) != len(layers) or len(ratios) != len(layers):
-            raise UserError(
-                f"schedule with layers {layers}: give one window count and one ratio per layer "
-                f"(or a single value for all), got windows {windows} and ratios {ratios}"
-            )
-        LightKV(layers=layers, windows=windows, ratios=ratios)  # validates the values
-        return cls(tuple(layers), tuple(windows), tuple(ratios))
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
@@ -163,30 +204,26 @@ def make_press(
     schedule: Schedule | None = None,
     positions: str = "keep",
 ):
-    """The press of ``method`` for a target retention or an explicit schedule.
+    """The press of ``method`` for a target retention or an explicit schedule (its entry's ``build``).
 
     Args:
         method: a name in :data:`METHODS`.
         model: the model (schedules are generated for its depth and vision grid).
-        target: target ``R`` in ``(0, 1)``: average vision retention for in-prefill methods; for
+        target: target ``R`` in ``(0, 1]``: average vision retention for in-prefill methods; for
             eviction methods the KV budget that keeps as many entries as ``R`` does in-prefill
             (see :attr:`MethodInfo.target`). Exclusive with ``schedule``.
         schedule: an explicit LightKV schedule (methods with ``schedules=True`` only).
         positions: ``keep`` or ``renumber`` (in-prefill methods; eviction never moves positions).
 
     Returns:
-        A press (:class:`LightKV`, :class:`RandomDrop`, :class:`FastV`, :class:`VLCache` or
-        :class:`SnapKV`) with ``expected_retention`` set where it can be predicted.
+        A press (:class:`~lightkv_cli.methods.lightkv.LightKV`, ``RandomDrop``, ``FastV``, ``VLCache`` or
+        ``SnapKV``) with ``expected_retention`` set where it can be predicted.
 
     Raises:
         UserError: an unknown method, a target the model cannot reach, a schedule given to a method
             that takes none, or a schedule that does not fit the model's depth.
+        ValueError: neither or both of ``target`` and ``schedule``.
     """
-    from lightkv_cli.methods.fastv import FastV
-    from lightkv_cli.methods.random_drop import RandomDrop
-    from lightkv_cli.methods.snapkv import SnapKV
-    from lightkv_cli.methods.vlcache import VLCache
-
     info = METHODS.get(method)
     if info is None:
         raise UserError(f"unknown method '{method}'; known methods: {', '.join(METHODS)}")
@@ -198,24 +235,4 @@ def make_press(
             f"give it target retentions instead (methods with schedules: "
             f"{', '.join(m.name for m in METHODS.values() if m.schedules)})"
         )
-    if info.kind == KIND_EVICT:
-        cls = VLCache if method == "vlcache" else SnapKV
-        press = cls(match_retention=target)
-        press.schedule_note = f"KV budget matched to vision retention {target:g}"
-        return press
-    if method == "fastv":
-        return FastV.for_retention(target, model, positions=positions)
-    cls = RandomDrop if method == "random" else LightKV
-    kwargs = {} if method == "random" else {"guidance": info.guidance}
-    if schedule is not None:
-        press = cls(
-            layers=list(schedule.layers),
-            windows=list(schedule.windows),
-            ratios=list(schedule.ratios),
-            positions=positions,
-            **kwargs,
-        )
-        press.predict(model)
-        press.schedule_note = f"explicit schedule {schedule.label()}"
-        return press
-    return cls.for_retention(target, model, positions=positions, **kwargs)
+    return info.build(model, target=target, schedule=schedule, positions=positions)

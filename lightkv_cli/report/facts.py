@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import re
 
+from lightkv_cli.scoring.thresholds import THRESHOLDS
+
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -120,17 +122,6 @@ def run_cells(run: dict) -> list[str]:
     ]
 
 
-THRESHOLD_LABELS = {
-    "min_answer_match": ("answer match", "≥"),
-    "min_top1_agreement": ("top-1 agreement", "≥"),
-    "min_accuracy": ("accuracy", "≥"),
-    "max_kl": ("first-token KL max", "≤"),
-    "max_vision_retention": ("measured vision retention", "≤"),
-    "max_kv_bytes": ("KV bytes per request", "≤"),
-    "max_prefill_ms": ("prefill median", "≤"),
-}
-
-
 def threshold_value(name: str, v) -> str:
     x = as_number(v)
     if x is None:
@@ -150,7 +141,8 @@ def threshold_lines(results: dict) -> list[str]:
     for name, v in (results.get("thresholds") or {}).items():
         if v is None:
             continue
-        label, op = THRESHOLD_LABELS.get(name, (name, "="))
+        info = THRESHOLDS.get(name)
+        label, op = (info.report_label, "≥" if info.kind == "min" else "≤") if info else (name, "=")
         out.append(f"{label} {op} {threshold_value(name, v)}")
     fid = (results.get("settings") or {}).get("min_fidelity")
     if not out and as_number(fid) is not None:

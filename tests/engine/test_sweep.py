@@ -14,7 +14,7 @@ from lightkv_cli.engine.sweep import Sweep
 from lightkv_cli.errors import UserError
 from lightkv_cli.inputs import PromptItem, collect_images
 from lightkv_cli.measure.costs import kv_bytes_per_token
-from lightkv_cli.methods.registry import Schedule
+from lightkv_cli.methods.schedule import Schedule
 from lightkv_cli.results import load_results, write_json_atomic
 
 FAST = dict(max_new_tokens=3, repeats=1, warmup=0)

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 from test_lightkv import _generate
+from tiny_families import evicted_prompt_masks
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.fastv import FastV
 from lightkv_cli.methods.merging import merges_per_window, window_ids
 from lightkv_cli.methods.random_drop import RandomDrop
-from lightkv_cli.methods.registry import METHODS, make_press
+from lightkv_cli.methods.registry import KIND_DROP, KIND_EVICT, KIND_MERGE, METHODS, make_press
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache, layer_budgets
 from lightkv_cli.runtime import cache_stats
@@ -62,30 +63,32 @@ def _assert_same_top(brute: torch.Tensor, kept: torch.Tensor, k: int, tol: float
 # ------------------------------------------------------------------------------------------------ registry
 
 
+#: The methods lightkv ships, with their press classes. A new registry entry needs no edit here: the
+#: methods x families matrix (test_matrix.py) covers it from the registry alone.
+SHIPPED = {
+    "lightkv": "LightKV",
+    "lightkv-prompt": "LightKV",
+    "lightkv-uniform": "LightKV",
+    "vlcache": "VLCache",
+    "fastv": "FastV",
+    "snapkv": "SnapKV",
+    "random": "RandomDrop",
+}
+
+
 def test_registry_names_and_kinds():
-    assert list(METHODS) == ["lightkv", "lightkv-prompt", "lightkv-uniform", "vlcache", "fastv", "snapkv", "random"]
-    assert {m.name for m in METHODS.values() if m.kind == "post-prefill eviction"} == {"vlcache", "snapkv"}
-    assert {m.name for m in METHODS.values() if m.schedules} == {
-        "lightkv",
-        "lightkv-prompt",
-        "lightkv-uniform",
-        "random",
-    }
+    assert [m for m in METHODS if m in SHIPPED] == list(SHIPPED)  # all shipped, in this order
+    assert {m.kind for m in METHODS.values()} <= {KIND_MERGE, KIND_DROP, KIND_EVICT}
+    shipped = [METHODS[m] for m in SHIPPED]
+    assert {m.name for m in shipped if m.kind == KIND_EVICT} == {"vlcache", "snapkv"}
+    assert {m.name for m in shipped if m.schedules} == {"lightkv", "lightkv-prompt", "lightkv-uniform", "random"}
 
 
 def test_make_press_types_and_schedule_refusal(tiny):
-    from lightkv_cli.methods.registry import Schedule
+    from lightkv_cli.methods.schedule import Schedule
 
     kinds = {m: type(make_press(m, tiny.model, target=0.55)).__name__ for m in METHODS}
-    assert kinds == {
-        "lightkv": "LightKV",
-        "lightkv-prompt": "LightKV",
-        "lightkv-uniform": "LightKV",
-        "vlcache": "VLCache",
-        "fastv": "FastV",
-        "snapkv": "SnapKV",
-        "random": "RandomDrop",
-    }
+    assert {m: kinds[m] for m in SHIPPED} == SHIPPED
     with pytest.raises(UserError, match="does not take a LightKV schedule"):
         make_press("vlcache", tiny.model, schedule=Schedule.build([3, 6, 9], [4, 2, 1], [0.5]))
 
@@ -126,24 +129,8 @@ def _evicted_reference(eager, ids, pixel_values, kept, S):
     cfg = eager.config.text_config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     T = ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    handles = []
-    for layer, idx in zip(eager.model.language_model.layers, kept):
-        allow = causal.expand(1, H, T, T).clone()
-        kp = torch.zeros(1, Hkv, S, dtype=torch.bool).scatter_(2, idx, True).repeat_interleave(H // Hkv, dim=1)
-        allow[:, :, S:, :S] = kp[:, :, None, :]
-        mask = torch.zeros(1, H, T, T).masked_fill(~allow, torch.finfo(torch.float32).min)
-        handles.append(
-            layer.register_forward_pre_hook(
-                lambda mod, a, kw, m=mask: (a, {**kw, "attention_mask": m}), with_kwargs=True
-            )
-        )
-    try:
-        with torch.no_grad():
-            return eager(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with evicted_prompt_masks(eager.model.language_model.layers, kept, H, Hkv, S, T), torch.no_grad():
+        return eager(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
 
 
 @pytest.mark.parametrize("press", [VLCache(budget=0.3), SnapKV(budget=0.3, window=8)], ids=["vlcache", "snapkv"])

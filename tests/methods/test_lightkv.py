@@ -8,7 +8,7 @@ import torch
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
-from lightkv_cli.methods.base import cache_kwarg
+from lightkv_cli.methods.hf_compat import cache_kwarg
 from lightkv_cli.runtime import cache_stats
 
 QUESTION = "Describe this image in one sentence."

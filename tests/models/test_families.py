@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import SIZES
+from tiny_families import encode as _encode
+from tiny_families import full_inputs as _full_inputs
+from tiny_families import generate as _generate
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError
@@ -16,14 +20,6 @@ FAMILIES = ["tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 QWEN = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 QUESTION = "Describe this image in one sentence."
 SCHEDULE = dict(layers=[2, 5, 8], windows=[4, 2, 1], ratios=[0.5, 0.5, 0.5])
-# Image sizes (width, height) whose grids nest under windows 4-2-1, so the schedule's prediction is exact.
-# LLaVA-NeXT (112 px tiles): square → 2×2 tiles → 16×16 high-res grid; 2:1 → 1×2 tiles → 8×16.
-# Qwen (28 px per token after the 2×2 merge): 336×224 → 8×12 tokens; 224×112 → 4×8.
-SIZES = {
-    "tiny-llava-next": [(200, 200), (400, 200)],
-    "tiny-qwen2-vl": [(336, 224), (224, 112)],
-    "tiny-qwen2.5-vl": [(336, 224), (224, 112)],
-}
 EXPECTED_GRIDS = {
     "tiny-llava-next": [[(8, 8), (16, 16)], [(8, 8), (8, 16)]],
     "tiny-qwen2-vl": [[(8, 12)], [(4, 8)]],
@@ -47,33 +43,6 @@ def sized(images):
         return [im.resize(size) for im, size in zip(images, SIZES[name])]
 
     return _sized
-
-
-def _encode(lm, imgs, question=QUESTION, videos=None):
-    text = lm.adapter.format_prompt(question, num_images=len(imgs), num_videos=len(videos or []))
-    kw = {"videos": videos} if videos else {}
-    enc = lm.processor(images=imgs or None, text=[text], return_tensors="pt", **kw)
-    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-
-
-def _generate(model, inputs, n=4, press=None):
-    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        if press is None:
-            return model.generate(**inputs, **kwargs)
-        with press(model):
-            return model.generate(**inputs, **kwargs)
-
-
-def _full_inputs(inputs, ids):
-    """Uncached forward inputs for prompt + generated tokens (text tokens appended)."""
-    extra = ids.shape[1] - inputs["input_ids"].shape[1]
-    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    full["input_ids"] = ids
-    full["attention_mask"] = torch.ones_like(ids)
-    if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra))
-    return full
 
 
 def test_ratio_zero_is_bit_identical(fam, sized):

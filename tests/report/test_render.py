@@ -19,6 +19,7 @@ from lightkv_cli.report import plots
 from lightkv_cli.report.html import render_html
 from lightkv_cli.report.markdown import render_markdown
 from lightkv_cli.report.write import write_reports
+from lightkv_cli.results import check_schema
 
 MIB = 2**20
 SCRIPT_PROMPT = "<script>alert(1)</script> What is shown?"
@@ -685,3 +686,9 @@ def test_method_colours_are_stable_and_distinct():
     known = ["uncompressed", "lightkv", "lightkv-prompt", "lightkv-uniform"]
     assert len({plots.method_colour(m) for m in known}) == 4
     assert plots.method_colour("my-method") == plots.method_colour("my-method")
+
+
+def test_synthetic_results_follow_the_results_schema(rich, cpu_results):
+    # The fixtures are results files the reader accepts (docs/results-schema.md), the legacy one included.
+    for res in (rich, cpu_results, _legacy_results()):
+        assert check_schema(res, "synthetic") is res

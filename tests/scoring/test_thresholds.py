@@ -8,7 +8,7 @@ import pytest
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.scoring.recommend import recommend
-from lightkv_cli.scoring.thresholds import Thresholds, evaluate
+from lightkv_cli.scoring.thresholds import THRESHOLDS, Thresholds, evaluate
 
 
 def _run(ident, method, r, match, top1, kv=100.0, kl=0.01, acc=None, prefill=10.0, status="ok"):
@@ -111,3 +111,20 @@ def test_unknown_threshold_name_is_a_user_error_with_a_suggestion():
 
 def test_no_finished_run():
     assert recommend([RUNS[-1]], Thresholds())["run"] is None
+
+
+def test_bounds_are_one_line_each():
+    with pytest.raises(UserError, match="threshold max_kl must be ≥ 0, got -1"):
+        Thresholds(max_kl=-1)
+    with pytest.raises(UserError, match=r"threshold min_top1_agreement must be ≤ 1, got 1\.5"):
+        Thresholds().merged(min_top1_agreement=1.5)
+    with pytest.raises(UserError, match="must be a number, got True"):
+        Thresholds.from_dict({"min_accuracy": True})
+    assert Thresholds(max_kv_bytes=3 * 2**30).max_kv_bytes == 3 * 2**30  # bytes are not fractions
+
+
+def test_keywords_take_the_defaults_a_table_leaves_unset():
+    assert Thresholds().set_items() == {"min_answer_match": 0.95, "min_top1_agreement": 0.95}
+    assert Thresholds.from_dict({"max_kl": 0.5}).set_items() == {"max_kl": 0.5}
+    assert Thresholds.unset().to_dict() == dict.fromkeys(THRESHOLDS)
+    assert list(Thresholds().to_dict()) == list(THRESHOLDS)  # one definition, in declaration order

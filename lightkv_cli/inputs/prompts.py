@@ -1,0 +1,170 @@
+"""The prompts file: one JSON object per line (``image``, ``question``, optional ``answer``), validated
+with ``file:line`` in every message. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightkv_cli.errors import UserError
+from lightkv_cli.inputs.images import resolved_path
+
+#: The question asked about each image when the user gives no prompts file.
+DEFAULT_PROMPT = "Describe this image in one sentence."
+
+
+#: The question asked about each video when the user gives no prompt.
+DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
+
+
+_PROMPT_KEYS = ("image", "question", "answer")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One line of a prompts file: an image, the question to ask about it and an optional reference answer.
+
+    ``image`` is the resolved path (it exists, but has not been decoded yet); ``line`` is the 1-based line
+    number in the prompts file, or 0 when the item was not read from a file.
+    """
+
+    image: Path
+    question: str
+    answer: str | None
+    line: int
+
+
+_EXAMPLE_LINE = '{"image": "cat.png", "question": "What animal is this?", "answer": "cat"}'
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _resolve_image(value: str, prompts_path: Path, image_root: Path | None, where: str) -> Path:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        if candidate.exists():
+            return candidate
+        raise UserError(f"{where}: image '{value}' not found (looked in {candidate.parent}); fix the path")
+    bases: list[Path] = [prompts_path.parent]
+    if image_root is not None:
+        bases.append(image_root)
+    bases.append(Path("."))
+    looked: list[Path] = []
+    seen: set[Path] = set()
+    for base in bases:
+        key = resolved_path(base)
+        if key in seen:
+            continue
+        seen.add(key)
+        looked.append(base)
+        path = base / candidate
+        if path.exists():
+            return path
+    places = ", ".join(f"'{resolved_path(b)}'" for b in looked)
+    raise UserError(
+        f"{where}: image '{value}' not found (looked in {places}); fix the path or give an image root folder"
+    )
+
+
+def load_prompts(path: str | Path, image_root: Path | None = None) -> list[PromptItem]:
+    """Read a JSON-lines prompts file.
+
+    Each non-blank line that does not start with ``#`` must be an object
+    ``{"image": str, "question": str, "answer": str (optional)}``. ``answer`` may also be a number
+    (converted with ``str``) or ``null`` (no answer). A relative ``image`` is looked up next to the
+    prompts file, then under ``image_root`` (a folder, or a file whose folder is used), then in the
+    current directory; the first existing path wins. Images are only checked for existence, not
+    decoded — use :func:`load_image` for that.
+
+    Raises:
+        UserError: the file does not exist, cannot be read, is not UTF-8, has no items, or a line is
+            invalid (message starts with ``"<path>:<line>:"`` and says how to fix it).
+    """
+    prompts_path = Path(path).expanduser()
+    if not prompts_path.exists():
+        raise UserError(f"prompts file '{path}' does not exist")
+    if prompts_path.is_dir():
+        raise UserError(f"prompts file '{path}' is a directory; give a .jsonl file with one JSON object per line")
+    try:
+        text = prompts_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompts file '{path}' is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read prompts file '{path}' ({exc.strerror or exc})") from exc
+
+    root: Path | None = None
+    if image_root is not None:
+        root = Path(image_root).expanduser()
+        if root.is_file():
+            root = root.parent
+
+    items: list[PromptItem] = []
+    # split on "\n" only: JSON strings may legally contain other Unicode line separators.
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                f"each line must be one JSON object like {_EXAMPLE_LINE}"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise UserError(
+                f"{where}: expected a JSON object, got {_type_name(obj)}; write one object per line like "
+                f"{_EXAMPLE_LINE}"
+            )
+        unknown = [k for k in obj if k not in _PROMPT_KEYS]
+        if unknown:
+            names = ", ".join(f"'{k}'" for k in unknown)
+            allowed = ", ".join(f"'{k}'" for k in _PROMPT_KEYS)
+            raise UserError(f"{where}: unknown key(s) {names}; allowed keys are {allowed}")
+
+        values: dict[str, str] = {}
+        for key in ("image", "question"):
+            if key not in obj:
+                raise UserError(f'{where}: missing "{key}"; every line needs "image" and "question" strings')
+            value = obj[key]
+            if not isinstance(value, str):
+                raise UserError(f'{where}: "{key}" must be a string, got {_type_name(value)}; put it in quotes')
+            if not value.strip():
+                raise UserError(f'{where}: "{key}" is empty; give a non-empty string')
+            values[key] = value
+
+        answer_value = obj.get("answer")
+        answer: str | None
+        if answer_value is None:
+            answer = None
+        elif isinstance(answer_value, str):
+            answer = answer_value
+        elif isinstance(answer_value, (int, float)) and not isinstance(answer_value, bool):
+            answer = str(answer_value)
+        else:
+            raise UserError(
+                f'{where}: "answer" must be a string, a number or null, got {_type_name(answer_value)}; '
+                "put the expected answer in quotes"
+            )
+
+        image = _resolve_image(values["image"], prompts_path, root, where)
+        items.append(PromptItem(image=image, question=values["question"], answer=answer, line=number))
+
+    if not items:
+        raise UserError(f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}")
+    return items

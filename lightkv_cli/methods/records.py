@@ -1,0 +1,197 @@
+"""What a press did to the last prefill it saw: the records every method publishes as ``press.last_prefill``.
+
+- :class:`PrefillRecord` (with one :class:`StageRecord` per stage): in-prefill methods
+  (:class:`~lightkv_cli.methods.base.SequencePress`: LightKV, FastV, RandomDrop) that shorten the
+  sequence inside the decoder; text is never touched and layer 0 keeps the whole prompt.
+- :class:`EvictionRecord`: post-prefill eviction (:class:`~lightkv_cli.methods.eviction.EvictionPress`:
+  VL-Cache, SnapKV), which cuts every layer's cache (text included, per KV head) once prefill ends.
+
+Both satisfy :class:`CompressionRecord`, the protocol that cache accounting
+(:func:`lightkv_cli.runtime.cache_stats`) and the sweep read, so they never ask which method ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+
+class CompressionRecord(Protocol):
+    """What every ``press.last_prefill`` provides (counts per batch row).
+
+    Attributes:
+        seq_len: prompt length ``S`` (padding included).
+        vision_tokens: vision tokens per row before compression.
+        num_layers: decoder layers ``L``.
+        layer_seq_lens: tokens each layer holds in its cache after prefill (``L`` ints).
+        layer_vision_tokens: vision tokens each layer holds after prefill (``L`` numbers; a mean over KV
+            heads, possibly fractional, after per-head eviction).
+        processed_seq_lens: tokens each layer processed during prefill (``L`` ints; what the FLOPs
+            estimate needs).
+        vision_retention: mean over layers of vision tokens held / vision tokens before compression.
+        evicts_text: True when entries were removed from the cache after prefill, text included, so the
+            cached length of a layer no longer says how many vision tokens it holds (the record's
+            :attr:`layer_vision_tokens` does); False when only vision tokens were removed, so
+            ``vision held = held − text`` can be measured from the cache itself.
+    """
+
+    evicts_text: ClassVar[bool]
+
+    @property
+    def seq_len(self) -> int: ...
+
+    @property
+    def vision_tokens(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def layer_seq_lens(self) -> list[int]: ...
+
+    @property
+    def layer_vision_tokens(self) -> list[int] | list[float]: ...
+
+    @property
+    def processed_seq_lens(self) -> list[int]: ...
+
+    @property
+    def vision_retention(self) -> float: ...
+
+
+@dataclass
+class StageRecord:
+    """What one reduction stage did during the last prefill.
+
+    Attributes:
+        layer: the decoder layer after which the stage ran.
+        seq_len_in, seq_len_out: sequence length before and after (same for every row).
+        vision_in, vision_out: vision tokens per row before and after.
+        guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
+        merge_pairs: per row, ``(m, 2)`` long original-prompt indices ``(merged token, token it
+            merged into)`` (None for methods that drop rather than merge).
+        inputs_out: vision tokens of each visual input (image or video) of row 0 after the stage.
+    """
+
+    layer: int
+    seq_len_in: int
+    seq_len_out: int
+    vision_in: int
+    vision_out: int
+    guidance: torch.Tensor | None = None
+    merge_pairs: list[torch.Tensor] | None = None
+    inputs_out: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PrefillRecord:
+    """What a :class:`~lightkv_cli.methods.base.SequencePress` did to the last prefill it saw.
+
+    Attributes:
+        seq_len: prompt length ``S`` (padding included).
+        vision_tokens: vision tokens per row before compression.
+        num_layers: decoder layers ``L``.
+        stages: one :class:`StageRecord` per stage that removed at least one token.
+        layer_seq_lens: tokens each decoder layer processed (and cached), length ``L``.
+        layer_vision_tokens: vision tokens each decoder layer processed (and cached), length ``L``.
+        kept_index: for each stage that removed tokens, ``(B, seq_len_out)`` long indices into the
+            original prompt of the tokens that survived it (a merged token: its B token's index).
+        input_tokens: vision tokens of each visual input (image or video, prompt order) of row 0
+            before compression, special tokens included.
+        grids: ``(rows, cols)`` of every grid of row 0 (see ``VisionLayout.grids``).
+        special_tokens: never-merged vision tokens of row 0 (e.g. LLaVA-NeXT newlines).
+    """
+
+    #: in-prefill methods remove vision tokens only (see :class:`CompressionRecord`)
+    evicts_text: ClassVar[bool] = False
+
+    seq_len: int
+    vision_tokens: int
+    num_layers: int
+    stages: list[StageRecord] = field(default_factory=list)
+    layer_seq_lens: list[int] = field(default_factory=list)
+    layer_vision_tokens: list[int] = field(default_factory=list)
+    kept_index: list[torch.Tensor] = field(default_factory=list)
+    input_tokens: list[int] = field(default_factory=list)
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    special_tokens: int = 0
+
+    @property
+    def processed_seq_lens(self) -> list[int]:
+        """Tokens each layer processed in prefill: what it cached (:attr:`layer_seq_lens`)."""
+        return list(self.layer_seq_lens)
+
+    @property
+    def vision_retention(self) -> float:
+        """Mean over all layers of (vision tokens cached / vision tokens before compression)."""
+        if self.vision_tokens == 0:
+            return 1.0
+        return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
+
+    @property
+    def per_image_retention(self) -> list[float]:
+        """Vision retention of each visual input (image or video) of row 0, in prompt order: mean over
+        all layers of its cached tokens / its tokens before compression."""
+        out = []
+        for i, n in enumerate(self.input_tokens):
+            total = 0
+            for lay in range(self.num_layers):
+                c = n
+                for s in self.stages:
+                    if s.layer < lay and i < len(s.inputs_out):
+                        c = s.inputs_out[i]
+                total += c
+            out.append(total / (self.num_layers * n) if n else 1.0)
+        return out
+
+
+@dataclass
+class EvictionRecord:
+    """What a post-prefill eviction did to the last prefill.
+
+    Attributes:
+        seq_len: prompt length ``S``.
+        vision_tokens: vision tokens per row before eviction.
+        num_layers: decoder layers ``L``.
+        budgets: tokens each layer keeps per KV head (its cached length after prefill), length ``L``.
+        layer_vision_tokens: vision tokens each layer keeps, mean over rows and KV heads (floats: heads
+            keep different tokens), length ``L``.
+        kept_index: per layer, ``(B, H_kv, k_l)`` long indices into the prompt of the kept entries,
+            ascending (on CPU).
+        details: method-specific statistics (VL-Cache: per-layer density and β).
+    """
+
+    #: eviction removes text entries as well (see :class:`CompressionRecord`)
+    evicts_text: ClassVar[bool] = True
+
+    seq_len: int
+    vision_tokens: int
+    num_layers: int
+    budgets: list[int]
+    layer_vision_tokens: list[float]
+    kept_index: list[torch.Tensor] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def layer_seq_lens(self) -> list[int]:
+        """Tokens cached by each layer after prefill (= :attr:`budgets`)."""
+        return list(self.budgets)
+
+    @property
+    def processed_seq_lens(self) -> list[int]:
+        """Tokens each layer processed in prefill: all ``S`` (eviction happens afterwards)."""
+        return [self.seq_len] * self.num_layers
+
+    @property
+    def vision_retention(self) -> float:
+        """Mean over layers of (vision tokens kept / vision tokens before eviction)."""
+        if self.vision_tokens == 0:
+            return 1.0
+        return sum(self.layer_vision_tokens) / (self.num_layers * self.vision_tokens)
+
+    @property
+    def kv_retention(self) -> float:
+        """Fraction of all prompt KV entries kept, over every layer: ``Σ k_l / (L·S)``."""
+        return sum(self.budgets) / (self.num_layers * self.seq_len)
