@@ -137,6 +137,8 @@ class InputRecord(_Open):
     height: Count = None
     question: str | None = None
     answer: str | None = None
+    type: str | None = None
+    tags: list[str] | None = None
     prompt_tokens: Count = None
     vision_tokens: Count = None
     preprocess_ms: Num = None

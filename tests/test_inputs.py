@@ -429,6 +429,73 @@ def test_load_prompts_crlf_and_bom(prompt_dir: Path) -> None:
     assert [i.line for i in items] == [1, 2]
 
 
+def test_load_prompts_type_and_tags(prompt_dir: Path) -> None:
+    path = _write_lines(
+        prompt_dir / "typed.jsonl",
+        [
+            json.dumps({"image": "near.png", "question": "How many?", "type": "counting", "tags": ["small", "ocr"]}),
+            json.dumps({"image": "near.png", "question": "q", "tags": ["a", "b", "a"], "type": None}),
+            json.dumps({"image": "near.png", "question": "q", "tags": None}),
+            json.dumps({"image": "near.png", "question": "q", "tags": []}),
+        ],
+    )
+    items = load_prompts(path)
+    assert [(i.type, i.tags) for i in items] == [
+        ("counting", ("small", "ocr")),
+        (None, ("a", "b")),  # duplicates dropped, first kept
+        (None, ()),
+        (None, ()),
+    ]
+    assert items[2] == PromptItem(prompt_dir / "near.png", "q", None, 3)  # the defaults
+
+
+@pytest.mark.parametrize(
+    ("third_line", "expected"),
+    [
+        ('{"image": "near.png", "question": "q", "type": 3}', '"type" must be a string, got a number'),
+        ('{"image": "near.png", "question": "q", "type": ["a"]}', '"type" must be a string, got an array'),
+        ('{"image": "near.png", "question": "q", "type": " "}', '"type" is empty'),
+        ('{"image": "near.png", "question": "q", "tags": "ocr"}', '"tags" must be an array of strings, got str'),
+        ('{"image": "near.png", "question": "q", "tags": {"a": 1}}', '"tags" must be an array of strings, got an'),
+        ('{"image": "near.png", "question": "q", "tags": ["a", 2]}', '"tags"[1] must be a string, got a number'),
+        ('{"image": "near.png", "question": "q", "tags": [""]}', '"tags"[0] is empty'),
+    ],
+)
+def test_load_prompts_type_and_tags_errors_name_line(prompt_dir: Path, third_line: str, expected: str) -> None:
+    path = _write_lines(prompt_dir / "bad.jsonl", [GOOD, "# comment", third_line, GOOD])
+    with pytest.raises(UserError) as info:
+        load_prompts(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_profile_input_records_type_and_tags_only_when_given(prompt_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightkv_cli.engine.prepare import ProfileInput
+
+    image = SimpleNamespace(path=prompt_dir / "near.png", sha256="0" * 64, width=8, height=8)
+    plain = ProfileInput("near.png", image, "q", None, {}, 10, 4).to_dict()
+    assert "type" not in plain and "tags" not in plain
+    typed = ProfileInput("near.png", image, "q", None, {}, 10, 4, type="counting", tags=("ocr",)).to_dict()
+    assert (typed["type"], typed["tags"]) == ("counting", ["ocr"])
+    assert typed.keys() - plain.keys() == {"type", "tags"}
+
+
+def test_demo_testset_prompts_carry_their_question_type() -> None:
+    from collections import Counter
+
+    from lightkv_cli.demo_model import TESTSET_PROMPTS
+    from lightkv_cli.demo_model.data import question_type
+
+    items = load_prompts(TESTSET_PROMPTS)
+    assert len(items) == 200
+    assert all(i.type == question_type(i.question, i.answer) for i in items)
+    assert Counter(i.type for i in items) == {"shape": 50, "colour": 50, "yes/no": 100}
+
+
 # --------------------------------------------------------------------------------------------------
 # the repository's sample images
 # --------------------------------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def test_report_and_check_of_a_results_file_import_no_torch(results_file, tmp_pa
     got = _without_torch(
         {
             "report": ["report", str(results_file), "--output", str(out_dir)],
+            # Two files: the regression view (the same file twice: every run shared, nothing differs).
+            "compare": ["report", str(results_file), str(results_file), "--output", str(out_dir / "cmp")],
             # Thresholds of the file (top-1 ≥ 0.9) with answer match lowered to 0.5: lightkv@0.5 passes.
             "pass": ["check", str(results_file), "--min-answer-match", "0.5"],
             # Answer match 0.8 < 0.85: fails, exit 1.
@@ -163,7 +165,7 @@ def test_report_and_check_of_a_results_file_import_no_torch(results_file, tmp_pa
         }
     )
     assert got["attempts"] == []
-    for key, code in (("report", 0), ("pass", 0), ("fail", 1), ("profile", 0)):
+    for key, code in (("report", 0), ("compare", 0), ("pass", 0), ("fail", 1), ("profile", 0)):
         assert got[key]["exception"] is None, got[key]
         assert "Traceback" not in got[key]["output"], got[key]["output"]
         assert got[key]["exit_code"] == code, got[key]["output"]
@@ -171,6 +173,10 @@ def test_report_and_check_of_a_results_file_import_no_torch(results_file, tmp_pa
     md = (out_dir / "report.md").read_text()
     assert "| lightkv@0.5 ★ | lightkv | 0.500 | 2.5 MiB |" in md
     assert "snapkv evict after prefill" in md
+    assert (out_dir / "cmp" / "compare.html").read_text().startswith("<!DOCTYPE html>")
+    cmp_md = (out_dir / "cmp" / "compare.md").read_text()
+    assert "Same model, dtype, device, inputs and lightkv version." in cmp_md
+    assert "| lightkv@0.5 | lightkv | 0.500 → 0.500 (+0.000) | 2.5 MiB → 2.5 MiB (+0.0 MiB, +0%) |" in cmp_md
     assert "PASS" in got["pass"]["output"] and "meets all 2 thresholds" in got["pass"]["output"]
     assert "answer match 0.800 < 0.850 (short by 0.050)" in got["fail"]["output"]
     assert "PASS: snapkv@0.5 meets all 1 thresholds" in got["profile"]["output"]

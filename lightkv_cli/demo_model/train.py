@@ -770,7 +770,7 @@ def write_testset(processor, model, enc, test_items, seed: int, out_dir: Path, n
         canvas.image.save(out_dir / name, optimize=True)
         images.append(canvas.image)
         questions.append(q)
-        lines.append(json.dumps({"image": name, "question": q, "answer": a}))
+        lines.append(json.dumps({"image": name, "question": q, "answer": a, "type": data.question_type(q, a)}))
     (out_dir / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     preds = generate_answers(model, processor, images, questions, device=device)
     records = [(data.question_type(q, a), float(normalise(p) == a)) for (_, q, a), p in zip(subset, preds)]

@@ -24,6 +24,8 @@ class ProfileInput:
     Attributes:
         preprocess_ms: wall time of the processor (image resize/normalise, tokenisation) and the
             copy to the device, milliseconds; part of the time to first token.
+        type, tags: the prompts line's group and labels (:class:`~lightkv_cli.inputs.PromptItem`);
+            None and ``()`` when it gives none.
     """
 
     id: str
@@ -34,10 +36,12 @@ class ProfileInput:
     prompt_tokens: int
     vision_tokens: int
     preprocess_ms: float = 0.0
+    type: str | None = None
+    tags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        """One entry of the ``inputs`` section of the results file."""
-        return {
+        """One entry of the ``inputs`` section of the results file; ``type`` and ``tags`` only when given."""
+        out = {
             "id": self.id,
             "image": str(self.image.path),
             "kind": "video" if isinstance(self.image, VideoInput) else "image",
@@ -50,6 +54,11 @@ class ProfileInput:
             "vision_tokens": self.vision_tokens,
             "preprocess_ms": self.preprocess_ms,
         }
+        if self.type is not None:
+            out["type"] = self.type
+        if self.tags:
+            out["tags"] = list(self.tags)
+        return out
 
 
 def inputs_fingerprint(inputs: Sequence[ProfileInput]) -> str:
@@ -117,6 +126,8 @@ def prepare_inputs(
                 prompt_tokens=int(tensors["input_ids"].shape[1]),
                 vision_tokens=n_vis,
                 preprocess_ms=sw.ms,
+                type=item.type,
+                tags=item.tags,
             )
         )
     return out

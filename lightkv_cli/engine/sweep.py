@@ -21,7 +21,18 @@ import torch
 from lightkv_cli import __version__
 from lightkv_cli.engine.plan import RunSpec, SweepSettings, plan_runs
 from lightkv_cli.engine.prepare import ProfileInput, inputs_fingerprint
+from lightkv_cli.engine.token_maps import (
+    CHANGED_INPUTS,
+    FIRST_INPUTS,
+    GridCells,
+    PromptFates,
+    first_grid,
+    map_inputs,
+    prompt_fates,
+    token_map,
+)
 from lightkv_cli.errors import UserError
+from lightkv_cli.inputs import VideoInput
 from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_requests, prefill_flops
 from lightkv_cli.measure.environment import environment_info
 from lightkv_cli.measure.memory import detect_memory_budget
@@ -29,7 +40,7 @@ from lightkv_cli.measure.nvml import NvmlSampler, nvml_environment
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.results import SCHEMA, check_schema, write_json_atomic
 from lightkv_cli.runtime import GenerationResult, greedy_generate
-from lightkv_cli.scoring.fidelity import InputQuality, score_input, summarize
+from lightkv_cli.scoring.fidelity import InputQuality, exact_match, score_input, summarize
 from lightkv_cli.scoring.recommend import recommend
 from lightkv_cli.scoring.stats import Spread
 
@@ -42,6 +53,8 @@ class _InputOutcome:
     decode_ms: list[float]
     peak: int
     per_image_retention: list[float] | None = None
+    #: what the press did to the prompt, for a token map (only inputs that may get one)
+    fates: PromptFates | None = None
 
 
 class Sweep:
@@ -113,6 +126,7 @@ class Sweep:
         done = {r["id"] for r in self.results["runs"]}
         self.pending = [spec for spec in self.runs if spec.id not in done]
         self._reference: dict[str, _InputOutcome] = {}
+        self._grids: dict[str, GridCells | None] = {}  # input id -> its first image grid (token maps)
 
     def _adopt(self, previous: dict) -> None:
         """Take the finished runs of an interrupted sweep, after checking it measured the same thing."""
@@ -202,18 +216,33 @@ class Sweep:
         with NvmlSampler(self.loaded.device, interval_ms=self.settings.nvml_interval_ms) as sampler:
             for _ in range(warmup):
                 self._generate(spec, self.inputs[0])
+            images_seen = changed_kept = 0
             for inp in self.inputs:
                 results = [self._generate(spec, inp)]
                 record = getattr(spec.press, "last_prefill", None)  # of the first generation
                 results += [self._generate(spec, inp) for _ in range(max(1, repeats) - 1)]
                 first = results[0]
+                answer = tokenizer.decode(first.tokens[0], skip_special_tokens=True).strip()
+                fates = None
+                if record is not None and _kind(inp) == "image":
+                    # The inputs token maps may be drawn for (see token_maps.map_inputs), chosen with the
+                    # same exact match the scores use; reduced on the host, outside the timed generations.
+                    images_seen += 1
+                    ref = self._reference.get(inp.id)
+                    changed = ref is not None and exact_match(answer, ref.answer) == 0
+                    if images_seen <= FIRST_INPUTS:
+                        fates = prompt_fates(record)
+                    elif changed and changed_kept < CHANGED_INPUTS:
+                        changed_kept += 1
+                        fates = prompt_fates(record)
                 outcomes[inp.id] = _InputOutcome(
-                    answer=tokenizer.decode(first.tokens[0], skip_special_tokens=True).strip(),
+                    answer=answer,
                     result=first,
                     prefill_ms=[r.prefill_ms for r in results],
                     decode_ms=[ms for r in results for ms in r.decode_ms],
                     peak=max(r.peak_memory_bytes for r in results),
                     per_image_retention=getattr(record, "per_image_retention", None),
+                    fates=fates,
                 )
                 self.on_progress(spec.id, inp.id)
         return outcomes, sampler.to_dict()
@@ -296,6 +325,7 @@ class Sweep:
             )
             if o.per_image_retention is not None:
                 per_input[-1]["per_image_retention"] = o.per_image_retention
+        self._add_token_maps(outcomes, per_input, qualities)
         kv_total = sum(p["kv_bytes"] for p in per_input) / n
         decode = Spread.of(decode_all) if decode_all else None
         peak_kind = outcomes[self.inputs[0].id].result.peak_memory_kind
@@ -321,6 +351,28 @@ class Sweep:
             }
         )
         return run
+
+    def _add_token_maps(
+        self, outcomes: dict[str, _InputOutcome], per_input: list[dict], qualities: list[InputQuality]
+    ) -> None:
+        """Add ``token_map`` to the ``per_input`` entries chosen by :func:`~lightkv_cli.engine.token_maps.map_inputs`
+        (at most 8 per run) whose press left a record the map can be built from; others get none."""
+        chosen = map_inputs([_kind(i) for i in self.inputs], [q.exact_match for q in qualities])
+        for j in chosen:
+            inp = self.inputs[j]
+            fates = outcomes[inp.id].fates
+            if fates is None:
+                continue
+            try:
+                if inp.id not in self._grids:
+                    self._grids[inp.id] = first_grid(self.loaded.adapter, self.loaded.model, inp.tensors)
+                grid = self._grids[inp.id]
+                tmap = token_map(fates, grid) if grid is not None else None
+            except Exception:  # a map is an illustration: never lose a run over it
+                self._grids.setdefault(inp.id, None)
+                tmap = None
+            if tmap is not None:
+                per_input[j]["token_map"] = tmap
 
     def _capacity(self, kv_prefill: float, peak: int, peak_kind: str) -> dict:
         """Concurrent requests fitting in the memory budget next to the weights (see ``capacity``)."""
@@ -359,6 +411,11 @@ def _add_ratios(run: dict, base: dict) -> None:
         cap["ratio_vs_uncompressed"] = ratio(
             cap.get("max_concurrent_requests"), base_cap.get("max_concurrent_requests")
         )
+
+
+def _kind(inp: ProfileInput) -> str:
+    """``"image"`` or ``"video"``, as the results' ``inputs[].kind``."""
+    return "video" if isinstance(inp.image, VideoInput) else "image"
 
 
 def _free_device_memory(device: torch.device) -> None:

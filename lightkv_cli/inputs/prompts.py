@@ -1,5 +1,5 @@
-"""The prompts file: one JSON object per line (``image``, ``question``, optional ``answer``), validated
-with ``file:line`` in every message. No torch.
+"""The prompts file: one JSON object per line (``image``, ``question``, optional ``answer``, ``type`` and
+``tags``), validated with ``file:line`` in every message. No torch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "Describe this image in one sentence."
 DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 
 
-_PROMPT_KEYS = ("image", "question", "answer")
+_PROMPT_KEYS = ("image", "question", "answer", "type", "tags")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,17 @@ class PromptItem:
     """One line of a prompts file: an image, the question to ask about it and an optional reference answer.
 
     ``image`` is the resolved path (it exists, but has not been decoded yet); ``line`` is the 1-based line
-    number in the prompts file, or 0 when the item was not read from a file.
+    number in the prompts file, or 0 when the item was not read from a file. ``type`` (one group, e.g.
+    ``"counting"``) and ``tags`` (any number of labels, in file order, duplicates dropped) let a report break
+    quality down by kind of question; None and ``()`` when the line gives none.
     """
 
     image: Path
     question: str
     answer: str | None
     line: int
+    type: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 _EXAMPLE_LINE = '{"image": "cat.png", "question": "What animal is this?", "answer": "cat"}'
@@ -80,12 +84,47 @@ def _resolve_image(value: str, prompts_path: Path, image_root: Path | None, wher
     )
 
 
+def _type_and_tags(obj: dict, where: str) -> tuple[str | None, tuple[str, ...]]:
+    """The optional ``"type"`` (a non-empty string or null) and ``"tags"`` (an array of non-empty strings or
+    null) of one prompts line; duplicate tags are dropped, first occurrence kept.
+
+    Raises:
+        UserError: a value of the wrong type, or an empty string (message starts with ``where``).
+    """
+    kind = obj.get("type")
+    if kind is not None:
+        if not isinstance(kind, str):
+            raise UserError(
+                f'{where}: "type" must be a string, got {_type_name(kind)}; give one group name like "type": "counting"'
+            )
+        if not kind.strip():
+            raise UserError(f'{where}: "type" is empty; give a group name like "counting" or leave "type" out')
+    raw = obj.get("tags")
+    if raw is None:
+        return kind, ()
+    if not isinstance(raw, list):
+        raise UserError(
+            f'{where}: "tags" must be an array of strings, got {_type_name(raw)}; '
+            'write it like "tags": ["ocr", "small"]'
+        )
+    tags: list[str] = []
+    for i, tag in enumerate(raw):
+        if not isinstance(tag, str):
+            raise UserError(f'{where}: "tags"[{i}] must be a string, got {_type_name(tag)}; put it in quotes')
+        if not tag.strip():
+            raise UserError(f'{where}: "tags"[{i}] is empty; give a non-empty label or remove it')
+        if tag not in tags:
+            tags.append(tag)
+    return kind, tuple(tags)
+
+
 def load_prompts(path: str | Path, image_root: Path | None = None) -> list[PromptItem]:
     """Read a JSON-lines prompts file.
 
     Each non-blank line that does not start with ``#`` must be an object
-    ``{"image": str, "question": str, "answer": str (optional)}``. ``answer`` may also be a number
-    (converted with ``str``) or ``null`` (no answer). A relative ``image`` is looked up next to the
+    ``{"image": str, "question": str, "answer": str (optional), "type": str (optional), "tags": [str, ...]
+    (optional)}``. ``answer`` may also be a number (converted with ``str``) or ``null`` (no answer); ``type``
+    and ``tags`` may be ``null`` (none). A relative ``image`` is looked up next to the
     prompts file, then under ``image_root`` (a folder, or a file whose folder is used), then in the
     current directory; the first existing path wins. Images are only checked for existence, not
     decoded — use :func:`load_image` for that.
@@ -162,8 +201,11 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
                 "put the expected answer in quotes"
             )
 
+        kind, tags = _type_and_tags(obj, where)
         image = _resolve_image(values["image"], prompts_path, root, where)
-        items.append(PromptItem(image=image, question=values["question"], answer=answer, line=number))
+        items.append(
+            PromptItem(image=image, question=values["question"], answer=answer, line=number, type=kind, tags=tags)
+        )
 
     if not items:
         raise UserError(f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}")

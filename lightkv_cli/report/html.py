@@ -1,10 +1,13 @@
-"""Report files of a results dictionary (schema ``lightkv.results/1``): Markdown and one self-contained HTML.
+"""``report.html``: one self-contained HTML file of a results dictionary (schema ``lightkv.results/1``).
 
-Reads results only; never measures, never loads a model. Missing optional keys (older results files) are
-shown as "–" or "not recorded", never errors. The HTML file has no external resources: CSS is inline,
-plots are PNGs and input images JPEG thumbnails embedded as ``data:`` URIs, and there is no script. All
-text that comes from the user or from files (prompts, answers, file names, paths, model names, the
-command line, error messages) is HTML-escaped.
+Reads results only; never measures, never loads a model. The page is rendered from the Jinja2 templates in
+``report/templates/`` with autoescaping on; this module only gathers plain values (text, numbers, ``data:``
+URIs) for them. Missing optional keys (older results files) are shown as "–" or "not recorded", never
+errors. The file has no external resources: CSS (``templates/style.css``) is inline, plots are PNGs and
+input images JPEG thumbnails embedded as ``data:`` URIs, and there is no script. All text that comes from
+the user or from files (prompts, answers, file names, paths, model names, the command line, error messages)
+is HTML-escaped, quotes included, with control characters dropped (:func:`_finalize`, applied to every
+``{{ … }}`` of the templates).
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+from functools import lru_cache
 from pathlib import Path
 
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
+
 from lightkv_cli.report import plots
+from lightkv_cli.report.changes import breakdowns, changed_inputs
 from lightkv_cli.report.facts import (
     CONTROL_CHARS,
     DASH,
@@ -23,24 +31,55 @@ from lightkv_cli.report.facts import (
     eviction_note,
     failure_rows,
     fmt_bytes,
+    fmt_num,
     fmt_size,
     recommendation_text,
     run_by_id,
     run_cells,
     runs_of,
+    spread_median,
     summary_line,
     table_columns,
     threshold_lines,
     uncompressed_run,
     weights_note,
 )
+from lightkv_cli.report.token_maps import token_map_figures
 
 THUMBNAIL_MAX_SIDE = 160
 
 
-def _e(s) -> str:
-    """HTML-escaped text (quotes too), control characters dropped."""
-    return html.escape(CONTROL_CHARS.sub("", str(s)), quote=True)
+def _finalize(value) -> Markup:
+    """Every ``{{ … }}`` of the templates: HTML-escaped text (quotes too), control characters dropped.
+
+    ``None`` renders as empty text; a :class:`markupsafe.Markup` value (only the inlined style sheet) is
+    kept as it is.
+    """
+    if isinstance(value, Markup):
+        return value
+    if value is None:
+        return Markup("")
+    return Markup(html.escape(CONTROL_CHARS.sub("", str(value)), quote=True))
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("lightkv_cli.report", "templates"),
+        autoescape=True,
+        finalize=_finalize,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["clean"] = lambda s: CONTROL_CHARS.sub("", str(s))
+    env.globals["dash"] = DASH
+    return env
+
+
+def _style_sheet() -> Markup:
+    env = _environment()
+    return Markup(env.loader.get_source(env, "style.css")[0])
 
 
 def _thumbnail(path, image_root: Path | None = None) -> str | None:
@@ -74,38 +113,22 @@ def _thumbnail(path, image_root: Path | None = None) -> str | None:
     return None
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
-padding:0 1rem;color:#222;line-height:1.4}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
-margin-top:2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}
-th,td{border:1px solid #ddd;padding:.25rem .5rem;vertical-align:top}
-th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.rec td{background:#fff8d6}tr.failed td{color:#a33}
-code{background:#f4f4f4;padding:0 .2rem;border-radius:3px;word-break:break-all}
-.box{border-left:4px solid #2e7d32;background:#eef7ee;padding:.5rem 1rem;margin:1rem 0}
-.box.warn{border-color:#b26a00;background:#fff4e0}
-.muted{color:#777}dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.5rem 0}
-dl.kv dt{color:#555}dl.kv dd{margin:0}
-figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85rem;color:#555}
-table.inputs td{white-space:pre-wrap;max-width:22rem}
-.err{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.8rem}
-.thumb{width:auto;height:auto;max-width:160px;max-height:160px}
-.placeholder{display:inline-block;width:120px;padding:1rem .3rem;border:1px dashed #bbb;color:#888;
-font-size:.75rem;text-align:center}
-"""
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 _CAPTIONS = {
+    "quality_cost": (
+        "Quality against what it costs, every method on the same axes: KV-cache bytes per request after "
+        "prefill (left) and median prefill time (right, bars p25–p75). The staircase is the Pareto frontier "
+        "(ringed runs: no other run has both better quality and lower cost); vertical bars are 95 % bootstrap "
+        "intervals; dashed red lines are thresholds, the tinted side fails them; the star is the recommended "
+        "run and the diamond the uncompressed one. Axes are fitted to the data."
+    ),
     "quality": (
         "Answer match and top-1 agreement with the uncompressed run (and accuracy when answers were "
         "given) against measured vision retention, one line per method; error bars are 95 % bootstrap "
         "intervals when recorded, the star is the recommended run and dashed lines are thresholds."
-    ),
-    "quality_cost": (
-        "Accuracy (or answer match) against KV-cache bytes per request and against prefill time, every "
-        "method on the same axes: this is the comparison at equal cost."
     ),
     "kv_bytes": (
         "KV-cache bytes held per request after prefill (MiB), all tokens (solid) and vision tokens "
@@ -143,65 +166,154 @@ def _nvml_note(results: dict) -> str:
     return "NVML not available: no NVML timeline was recorded for the recommended or uncompressed run."
 
 
-def _dl(items: list[tuple[str, object]]) -> str:
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(DASH if v is None or v == '' else v)}</dd>" for k, v in items)
-    return f'<dl class="kv">{rows}</dl>'
+def _figure(name: str, fn, results: dict) -> dict:
+    """``{name, uri, caption, note}`` of one plot: ``uri`` None and a ``note`` when there is nothing to show."""
+    out = {"name": name, "uri": None, "caption": _CAPTIONS.get(name, ""), "note": None}
+    try:
+        png = fn(results)
+    except Exception as exc:
+        out["note"] = f"Plot “{name}” could not be drawn: {type(exc).__name__}: {exc}"
+        return out
+    if png is None:
+        out["note"] = _nvml_note(results) if name == "nvml" else _MISSING.get(name, "Nothing to plot.")
+    else:
+        out["uri"] = _png_uri(png)
+    return out
 
 
-def _html_table(
-    header: list[str],
-    rows: list[list[str]],
-    row_classes: list[str] | None = None,
-    numeric: range | set[int] = frozenset(),
-    table_class: str = "",
-) -> str:
-    """An HTML table; ``header`` is plain text, ``rows`` are pre-escaped HTML cells; ``numeric`` columns align right."""
-    th = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        tds = "".join(f'<td class="n">{c}</td>' if j in numeric else f"<td>{c}</td>" for j, c in enumerate(row))
-        body.append(f"<tr{cls}>{tds}</tr>")
-    tcls = f' class="{table_class}"' if table_class else ""
-    return f"<table{tcls}><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _recommendation(results: dict) -> dict:
+    """The decision box: sentence, headline numbers of the recommended run, or what the closest run missed."""
+    rec_id, text = recommendation_text(results)
+    run = run_by_id(results, rec_id) or {}
+    base = uncompressed_run(results) or {}
+    tiles = []
+    if rec_id and run.get("status") == "ok":
+        kv, b = as_number(run.get("kv_bytes")), as_number(base.get("kv_bytes"))
+        less = f"{1 - kv / b:.0%} less than uncompressed" if kv is not None and b else None
+        q = run.get("quality") or {}
+        mcr = as_number((run.get("capacity") or {}).get("max_concurrent_requests"))
+        prefill, bprefill = spread_median(run.get("prefill_ms")), spread_median(base.get("prefill_ms"))
+        tiles = [
+            ("KV cache per request", fmt_size(kv), less),
+            ("measured vision retention", fmt_num(run.get("vision_retention"), ".3f"), None),
+            ("answer match", fmt_num(q.get("answer_match"), ".2f"), "vs. uncompressed"),
+            ("top-1 agreement", fmt_num(q.get("top1_agreement"), ".2f"), None),
+            ("accuracy", fmt_num(q.get("accuracy"), ".2f"), "vs. expected answers"),
+            (
+                f"prefill ({device_label(results)})",
+                DASH if prefill is None else f"{prefill:.1f} ms",
+                f"uncompressed {bprefill:.1f} ms" if bprefill is not None and run is not base else None,
+            ),
+            ("concurrent requests", DASH if mcr is None else str(int(mcr)), "fit in the memory budget"),
+        ]
+        tiles = [t for t in tiles if t[1] != DASH]
+    notes = [n for n in (weights_note(results), eviction_note(results)) if n]
+    if results.get("complete") is False:
+        notes.append("Incomplete: the sweep was still running or was interrupted when this file was written.")
+    return {
+        "id": rec_id,
+        "text": text,
+        "tiles": tiles,
+        "failures": [] if rec_id else failure_rows(results),
+        "notes": notes,
+    }
 
 
-def _section_summary(results: dict) -> str:
-    rec_id, rec_text = recommendation_text(results)
-    runs = runs_of(results)
-    counts = {}
-    for r in runs:
-        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
-    out = [f"<p>{_e(summary_line(results))}</p>"]
-    out.append(
-        _dl(
+def _changes(results: dict, image_root: Path | None) -> dict:
+    """The "What changed" gallery: :func:`changed_inputs` entries with thumbnails (or the error that stopped it)."""
+    try:
+        data = changed_inputs(results)
+    except Exception as exc:
+        return {"entries": [], "more": 0, "error": f"{type(exc).__name__}: {exc}"}
+    entries = []
+    for e in data.get("entries") or []:
+        kl = as_number(e.get("kl"))
+        entries.append(
+            {**e, "thumb": _thumbnail(e.get("image"), image_root), "kl": None if kl is None else f"{kl:.3g}"}
+        )
+    return {"entries": entries, "more": int(data.get("more") or 0), "error": None}
+
+
+def _breakdowns(results: dict) -> list[dict]:
+    """Breakdown tables, one per group kind (``type``, ``tag``): rows ``[value, run, n, accuracy, answer match]``."""
+    try:
+        items = breakdowns(results)
+    except Exception:
+        return []
+    groups: dict[str, list[list[str]]] = {}
+    for b in items or []:
+        for row in b.get("rows") or []:
+            groups.setdefault(str(b.get("group", "?")), []).append(
+                [
+                    str(b.get("value", "?")),
+                    str(row.get("run", "?")),
+                    DASH if as_number(row.get("n")) is None else str(int(row["n"])),
+                    fmt_num(row.get("accuracy"), ".2f"),
+                    fmt_num(row.get("answer_match"), ".2f"),
+                ]
+            )
+    return [{"group": g, "rows": rows} for g, rows in groups.items()]
+
+
+def _token_maps(results: dict, image_root: Path | None) -> list[dict]:
+    try:
+        figs = token_map_figures(results, image_root=image_root)
+    except Exception:
+        return []
+    return [
+        {"uri": _png_uri(f["png"]), "caption": f.get("caption") or "", "run": f.get("run"), "input": f.get("input")}
+        for f in figs or []
+        if isinstance(f.get("png"), (bytes, bytearray))
+    ]
+
+
+def _runs(results: dict) -> dict:
+    rec_id = (results.get("recommendation") or {}).get("run")
+    rows = []
+    for r in runs_of(results):
+        cells = run_cells(r)
+        is_rec = bool(rec_id) and r.get("id") == rec_id
+        if is_rec:
+            cells[0] += " ★"
+        err = r.get("error")
+        cls = "rec" if is_rec else "failed" if r.get("status") != "ok" else ""
+        rows.append({"cells": cells, "cls": cls, "error": str(err)[:2000] if err else None})
+    header = table_columns(results)
+    errors = any(r["error"] for r in rows)  # the error column only when some run failed with a message
+    return {
+        "header": header + ["error"] * errors,
+        "rows": rows,
+        "numeric": list(range(2, len(header))),
+        "errors": errors,
+    }
+
+
+def _capacity(results: dict) -> dict | None:
+    cap = results.get("capacity") or {}
+    if not cap:
+        return None
+    budget, weights = as_number(cap.get("memory_bytes")), as_number(cap.get("weight_bytes"))
+    items = [("memory budget", fmt_size(budget)), ("source", cap.get("source")), ("model weights", fmt_size(weights))]
+    if budget is not None and weights is not None:
+        items.append(("left for KV cache", fmt_bytes(max(0.0, budget - weights))))
+    rows = []
+    for r in runs_of(results):
+        rc = r.get("capacity") or {}
+        if r.get("status") != "ok" or not rc:
+            continue
+        mcr, ratio = as_number(rc.get("max_concurrent_requests")), as_number(rc.get("ratio_vs_uncompressed"))
+        rows.append(
             [
-                ("created", results.get("created")),
-                ("lightkv", results.get("tool_version")),
-                ("schema", results.get("schema")),
-                ("runs", ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"),
-                ("complete", {True: "yes", False: "no (running or interrupted)"}.get(results.get("complete"))),
+                str(r.get("id", "?")),
+                fmt_size(rc.get("kv_bytes_per_request")),
+                DASH if mcr is None else str(int(mcr)),
+                DASH if ratio is None else f"{ratio:.2f}×",
             ]
         )
-    )
-    if results.get("command"):
-        out.append(f"<p>command: <code>{_e(results['command'])}</code></p>")
-    for note in (weights_note(results), eviction_note(results)):
-        if note:
-            out.append(f'<div class="box warn"><strong>Note:</strong> {_e(note)}</div>')
-    body = f"<strong>{_e(rec_text)}</strong>" if rec_id else _e(rec_text)
-    fails = failure_rows(results)
-    if not rec_id and fails:
-        body += "<p>What the closest run missed:</p>" + _html_table(
-            ["run", "threshold", "required", "measured", "short by"],
-            [[_e(c) for c in f] for f in fails],
-            numeric={2, 3, 4},
-        )
-    out.append(f'<div class="box{"" if rec_id else " warn"}">{body}</div>')
-    return "".join(out)
+    return {"facts": items, "rows": rows}
 
 
-def _section_environment(results: dict) -> str:
+def _environment_items(results: dict) -> list[tuple[str, object]]:
     env = results.get("environment") or {}
     nv = env.get("nvml") or {}
     if nv.get("available"):
@@ -211,28 +323,26 @@ def _section_environment(results: dict) -> str:
     else:
         nv_text = "not recorded"
     mem = as_number(env.get("total_memory_bytes"))
-    return _dl(
-        [
-            ("device", env.get("device")),
-            ("device name", env.get("device_name")),
-            ("timings", f"{device_label(results)} times"),
-            ("dtype", env.get("dtype")),
-            ("torch", env.get("torch")),
-            ("transformers", env.get("transformers")),
-            ("python", env.get("python")),
-            ("platform", env.get("platform")),
-            ("CPU cores", env.get("cpu_count")),
-            ("memory", fmt_bytes(mem) if mem is not None else None),
-            ("NVML", nv_text),
-        ]
-    )
+    return [
+        ("device", env.get("device")),
+        ("device name", env.get("device_name")),
+        ("timings", f"{device_label(results)} times"),
+        ("dtype", env.get("dtype")),
+        ("torch", env.get("torch")),
+        ("transformers", env.get("transformers")),
+        ("python", env.get("python")),
+        ("platform", env.get("platform")),
+        ("CPU cores", env.get("cpu_count")),
+        ("memory", fmt_bytes(mem) if mem is not None else None),
+        ("NVML", nv_text),
+    ]
 
 
-def _section_model(results: dict) -> str:
+def _model_items(results: dict) -> list[tuple[str, object]]:
     m = results.get("model") or {}
     params = as_number(m.get("parameters"))
     grid = m.get("image_grid")
-    items = [
+    return [
         ("name", m.get("name")),
         ("source", m.get("source")),
         ("family", m.get("family")),
@@ -250,93 +360,19 @@ def _section_model(results: dict) -> str:
         ("dtype", m.get("dtype")),
         ("attention", m.get("attn_implementation")),
     ]
-    out = _dl(items)
-    notes = [n for n in m.get("notes") or [] if n]
-    if notes:
-        out += "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
-    return out
 
 
-def _section_capacity(results: dict) -> str:
-    cap = results.get("capacity") or {}
-    if not cap:
-        return '<p class="muted">No capacity budget recorded in this results file.</p>'
-    budget, weights = as_number(cap.get("memory_bytes")), as_number(cap.get("weight_bytes"))
-    items = [("memory budget", fmt_size(budget)), ("source", cap.get("source")), ("model weights", fmt_size(weights))]
-    if budget is not None and weights is not None:
-        items.append(("left for KV cache", fmt_bytes(max(0.0, budget - weights))))
-    out = _dl(items)
-    rows = []
+def _about_items(results: dict) -> list[tuple[str, object]]:
+    counts: dict[str, int] = {}
     for r in runs_of(results):
-        rc = r.get("capacity") or {}
-        if r.get("status") != "ok" or not rc:
-            continue
-        mcr, ratio = as_number(rc.get("max_concurrent_requests")), as_number(rc.get("ratio_vs_uncompressed"))
-        rows.append(
-            [
-                _e(r.get("id", "?")),
-                _e(fmt_size(rc.get("kv_bytes_per_request"))),
-                _e(DASH if mcr is None else int(mcr)),
-                _e(DASH if ratio is None else f"{ratio:.2f}×"),
-            ]
-        )
-    if rows:
-        out += _html_table(
-            ["run", "KV per request (prefill + generated)", "max concurrent requests", "vs. uncompressed"],
-            rows,
-            numeric={1, 2, 3},
-        )
-    return out
-
-
-def _section_thresholds(results: dict) -> str:
-    lines = threshold_lines(results)
-    if not lines:
-        return '<p class="muted">No thresholds set.</p>'
-    return "<ul>" + "".join(f"<li>{_e(t)}</li>" for t in lines) + "</ul>"
-
-
-def _section_runs(results: dict) -> str:
-    rec_id = (results.get("recommendation") or {}).get("run")
-    rows, classes = [], []
-    for r in runs_of(results):
-        cells = [_e(c) for c in run_cells(r)]
-        if rec_id and r.get("id") == rec_id:
-            cells[0] += " ★"
-        err = r.get("error")
-        cells.append(f'<span class="err">{_e(str(err)[:2000])}</span>' if err else "")
-        rows.append(cells)
-        classes.append("rec" if rec_id and r.get("id") == rec_id else "failed" if r.get("status") != "ok" else "")
-    if not rows:
-        return '<p class="muted">No runs.</p>'
-    table = _html_table(
-        table_columns(results) + ["error"], rows, classes, numeric=range(2, len(table_columns(results)))
-    )
-    return table + (
-        '<p class="muted">R = measured vision retention; KV bytes per request after prefill; times are '
-        "medians over repeats × inputs; quality is against the uncompressed run; ★ = recommended.</p>"
-    )
-
-
-def _section_plots(results: dict) -> str:
-    out = []
-    for name, fn in plots.ALL_PLOTS:
-        try:
-            png = fn(results)
-        except Exception as exc:
-            out.append(
-                f'<p class="muted">Plot “{_e(name)}” could not be drawn: {_e(type(exc).__name__)}: {_e(exc)}</p>'
-            )
-            continue
-        if png is None:
-            note = _nvml_note(results) if name == "nvml" else _MISSING.get(name, "Nothing to plot.")
-            out.append(f'<p class="muted">{_e(note)}</p>')
-            continue
-        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        out.append(
-            f'<figure><img src="{uri}" alt="{_e(name)} plot"><figcaption>{_e(_CAPTIONS[name])}</figcaption></figure>'
-        )
-    return "".join(out)
+        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
+    return [
+        ("created", results.get("created")),
+        ("lightkv", results.get("tool_version")),
+        ("schema", results.get("schema")),
+        ("runs", ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"),
+        ("complete", {True: "yes", False: "no (running or interrupted)"}.get(results.get("complete"))),
+    ]
 
 
 def _answers(run: dict | None) -> dict[str, str]:
@@ -347,10 +383,8 @@ def _answers(run: dict | None) -> dict[str, str]:
     return out
 
 
-def _section_inputs(results: dict, image_root: Path | None) -> str:
+def _inputs(results: dict, image_root: Path | None) -> dict:
     inputs = [i for i in results.get("inputs") or [] if isinstance(i, dict)]
-    if not inputs:
-        return '<p class="muted">No inputs.</p>'
     base = uncompressed_run(results)
     rec_id = (results.get("recommendation") or {}).get("run")
     rec = run_by_id(results, rec_id) if rec_id and rec_id != (base or {}).get("id") else None
@@ -361,72 +395,65 @@ def _section_inputs(results: dict, image_root: Path | None) -> str:
     rows = []
     for inp in inputs:
         path = inp.get("image")
-        uri = _thumbnail(path, image_root)
-        thumb = (
-            f'<img class="thumb" src="{uri}" alt="{_e(Path(str(path)).name)}">'
-            if uri
-            else '<span class="placeholder">image not available</span>'
-        )
-        name = Path(str(path)).name if path else str(inp.get("id", "?"))
-        size = f"{inp['width']}×{inp['height']}" if inp.get("width") and inp.get("height") else ""
-        file_cell = f"{_e(name)}" + (f'<br><span class="muted">{_e(size)}</span>' if size else "")
         key = str(inp.get("id"))
-        row = [
-            thumb,
-            file_cell,
-            _e(inp.get("question") or DASH),
-            _e(inp["answer"]) if inp.get("answer") is not None else '<span class="muted">–</span>',
-            _e(base_ans[key]) if base_ans.get(key) is not None else DASH,
-        ]
-        if rec is not None:
-            row.append(_e(rec_ans[key]) if rec_ans.get(key) is not None else DASH)
+        row = {
+            "thumb": _thumbnail(path, image_root),
+            "name": Path(str(path)).name if path else str(inp.get("id", "?")),
+            "size": f"{inp['width']}×{inp['height']}" if inp.get("width") and inp.get("height") else "",
+            "question": inp.get("question") or DASH,
+            "expected": inp.get("answer"),
+            "answers": [base_ans.get(key)] + ([rec_ans.get(key)] if rec is not None else []),
+        }
         rows.append(row)
-    return _html_table(header, rows, table_class="inputs")
-
-
-def _section_skipped(results: dict) -> str:
-    skipped = [s for s in results.get("skipped") or [] if isinstance(s, dict)]
-    if not skipped:
-        return '<p class="muted">None.</p>'
-    return _html_table(["path", "reason"], [[_e(s.get("path", "?")), _e(s.get("reason", ""))] for s in skipped])
+    return {"header": header, "rows": rows}
 
 
 def render_html(results: dict, image_root: Path | None = None) -> str:
     """The results as one self-contained HTML document (UTF-8 text, no scripts, no external resources).
 
-    Sections: summary and recommendation, environment (device, versions, dtype, NVML status), model,
-    capacity (memory budget, its source, weights, concurrent requests per run), thresholds, runs table
-    (the Markdown columns plus the error text of failed runs), plots from :mod:`lightkv_cli.report.plots` as
-    inline PNGs, each with a caption (a note where a plot has nothing to show, e.g. why NVML was not
-    available), inputs (JPEG thumbnail, file name, question, expected answer and the answers of the
-    uncompressed and the recommended run), and skipped inputs.
+    Order, decision first: the recommendation (sentence, headline numbers of the recommended run, notes, or
+    what the closest run missed); the lead figure, full width (quality against KV bytes per request and
+    against prefill time for every method, with the Pareto frontier, thresholds, intervals and the
+    recommended run, :func:`lightkv_cli.report.plots.quality_vs_cost`); the other plots of
+    :data:`lightkv_cli.report.plots.ALL_PLOTS`, each with a caption (a note where a plot has nothing to
+    show, e.g. why NVML was not available); "What changed" (the inputs whose answer changed most under
+    compression, with thumbnails, from :func:`lightkv_cli.report.changes.changed_inputs`); "Where the tokens
+    went" (:func:`lightkv_cli.report.token_maps.token_map_figures`, omitted when empty); breakdowns by
+    prompt type or tag (omitted when none); then the tables: runs (the Markdown columns plus the error
+    text of failed runs), capacity, thresholds, inputs (JPEG thumbnail, file name, question, expected
+    answer and the answers of the uncompressed and the recommended run), skipped inputs, environment,
+    model, and the file's own facts (created, version, schema, command).
 
-    Input images are read from ``inputs[i]["image"]`` (absolute, or relative to the working directory,
-    then to ``image_root`` when given); a missing or unreadable image becomes a text placeholder. All
-    user- and file-derived text is HTML-escaped.
+    Input images are read from their paths (absolute, or relative to the working directory, then to
+    ``image_root`` when given); a missing or unreadable image becomes a text placeholder. All user- and
+    file-derived text is HTML-escaped.
 
-    Raises nothing for a well-formed results dictionary; a plot that fails to draw is replaced by a note.
+    Raises nothing for a well-formed results dictionary; a plot or section that fails to draw is replaced
+    by a note or left out.
     """
+    figures = [_figure(name, fn, results) for name, fn in plots.ALL_PLOTS]
     model = results.get("model") or {}
-    title = f"lightkv report — {model.get('name', '?')}"
-    sections = [
-        ("Summary", _section_summary(results)),
-        ("Environment", _section_environment(results)),
-        ("Model", _section_model(results)),
-        ("Capacity", _section_capacity(results)),
-        ("Thresholds", _section_thresholds(results)),
-        ("Runs", _section_runs(results)),
-        ("Plots", _section_plots(results)),
-        ("Inputs", _section_inputs(results, image_root)),
-        ("Skipped inputs", _section_skipped(results)),
-    ]
-    body = "".join(
-        f'<section id="{name.lower().replace(" ", "-")}"><h2>{_e(name)}</h2>{content}</section>'
-        for name, content in sections
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{_e(title)}</h1>{body}</body></html>\n"
-    )
+    context = {
+        "title": f"lightkv report — {model.get('name', '?')}",
+        "summary": summary_line(results),
+        "css": _style_sheet(),
+        "rec": _recommendation(results),
+        "lead": figures[0],
+        "figures": figures[1:],
+        "changes": _changes(results, image_root),
+        "token_maps": _token_maps(results, image_root),
+        "breakdowns": _breakdowns(results),
+        "runs": _runs(results),
+        "capacity": _capacity(results),
+        "thresholds": threshold_lines(results),
+        "inputs": _inputs(results, image_root),
+        "skipped": [
+            [s.get("path", "?"), s.get("reason", "")] for s in results.get("skipped") or [] if isinstance(s, dict)
+        ],
+        "environment": _environment_items(results),
+        "model_items": _model_items(results),
+        "model_notes": [n for n in model.get("notes") or [] if n],
+        "about": _about_items(results),
+        "command": results.get("command"),
+    }
+    return _environment().get_template("report.html.j2").render(context)

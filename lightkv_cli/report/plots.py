@@ -11,66 +11,49 @@ skipped, not errors. Methods get the same colour in every figure (see :func:`met
 
 from __future__ import annotations
 
-import io
 import math
-import zlib
-from collections.abc import Iterable
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from lightkv_cli.report.facts import as_number, device_label, spread_iqr, spread_median
+from lightkv_cli.report.lead_figure import LEAD_FIGSIZE, lead_metric, pareto_frontier, quality_vs_cost
+from lightkv_cli.report.plot_base import (
+    DPI,
+    FIGSIZE,
+    GIB,
+    MIB,
+    fit_limits,
+    mark_recommended,
+    mark_uncompressed,
+    method_colour,
+    new_figure,
+    ok_runs,
+    plot_text,
+    png_bytes,
+    recommended_handle,
+    recommended_run,
+    retention_of,
+    thresholds_of,
+    uncompressed_of,
+)
 
-FIGSIZE = (6.4, 3.6)
-"""Figure size in inches (width, height)."""
-DPI = 110
-"""Resolution of the PNGs, dots per inch."""
-
-_METHOD_COLOURS = {
-    "uncompressed": "#444444",
-    "lightkv": "#1f77b4",
-    "lightkv-prompt": "#2ca02c",
-    "lightkv-uniform": "#ff7f0e",
-    "vlcache": "#9467bd",
-    "fastv": "#8c564b",
-    "snapkv": "#17becf",
-    "random": "#7f7f7f",
-}
-_EXTRA_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728")
-_GIB = 2**30
-_MIB = 2**20
-
-
-def method_colour(method: str) -> str:
-    """The colour of ``method`` in every figure: fixed for known methods, a stable hash pick otherwise."""
-    if method in _METHOD_COLOURS:
-        return _METHOD_COLOURS[method]
-    return _EXTRA_COLOURS[zlib.crc32(method.encode("utf-8")) % len(_EXTRA_COLOURS)]
+__all__ = [
+    "ALL_PLOTS",
+    "DPI",
+    "FIGSIZE",
+    "LEAD_FIGSIZE",
+    "kv_bytes_vs_retention",
+    "layer_tokens",
+    "lead_metric",
+    "method_colour",
+    "nvml_timeline",
+    "ok_runs",
+    "pareto_frontier",
+    "prefill_vs_retention",
+    "quality_vs_cost",
+    "quality_vs_retention",
+]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _text(s) -> str:
-    """User text safe for matplotlib: ``$`` escaped so it is never parsed as mathtext."""
-    return str(s).replace("$", r"\$")
-
-
-def ok_runs(results: dict) -> list[dict]:
-    """Runs with status ``ok`` (the only ones plotted), in file order."""
-    return [r for r in results.get("runs") or [] if isinstance(r, dict) and r.get("status") == "ok"]
-
-
-def _uncompressed(runs: Iterable[dict]) -> dict | None:
-    return next((r for r in runs if r.get("method") == "uncompressed"), None)
-
-
-def _retention(run: dict) -> float | None:
-    r = as_number(run.get("vision_retention"))
-    if r is None and run.get("method") == "uncompressed":
-        return 1.0
-    return r
 
 
 def _series(results: dict) -> dict[str, list[dict]]:
@@ -79,90 +62,28 @@ def _series(results: dict) -> dict[str, list[dict]]:
     The uncompressed run gets a series of its own only when no other method has an ok run.
     """
     runs = ok_runs(results)
-    base = _uncompressed(runs)
+    base = uncompressed_of(runs)
     out: dict[str, list[dict]] = {}
     for r in runs:
-        if r.get("method") == "uncompressed" or _retention(r) is None:
+        if r.get("method") == "uncompressed" or retention_of(r) is None:
             continue
         out.setdefault(str(r.get("method") or "?"), []).append(r)
     for method, rs in out.items():
-        if base is not None and _retention(base) is not None:
+        if base is not None and retention_of(base) is not None:
             rs.append(base)
-        out[method] = sorted(rs, key=lambda r: _retention(r))
+        out[method] = sorted(rs, key=lambda r: retention_of(r))
     if not out and base is not None:
         out["uncompressed"] = [base]
     return out
-
-
-def _recommended(results: dict) -> dict | None:
-    rec = (results.get("recommendation") or {}).get("run")
-    if not rec:
-        return None
-    return next((r for r in ok_runs(results) if r.get("id") == rec), None)
-
-
-def _thresholds(results: dict) -> dict:
-    t = results.get("thresholds")
-    return t if isinstance(t, dict) else {}
-
-
-def _new_figure(figsize=FIGSIZE) -> Figure:
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
 
 
 def _retention_axis(ax, results: dict) -> None:
     ax.set_xlabel("measured vision retention (fraction kept)")
     ax.set_xlim(right=1.05)
     ax.grid(True, alpha=0.3)
-    cap = as_number(_thresholds(results).get("max_vision_retention"))
+    cap = as_number(thresholds_of(results).get("max_vision_retention"))
     if cap is not None:
         ax.axvline(cap, ls="--", lw=1, color="#888888")
-
-
-def _mark_recommended(ax, x: float | None, y: float | None) -> None:
-    if x is not None and y is not None:
-        ax.plot([x], [y], marker="*", ms=15, color="gold", mec="black", mew=0.8, ls="none", zorder=5)
-
-
-def _mark_uncompressed(ax, series: dict, x: float | None, y: float | None, legend: bool = True) -> None:
-    """A diamond at the uncompressed run (the shared anchor of every method's line)."""
-    if "uncompressed" in series or x is None or y is None:
-        return
-    ax.plot(
-        [x],
-        [y],
-        marker="D",
-        ms=6,
-        color=method_colour("uncompressed"),
-        ls="none",
-        zorder=4,
-        label="uncompressed" if legend else "_nolegend_",
-    )
-
-
-def _recommended_handle(rec: dict | None) -> list[Line2D]:
-    if rec is None:
-        return []
-    return [
-        Line2D(
-            [],
-            [],
-            marker="*",
-            ms=12,
-            color="gold",
-            mec="black",
-            ls="none",
-            label=f"recommended ({_text(rec.get('id'))})",
-        )
-    ]
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -192,10 +113,11 @@ def quality_vs_retention(results: dict) -> bytes | None:
     metrics = list(_QUALITY_METRICS[:2])
     if any(as_number((r.get("quality") or {}).get("accuracy")) is not None for rs in series.values() for r in rs):
         metrics.append(_QUALITY_METRICS[2])
-    fig = _new_figure((FIGSIZE[0] + 1.6 * (len(metrics) - 2), FIGSIZE[1]))
+    fig = new_figure((FIGSIZE[0] + 1.6 * (len(metrics) - 2), FIGSIZE[1]))
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
-    rec = _recommended(results)
-    thresholds = _thresholds(results)
+    rec = recommended_run(results)
+    thresholds = thresholds_of(results)
+    y_values: list[float] = []
     for ax, (key, label, tkey) in zip(axes, metrics):
         for method, rs in series.items():
             xs, ys, lo, hi = [], [], [], []
@@ -206,10 +128,11 @@ def quality_vs_retention(results: dict) -> bytes | None:
                     continue
                 ci = (q.get("ci") or {}).get(key)
                 c = [as_number(v) for v in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else [None, None]
-                xs.append(_retention(r))
+                xs.append(retention_of(r))
                 ys.append(y)
                 lo.append(max(0.0, y - c[0]) if c[0] is not None else 0.0)
                 hi.append(max(0.0, c[1] - y) if c[1] is not None else 0.0)
+                y_values += [y - lo[-1], y + hi[-1]]
             if not xs:
                 continue
             ax.errorbar(
@@ -221,10 +144,11 @@ def quality_vs_retention(results: dict) -> bytes | None:
                 capsize=3,
                 lw=1.5,
                 color=method_colour(method),
-                label=_text(method),
+                label=plot_text(method),
             )
         t = as_number(thresholds.get(tkey))
         if t is not None:
+            y_values.append(t)
             ax.axhline(t, ls="--", lw=1, color="#c0392b", label="threshold (min)")
             ax.annotate(
                 f"≥ {t:g}",
@@ -236,98 +160,29 @@ def quality_vs_retention(results: dict) -> bytes | None:
                 color="#c0392b",
                 va="bottom",
             )
-        base = _uncompressed(ok_runs(results))
+        base = uncompressed_of(ok_runs(results))
         if base is not None:
-            _mark_uncompressed(ax, series, _retention(base), as_number((base.get("quality") or {}).get(key)))
+            mark_uncompressed(ax, series, retention_of(base), as_number((base.get("quality") or {}).get(key)))
         if rec is not None:
-            _mark_recommended(ax, _retention(rec), as_number((rec.get("quality") or {}).get(key)))
+            mark_recommended(ax, retention_of(rec), as_number((rec.get("quality") or {}).get(key)))
         ax.set_title(label, fontsize=10)
         _retention_axis(ax, results)
         ax.set_xlabel("vision retention (fraction)", fontsize=9)
-    axes[0].set_ylabel("score (fraction of inputs, 0–1)")
-    axes[0].set_ylim(-0.03, 1.05)
+    axes[0].set_ylabel("score (fraction of inputs)")
+    ylim = fit_limits(y_values, pad=0.1, min_span=0.04, bounds=(0.0, 1.0))
+    if ylim is not None:
+        axes[0].set_ylim(*ylim)
     handles, labels = [], []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    handles += _recommended_handle(rec)
-    labels += [h.get_label() for h in _recommended_handle(rec)]
+    handles += recommended_handle(rec)
+    labels += [h.get_label() for h in recommended_handle(rec)]
     fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(len(labels), 4), frameon=False)
     fig.suptitle("Quality vs. measured vision retention (fraction of vision tokens kept)", fontsize=11)
-    return _png(fig)
-
-
-def quality_vs_cost(results: dict) -> bytes | None:
-    """Quality against what it costs, every method on the same axes: KV bytes and prefill time.
-
-    Left panel: the quality metric (accuracy against the expected answers when any run has it, else
-    answer match with the uncompressed run) vs. KV-cache bytes per request after prefill (MiB);
-    right panel: the same metric vs. median prefill time (ms). Retention is not the x axis here
-    because eviction methods also drop text entries: KV bytes and time are what every method pays.
-    Each method's points are joined in order of KV bytes; the uncompressed run is a diamond and the
-    recommended run a gold star.
-
-    Returns PNG bytes, or None when no ok compressed run has the metric and KV bytes.
-    """
-    runs = ok_runs(results)
-    use_acc = any(as_number((r.get("quality") or {}).get("accuracy")) is not None for r in runs)
-    key, label = ("accuracy", "accuracy") if use_acc else ("answer_match", "answer match")
-    by_method: dict[str, list[dict]] = {}
-    for r in runs:
-        if as_number((r.get("quality") or {}).get(key)) is None or as_number(r.get("kv_bytes")) is None:
-            continue
-        by_method.setdefault(str(r.get("method") or "?"), []).append(r)
-    if not any(m != "uncompressed" for m in by_method):
-        return None
-    fig = _new_figure((FIGSIZE[0] + 1.6, FIGSIZE[1]))
-    axes = fig.subplots(1, 2, sharey=True, squeeze=False)[0]
-    rec = _recommended(results)
-    xs_of = (
-        ("KV cache per request after prefill (MiB)", lambda r: as_number(r.get("kv_bytes")) / _MIB),
-        (f"prefill time, median ({device_label(results)} ms)", lambda r: spread_median(r.get("prefill_ms"))),
-    )
-    for ax, (xlabel, xf) in zip(axes, xs_of):
-        for method, rs in by_method.items():
-            # joined in order of KV bytes (the method's compression order) in both panels
-            ordered = sorted(rs, key=lambda r: as_number(r.get("kv_bytes")))
-            pts = [(x, as_number(r["quality"][key])) for r in ordered if (x := xf(r)) is not None]
-            if not pts:
-                continue
-            if method == "uncompressed":
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker="D",
-                    ms=6,
-                    ls="none",
-                    color=method_colour(method),
-                    label=method,
-                    zorder=4,
-                )
-            else:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker="o",
-                    ms=4,
-                    lw=1.3,
-                    color=method_colour(method),
-                    label=_text(method),
-                )
-        if rec is not None:
-            _mark_recommended(ax, xf(rec), as_number((rec.get("quality") or {}).get(key)))
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(f"{label} (fraction of inputs, 0–1)")
-    axes[0].set_ylim(-0.03, 1.05)
-    handles, labels = axes[0].get_legend_handles_labels()
-    handles += _recommended_handle(rec)
-    labels += [h.get_label() for h in _recommended_handle(rec)]
-    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
-    fig.suptitle(f"{label.capitalize()} vs. KV bytes and prefill time, every method", fontsize=11)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def kv_bytes_vs_retention(results: dict) -> bytes | None:
@@ -342,13 +197,13 @@ def kv_bytes_vs_retention(results: dict) -> bytes | None:
     series = _series(results)
     if not any(as_number(r.get("kv_bytes")) is not None for rs in series.values() for r in rs):
         return None
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for method, rs in series.items():
         colour = method_colour(method)
         for key, style, what in (("kv_bytes", "-", "total"), ("kv_bytes_vision", "--", "vision")):
-            pts = [(_retention(r), as_number(r.get(key))) for r in rs]
-            pts = [(x, y / _MIB) for x, y in pts if y is not None]
+            pts = [(retention_of(r), as_number(r.get(key))) for r in rs]
+            pts = [(x, y / MIB) for x, y in pts if y is not None]
             if pts:
                 ax.plot(
                     *zip(*pts),
@@ -356,25 +211,25 @@ def kv_bytes_vs_retention(results: dict) -> bytes | None:
                     marker="o" if what == "total" else "s",
                     ms=4,
                     color=colour,
-                    label=f"{_text(method)} {what}",
+                    label=f"{plot_text(method)} {what}",
                 )
-    base = _uncompressed(ok_runs(results))
+    base = uncompressed_of(ok_runs(results))
     if base is not None:
         for key, legend in (("kv_bytes", True), ("kv_bytes_vision", False)):
             y = as_number(base.get(key))
-            _mark_uncompressed(ax, series, _retention(base), None if y is None else y / _MIB, legend)
-    cap = as_number(_thresholds(results).get("max_kv_bytes"))
+            mark_uncompressed(ax, series, retention_of(base), None if y is None else y / MIB, legend)
+    cap = as_number(thresholds_of(results).get("max_kv_bytes"))
     if cap is not None:
-        ax.axhline(cap / _MIB, ls="--", lw=1, color="#c0392b", label=f"max KV {cap / _MIB:.1f} MiB")
-    rec = _recommended(results)
+        ax.axhline(cap / MIB, ls="--", lw=1, color="#c0392b", label=f"max KV {cap / MIB:.1f} MiB")
+    rec = recommended_run(results)
     if rec is not None and as_number(rec.get("kv_bytes")) is not None:
-        _mark_recommended(ax, _retention(rec), as_number(rec.get("kv_bytes")) / _MIB)
+        mark_recommended(ax, retention_of(rec), as_number(rec.get("kv_bytes")) / MIB)
     _retention_axis(ax, results)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("KV cache per request (MiB)")
     ax.set_title("KV-cache bytes per request vs. vision retention", fontsize=11)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + _recommended_handle(rec), fontsize=7, loc="upper left")
-    return _png(fig)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + recommended_handle(rec), fontsize=7, loc="upper left")
+    return png_bytes(fig)
 
 
 def prefill_vs_retention(results: dict) -> bytes | None:
@@ -389,7 +244,7 @@ def prefill_vs_retention(results: dict) -> bytes | None:
     series = _series(results)
     if not any(spread_median(r.get("prefill_ms")) is not None for rs in series.values() for r in rs):
         return None
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for method, rs in series.items():
         xs, ys, lo, hi = [], [], [], []
@@ -398,7 +253,7 @@ def prefill_vs_retention(results: dict) -> bytes | None:
             if med is None:
                 continue
             iqr = spread_iqr(r.get("prefill_ms"))
-            xs.append(_retention(r))
+            xs.append(retention_of(r))
             ys.append(med)
             lo.append(max(0.0, med - iqr[0]) if iqr else 0.0)
             hi.append(max(0.0, iqr[1] - med) if iqr else 0.0)
@@ -412,23 +267,23 @@ def prefill_vs_retention(results: dict) -> bytes | None:
                 capsize=3,
                 lw=1.5,
                 color=method_colour(method),
-                label=_text(method),
+                label=plot_text(method),
             )
-    base = _uncompressed(ok_runs(results))
+    base = uncompressed_of(ok_runs(results))
     if base is not None:
-        _mark_uncompressed(ax, series, _retention(base), spread_median(base.get("prefill_ms")))
-    cap = as_number(_thresholds(results).get("max_prefill_ms"))
+        mark_uncompressed(ax, series, retention_of(base), spread_median(base.get("prefill_ms")))
+    cap = as_number(thresholds_of(results).get("max_prefill_ms"))
     if cap is not None:
         ax.axhline(cap, ls="--", lw=1, color="#c0392b", label=f"max prefill {cap:g} ms")
-    rec = _recommended(results)
+    rec = recommended_run(results)
     if rec is not None:
-        _mark_recommended(ax, _retention(rec), spread_median(rec.get("prefill_ms")))
+        mark_recommended(ax, retention_of(rec), spread_median(rec.get("prefill_ms")))
     _retention_axis(ax, results)
     ax.set_ylim(bottom=0)
     ax.set_ylabel(f"prefill ms ({device_label(results)})")
     ax.set_title("Prefill time (median, p25–p75) vs. vision retention", fontsize=11)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + _recommended_handle(rec), fontsize=7, loc="upper left")
-    return _png(fig)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + recommended_handle(rec), fontsize=7, loc="upper left")
+    return png_bytes(fig)
 
 
 def _timeline(run: dict | None) -> tuple[list[float], list[float]] | None:
@@ -438,7 +293,7 @@ def _timeline(run: dict | None) -> tuple[list[float], list[float]] | None:
         return None
     tl = nv.get("timeline") or {}
     pts = [(as_number(t), as_number(u)) for t, u in zip(tl.get("t_ms") or [], tl.get("used_bytes") or [])]
-    pts = [(t / 1000.0, u / _GIB) for t, u in pts if t is not None and u is not None]
+    pts = [(t / 1000.0, u / GIB) for t, u in pts if t is not None and u is not None]
     if not pts:
         return None
     return [t for t, _ in pts], [u for _, u in pts]
@@ -454,18 +309,18 @@ def nvml_timeline(results: dict) -> bytes | None:
     results files).
     """
     runs = ok_runs(results)
-    base = _uncompressed(runs)
-    rec = _recommended(results)
+    base = uncompressed_of(runs)
+    rec = recommended_run(results)
     lines = []
     if rec is not None and rec is not base:
-        lines.append((rec, f"recommended: {_text(rec.get('id'))}", "-"))
+        lines.append((rec, f"recommended: {plot_text(rec.get('id'))}", "-"))
     if base is not None:
         lines.append((base, "uncompressed", "--" if lines else "-"))
     data = [(run, label, style, _timeline(run)) for run, label, style in lines]
     data = [d for d in data if d[3] is not None]
     if not data:
         return None
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for run, label, style, (t, used) in data:
         ax.plot(t, used, ls=style, lw=1.3, color=method_colour(str(run.get("method"))), label=label)
@@ -475,7 +330,7 @@ def nvml_timeline(results: dict) -> bytes | None:
     ax.grid(True, alpha=0.3)
     ax.set_title("NVML device memory during the run", fontsize=11)
     ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 _LINESTYLES = ("-", "--", "-.", ":")
@@ -493,7 +348,7 @@ def layer_tokens(results: dict) -> bytes | None:
     runs = [r for r in ok_runs(results) if r.get("cached_tokens_per_layer")]
     if not runs:
         return None
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     seen: dict[str, int] = {}
     n_layers = 0
@@ -510,7 +365,7 @@ def layer_tokens(results: dict) -> bytes | None:
             lw=1.5,
             ls=_LINESTYLES[k % len(_LINESTYLES)],
             color=method_colour(method),
-            label=_text(r.get("id")),
+            label=plot_text(r.get("id")),
         )
         n_layers = max(n_layers, len(ys))
     ax.set_xlabel("decoder layer index")
@@ -522,15 +377,15 @@ def layer_tokens(results: dict) -> bytes | None:
     ax.grid(True, alpha=0.3)
     ax.set_title("Cached tokens per decoder layer", fontsize=11)
     ax.legend(fontsize=7, loc="lower left", ncol=2 if len(runs) > 5 else 1)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 ALL_PLOTS = (
-    ("quality", quality_vs_retention),
     ("quality_cost", quality_vs_cost),
+    ("quality", quality_vs_retention),
     ("kv_bytes", kv_bytes_vs_retention),
     ("prefill", prefill_vs_retention),
     ("nvml", nvml_timeline),
     ("layer_tokens", layer_tokens),
 )
-"""(name, function) of every figure, in report order."""
+"""(name, function) of every figure, in report order; the first is the lead figure."""

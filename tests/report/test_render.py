@@ -602,11 +602,12 @@ def test_html_oom_and_error_runs_show_status_and_error(rich_html):
 
 
 def test_html_thumbnail_inlined_and_missing_image_placeholder(rich_html):
-    jpegs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", rich_html)
+    # the inputs table (the "What changed" gallery above it shows the same thumbnail again)
+    inputs = rich_html.split('<section id="inputs">', 1)[1].split("</section>", 1)[0]
+    jpegs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", inputs)
     assert len(jpegs) == 1
     with Image.open(io.BytesIO(base64.b64decode(jpegs[0]))) as im:
         assert im.format == "JPEG" and im.size == (160, 120)
-    inputs = rich_html.split('<section id="inputs">', 1)[1].split("</section>", 1)[0]
     assert inputs.count("image not available") == 1
     assert "answer of lightkv@0.5" in inputs and "a dog" in inputs and "2 | 3" in inputs
 
@@ -692,3 +693,134 @@ def test_synthetic_results_follow_the_results_schema(rich, cpu_results):
     # The fixtures are results files the reader accepts (docs/results-schema.md), the legacy one included.
     for res in (rich, cpu_results, _legacy_results()):
         assert check_schema(res, "synthetic") is res
+
+
+# ------------------------------------------------------------------------------------------------ page structure
+
+SECTION_ORDER = (
+    "recommendation",
+    "lead",
+    "figures",
+    "what-changed",
+    "breakdowns",
+    "runs",
+    "capacity",
+    "thresholds",
+    "inputs",
+    "skipped-inputs",
+    "environment",
+    "model",
+    "about",
+)
+
+
+def _section_positions(html_text: str) -> dict[str, int]:
+    return {m.group(1): m.start() for m in re.finditer(r'<section id="([a-z-]+)">', html_text)}
+
+
+def _with_prompt_types(res: dict) -> dict:
+    out = copy.deepcopy(res)
+    out["inputs"][0]["type"] = "counting"
+    out["inputs"][1]["type"] = "colour"
+    out["inputs"][1]["tags"] = ["<tag>"]
+    return out
+
+
+def test_html_leads_with_the_decision_then_figures_then_tables(rich):
+    page = render_html(_with_prompt_types(rich))
+    pos = _section_positions(page)
+    assert list(pos) == list(SECTION_ORDER)  # every section, in this order, once
+    # the first image of the page is the full-width lead figure, inside the lead section
+    lead = page[pos["lead"] : pos["figures"]]
+    assert '<figure class="lead"><img src="data:image/png;base64,' in lead
+    first_png = _pngs(page)[0]
+    with Image.open(io.BytesIO(first_png)) as im:
+        assert im.size == (round(plots.LEAD_FIGSIZE[0] * plots.DPI), round(plots.LEAD_FIGSIZE[1] * plots.DPI))
+    assert first_png == plots.quality_vs_cost(rich)
+    # the recommendation comes before any figure and carries the headline numbers of the recommended run
+    rec = page[pos["recommendation"] : pos["lead"]]
+    assert "data:image" not in rec and "Recommended: lightkv@0.5" in rec
+    assert '<div class="tile-value">2.5 MiB</div>' in rec and "38% less than uncompressed" in rec
+    # breakdowns by prompt type and tag
+    bd = page[pos["breakdowns"] : pos["runs"]]
+    assert "by type" in bd and "by tag" in bd and "&lt;tag&gt;" in bd and "<tag>" not in bd
+
+
+def test_html_sections_without_prompt_types_and_without_runs(rich):
+    pos = _section_positions(render_html(rich))
+    assert list(pos) == [s for s in SECTION_ORDER if s != "breakdowns"]
+    empty = render_html({"model": {"name": "m"}, "runs": []})
+    assert "No plot: no finished compressed run" in empty and "No runs." in empty and "No inputs." in empty
+    assert "breakdowns" not in _section_positions(empty)
+
+
+def test_what_changed_gallery_shows_changed_answers_escaped(rich, rich_html):
+    from lightkv_cli.report.changes import changed_inputs
+
+    entries = changed_inputs(rich)["entries"]
+    assert len(entries) >= 2 and {e["input"] for e in entries} == {"in0", "in1"}
+    pos = _section_positions(rich_html)
+    gallery = rich_html[pos["what-changed"] : pos["runs"]]
+    assert gallery.count('<div class="card">') == len(entries)
+    n_in0 = sum(e["input"] == "in0" for e in entries)  # in0's image exists, in1's does not
+    assert gallery.count("data:image/jpeg;base64,") == n_in0
+    assert gallery.count("image not available") == len(entries) - n_in0
+    assert "<i>cat" not in gallery and "a &lt;i&gt;cat&lt;/i&gt;" in gallery  # uncompressed answer
+    assert '<dd class="changed">a dog</dd>' in gallery and "<dt>ground truth</dt><dd>a cat</dd>" in gallery
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; What is shown?" in gallery
+
+
+def test_html_has_no_script_and_no_remote_references(rich_html, cpu_html):
+    for page in (rich_html, cpu_html, render_html(_legacy_results())):
+        low = page.lower()
+        assert "<script" not in low and "http://" not in low and "https://" not in low
+        assert not re.search(r"""(src|href)\s*=\s*(?!["']?data:)""", page, re.IGNORECASE)
+        assert page.count("<style>") == 1 and "@import" not in low and "url(" not in low
+
+
+def test_user_text_is_never_unescaped_anywhere(rich):
+    res = _with_prompt_types(rich)
+    res["inputs"][1]["question"] = 'How "many"? \x07<b>bold</b> & more'
+    page = render_html(res)
+    raw = [
+        SCRIPT_PROMPT,
+        "a <i>cat</i>",
+        "tiny<model>",
+        "a<b>.jpg",
+        "<b>bad</b>",
+        "bad<x>.txt",
+        "<huge>",
+        "'<imgs>'",
+        "<tag>",
+        "<b>bold</b>",
+    ]
+    for s in raw:
+        assert s not in page, s
+    assert page.count("How &quot;many&quot;? &lt;b&gt;bold&lt;/b&gt; &amp; more") >= 2  # inputs table and gallery
+    assert "\x07" not in page  # control characters dropped
+
+
+def test_pareto_frontier_keeps_runs_no_other_beats_on_both():
+    pts = [(4.0, 1.0, "u"), (2.5, 0.9, "a"), (2.5, 0.8, "b"), (1.75, 0.5, "c"), (3.0, 0.85, "d"), (1.75, 0.5, "c2")]
+    assert [p[2] for p in plots.pareto_frontier(pts)] == ["c", "a", "u"]
+    assert plots.pareto_frontier([]) == []
+
+
+def test_quality_axes_fit_the_data_not_zero_to_one():
+    from lightkv_cli.report.plot_base import fit_limits
+
+    lo, hi = fit_limits([0.87, 0.93, 1.0, 0.95], pad=0.1, min_span=0.04, bounds=(0.0, 1.0))
+    assert 0.85 < lo < 0.87 and 1.0 < hi < 1.02
+    lo, hi = fit_limits([1.0, 1.0], pad=0.1, min_span=0.04, bounds=(0.0, 1.0))  # all perfect: widen downwards
+    assert 0.95 < lo < 0.96 and 1.0 < hi < 1.01
+    assert fit_limits([None, float("nan")]) is None
+
+
+def test_markdown_leads_with_the_recommendation_and_lists_what_changed(rich):
+    md = render_markdown(_with_prompt_types(rich))
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads == ["## Recommendation", "## Runs", "## What changed", "## Breakdowns", "## Thresholds"]
+    changed = md.split("## What changed", 1)[1].split("##", 1)[0]
+    assert "- **lightkv@0.5** on in0 — \\<script\\>alert(1)\\</script\\> What is shown?" in changed
+    assert "uncompressed “a \\<i\\>cat\\</i\\>” → compressed “a dog” (ground truth “a cat”)" in changed
+    assert "data:image" not in md
