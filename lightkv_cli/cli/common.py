@@ -87,9 +87,15 @@ def command_line(ctx) -> str:
             continue
         if getattr(ctx.get_parameter_source(param.name), "name", None) == "DEFAULT_MAP":
             continue  # typer ships its own click: compare the source by name
-        flag = param.opts[0]
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            parts += [flag, shlex.quote(str(v))]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if getattr(param, "param_type_name", None) == "argument":  # positional: the values alone
+            parts += [shlex.quote(str(v)) for v in values]
+        elif getattr(param, "is_flag", False) and isinstance(value, bool):  # --resume, --search-batch/--no-…
+            off = getattr(param, "secondary_opts", None) or []
+            parts += [param.opts[0]] if value else off[:1]
+        else:
+            for v in values:
+                parts += [param.opts[0], shlex.quote(str(v))]
     return " ".join(parts)
 
 

@@ -366,3 +366,20 @@ def test_ctrl_c_keeps_finished_runs_and_exits_130(runner, tmp_path, two_images, 
     assert "interrupted" in _flat(_all_text(result))
     saved = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in saved["runs"]] == ["uncompressed"] and saved["complete"] is False
+
+
+def test_recorded_command_of_a_resumed_profile_runs_again(runner, tmp_path, two_images):
+    """Flags are recorded as flags (``--resume``, not ``--resume True``), so the command re-runs as written."""
+    import shlex
+
+    out = tmp_path / "out"
+    args = ["--images", str(two_images), "--limit", "1", "--output", str(out), *FAST]
+    assert _invoke(runner, args).exit_code == 0
+    result = _invoke(runner, [*args, "--resume"])
+    assert result.exit_code == 0, _all_text(result)
+    command = json.loads((out / "results.json").read_text())["command"]
+    assert " --resume" in command and "--resume True" not in command
+    argv = shlex.split(command)
+    assert argv[:2] == ["lightkv", "profile"]
+    again = runner.invoke(app, argv[1:])
+    assert again.exit_code == 0, _all_text(again)
