@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_render import _rich_results
 
 from lightkv_cli.report.write import write_reports
-from tests.report.test_render import _rich_results
 
 WINDOW = (1280, 1600)
 
