@@ -44,7 +44,8 @@ from torch import nn
 from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.methods.hf_compat import cache_from_kwargs, causal_mask, check_dynamic_cache
 from lightkv_cli.methods.records import PrefillRecord, StageRecord
-from lightkv_cli.models.adapters import FamilyAdapter, VisionLayout, adapter_for
+from lightkv_cli.methods.vision import VisionTokens, compact
+from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 POSITION_MODES = ("keep", "renumber")
 
@@ -85,7 +86,8 @@ class StageInput:
     Attributes:
         layer: decoder layer after which it runs.
         hidden: ``(B, S, D)`` the layer's output hidden states.
-        layouts: per row, the current vision tokens (positions index ``hidden``'s sequence axis).
+        vision: the current vision tokens of every row, on the model's device
+            (:class:`~lightkv_cli.methods.vision.VisionTokens`; positions index ``hidden``'s sequence axis).
         attention_mask_2d: ``(B, S)`` 1 for real tokens, 0 for padding.
         position_embeddings: ``(cos, sin)``, each ``(B, S, head_dim)``, as the layer used them.
         queries: ``(B, S, H·d)`` output of the layer's ``q_proj`` (pre-norm, pre-RoPE), or None.
@@ -95,7 +97,7 @@ class StageInput:
 
     layer: int
     hidden: torch.Tensor
-    layouts: list[VisionLayout]
+    vision: VisionTokens
     attention_mask_2d: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     queries: torch.Tensor | None
@@ -108,18 +110,22 @@ class StageOutput:
     """A stage's decision.
 
     Attributes:
-        keep: ``(B, S)`` bool, tokens that survive; every row keeps the same number.
+        keep: ``(B, S)`` bool, tokens that survive; every row removes exactly ``removed`` vision
+            tokens (mergeable ones only) and no text.
+        removed: tokens removed per row (a host int, ``≥ 1``: return None from ``reduce`` instead of
+            removing nothing).
         hidden: ``(B, S, D)`` hidden states to gather the survivors from (merged values written in
             place of their B token).
-        guidance: ``(B, n_vision)`` float32 weights used, for the record (optional).
-        pairs: per row, ``(m, 2)`` long positions in the current sequence of (merged token, token
-            it merged into), for the record (optional).
+        guidance: ``(B, n_vision)`` float32 weights used, for the record (optional, on the device).
+        pairs: ``(B, m, 2)`` long positions in the current sequence of (merged token, token it
+            merged into), for the record (optional, on the device).
     """
 
     keep: torch.Tensor
+    removed: int
     hidden: torch.Tensor
     guidance: torch.Tensor | None = None
-    pairs: list[torch.Tensor] | None = None
+    pairs: torch.Tensor | None = None
 
 
 @dataclass
@@ -142,7 +148,7 @@ class _ForwardState:
     seq_len: int = 0
     input_ids: torch.Tensor | None = None
     mask_2d: torch.Tensor | None = None  # prefill: (B, S); decode: (B, past + q) as passed to the model
-    layouts: list[VisionLayout] | None = None
+    vision: VisionTokens | None = None
     cache: Any = None
     groups: list[_Group] = field(default_factory=list)
     record: PrefillRecord | None = None
@@ -188,8 +194,13 @@ class SequencePress(Press):
     # --- public state ----------------------------------------------------------------------
     @property
     def last_prefill(self) -> PrefillRecord | None:
-        """What the last prefill under this press did (None before any prefill)."""
-        return getattr(self, "_last_prefill", None)
+        """What the last prefill under this press did (None before any prefill).
+
+        Reading it copies what the stages recorded on the device to the host (once per prefill);
+        read it after the prefill, outside any timed region.
+        """
+        rec = getattr(self, "_last_prefill", None)
+        return None if rec is None else rec.to_host()
 
     # --- hooks -----------------------------------------------------------------------------
     def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
@@ -262,8 +273,12 @@ class SequencePress(Press):
             return None
         # decode (or a continued prefill)
         st = self._state
-        if input_ids is not None and bool(
-            torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any()
+        # One new token per row is a decode step (never an image); only a longer continuation can carry
+        # image tokens, and only that one is checked (the check reads the device).
+        if (
+            input_ids is not None
+            and input_ids.shape[-1] > 1
+            and bool(torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any())
         ):
             raise UnsupportedInputError(
                 "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
@@ -286,6 +301,9 @@ class SequencePress(Press):
 
     def _lm_pre_hook(self, module, args, kwargs):
         """Prefill: locate the vision tokens in what the decoder receives and start the record.
+
+        The only place a press reads the device before its stages: the adapter finds each row's vision
+        tokens (once per prefill); stages then work on :class:`VisionTokens` on the device.
 
         Raises:
             UnsupportedInputError: rows with different vision-token counts (padding the reduced
@@ -310,18 +328,22 @@ class SequencePress(Press):
         S = st.seq_len
         n_vis = layouts[0].count if layouts else 0
         record = PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers)
+        vision = None
         if layouts:
             record.input_tokens = layouts[0].input_counts()
             record.grids = list(layouts[0].grids)
+            record.owners = layouts[0].owners
             record.special_tokens = int((~layouts[0].mergeable).sum())
-        # The last prompt token predicts the first answer token: never merge it away.
-        for lay in layouts:
-            lay.mergeable = lay.mergeable & (lay.positions != S - 1)
+        if n_vis:
+            # The last prompt token predicts the first answer token: never merge it away.
+            for lay in layouts:
+                lay.mergeable = lay.mergeable & (lay.positions.cpu() != S - 1)
+            vision = VisionTokens.from_layouts(layouts, input_ids.device, S)
         self._state = _ForwardState(
             phase="prefill" if n_vis else "off",
             seq_len=S,
             mask_2d=st.mask_2d,
-            layouts=layouts,
+            vision=vision,
             cache=st.cache,
             record=record,
         )
@@ -354,7 +376,7 @@ class SequencePress(Press):
             StageInput(
                 layer=layer,
                 hidden=hidden,
-                layouts=st.layouts,
+                vision=st.vision,
                 attention_mask_2d=mask_2d,
                 position_embeddings=pos_emb,
                 queries=captured.get("q"),
@@ -362,33 +384,34 @@ class SequencePress(Press):
                 module=module,
             )
         )
-        record = st.record
-        n_in = st.layouts[0].count
-        seq_in = hidden.shape[1]
-        if result is None or bool(result.keep.all()):
+        if result is None or result.removed <= 0:
             return None
-        keep = result.keep
-        counts = keep.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise RuntimeError(f"internal error: rows keep different token counts {counts.tolist()}")
-        pairs = None
+        record = st.record
+        n_in = st.vision.count
+        seq_in = hidden.shape[1]
+        pending = {}
         if result.pairs is not None:
             current = st.groups[-1].orig_index if st.groups else None
-            pairs = [(p if current is None else current[b].to(p.device)[p]).cpu() for b, p in enumerate(result.pairs)]
-        new_hidden, group = self._apply(st, layer, keep, result.hidden, kwargs)
+            pairs = result.pairs
+            if current is not None:
+                B, m, _ = pairs.shape
+                pairs = current.gather(1, pairs.reshape(B, -1)).view(B, m, 2)
+            pending["pairs"] = pairs
+        if result.guidance is not None:
+            pending["guidance"] = result.guidance
+        new_hidden, group = self._apply(st, layer, result, kwargs)
+        pending["grid0"] = st.vision.grid[0]
         record.stages.append(
             StageRecord(
                 layer=layer,
                 seq_len_in=seq_in,
                 seq_len_out=group.seq_len,
                 vision_in=n_in,
-                vision_out=st.layouts[0].count,
-                guidance=None if result.guidance is None else result.guidance.detach().float().cpu(),
-                merge_pairs=pairs,
-                inputs_out=st.layouts[0].input_counts(),
+                vision_out=st.vision.count,
+                pending=pending,
             )
         )
-        record.kept_index.append(group.orig_index.detach().cpu())
+        record.kept_index.append(group.orig_index)
         self._finish_record(st)
         if isinstance(output, tuple):
             return (new_hidden,) + tuple(output[1:])
@@ -407,10 +430,11 @@ class SequencePress(Press):
         rec.layer_seq_lens, rec.layer_vision_tokens = seq, vis
         self._last_prefill = rec
 
-    def _apply(self, st: _ForwardState, layer: int, keep: torch.Tensor, hidden: torch.Tensor, kwargs):
-        """Gather the survivors and start a new layer group after ``layer``."""
+    def _apply(self, st: _ForwardState, layer: int, result: StageOutput, kwargs):
+        """Gather the survivors and start a new layer group after ``layer`` (no host synchronisation)."""
+        keep, hidden = result.keep, result.hidden
         B, S, D = hidden.shape
-        idx = torch.nonzero(keep, as_tuple=False)[:, 1].view(B, -1)  # (B, S') in sequence order
+        idx = compact(keep, S - result.removed)  # (B, S') in sequence order
         new_hidden = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
         prev = st.groups[-1] if st.groups else None
         if prev is None:
@@ -433,14 +457,7 @@ class SequencePress(Press):
         else:
             pos_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)
             cos, sin = self._adapter.language_model.rotary_emb(new_hidden, pos_ids)
-        # new vision layouts: positions in the shorter sequence
-        new_pos_of_old = keep.long().cumsum(-1) - 1  # (B, S)
-        layouts = []
-        for b, lay in enumerate(st.layouts):
-            kv = keep[b, lay.positions.to(keep.device)].cpu()
-            new_positions = new_pos_of_old[b, lay.positions.to(keep.device)][kv.to(keep.device)].cpu()
-            layouts.append(lay.select(kv, new_positions))
-        st.layouts = layouts
+        st.vision, _ = st.vision.select(keep, result.removed)
         group = _Group(
             first_layer=layer + 1,
             seq_len=idx.shape[1],
@@ -473,6 +490,10 @@ class SequencePress(Press):
         return found
 
     def _layer_pre_hook(self, layer: int):
+        config = self._adapter.text_config
+        types = getattr(config, "layer_types", None)
+        layer_type = types[layer] if types else "full_attention"
+
         def hook(module, args, kwargs):
             st = self._state
             if st.phase not in ("prefill", "decode"):
@@ -481,31 +502,37 @@ class SequencePress(Press):
             if g is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cache = cache_from_kwargs(kwargs)
-            config = self._adapter.text_config
-            layer_type = "full_attention"
-            types = getattr(config, "layer_types", None)
-            if types:
-                layer_type = types[layer]
-            if layer_type not in g.masks:
-                with torch.profiler.record_function("lightkv::mask"):
-                    g.masks[layer_type] = causal_mask(
-                        config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer
-                    )
-            kwargs["attention_mask"] = g.masks[layer_type]
+            if st.phase == "decode" and kwargs.get("attention_mask") is None and hidden.shape[1] == 1:
+                # The model found no mask necessary (one new token, no padding anywhere: SDPA's own
+                # masking is exact); a compressed layer, with fewer keys, needs none either.
+                mask = None
+            else:
+                mask = g.masks.get(layer_type, _MISSING)
+                if mask is _MISSING:
+                    cache = cache_from_kwargs(kwargs)
+                    with torch.profiler.record_function("lightkv::mask"):
+                        mask = causal_mask(
+                            config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer
+                        )
+                    g.masks[layer_type] = mask
+            kwargs["attention_mask"] = mask
             if st.phase == "prefill":
                 kwargs["position_ids"] = g.position_ids
                 kwargs["position_embeddings"] = g.position_embeddings
             elif self.positions == "renumber":
-                pos = kwargs.get("position_ids")
-                if pos is None:
-                    past_here = cache.get_seq_length(layer) if cache is not None else g.seq_len
-                    pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) + past_here + g.removed
-                pos = pos - g.removed
                 key = "renumber_positions"
                 if key not in g.masks:
+                    pos = kwargs.get("position_ids")
+                    if pos is None:
+                        cache = cache_from_kwargs(kwargs)
+                        past_here = cache.get_seq_length(layer) if cache is not None else g.seq_len
+                        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) + past_here + g.removed
+                    pos = pos - g.removed
                     g.masks[key] = (pos, self._adapter.language_model.rotary_emb(hidden, pos))
                 kwargs["position_ids"], kwargs["position_embeddings"] = g.masks[key]
             return args, kwargs
 
         return hook
+
+
+_MISSING = object()

@@ -167,27 +167,30 @@ class FastV(SequencePress):
         return self.with_fixed_scores(rec.stages[0].guidance) if rec.stages else self
 
     def reduce(self, inp: StageInput) -> StageOutput | None:
-        """Score every row's vision tokens by the last token's attention; drop the lowest ones."""
+        """Score every row's vision tokens by the last token's attention; drop the lowest ones.
+
+        Every row drops ``⌊ratio·n⌋`` of its droppable tokens, ``n`` the smallest row's count (rows
+        must keep the same number); the counts are known on the host, so the stage reads nothing back.
+        """
         B, S, _ = inp.hidden.shape
+        vis = inp.vision
+        n_drop = self.dropped(min(vis.mergeable_counts))
+        if n_drop == 0:
+            return None
         scores = self._scores(inp)  # (B, n) float32
+        ranked = scores.masked_fill(~vis.mergeable, float("inf"))  # special tokens are never dropped
+        order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]  # lowest first; ties: earlier first
         keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
-        for b, lay in enumerate(inp.layouts):
-            droppable = torch.nonzero(lay.mergeable).flatten()
-            n_drop = self.dropped(droppable.numel())
-            if n_drop == 0:
-                return None
-            s = scores[b, droppable]
-            order = torch.sort(s, stable=True).indices[:n_drop]  # lowest first; ties: earlier first
-            keep[b, lay.positions[droppable[order]].to(keep.device)] = False
-        return StageOutput(keep=keep, hidden=inp.hidden, guidance=scores)
+        keep.scatter_(1, vis.positions.gather(1, order), False)
+        return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
 
     def _scores(self, inp: StageInput) -> torch.Tensor:
         B = inp.hidden.shape[0]
-        n = inp.layouts[0].count
+        n = inp.vision.count
         if self._fixed_scores is not None:
             if tuple(self._fixed_scores.shape) != (B, n):
                 raise ValueError(f"fixed scores have shape {tuple(self._fixed_scores.shape)}, expected {(B, n)}")
-            return self._fixed_scores.float()
+            return self._fixed_scores.to(device=inp.hidden.device, dtype=torch.float32)
         q, k = post_rope_qk(inp, self._adapter)  # (B, H, S, d), (B, H_kv, S, d)
         k = expand_kv(k, q.shape[1])
         scale = float(getattr(inp.module.self_attn, "scaling", q.shape[-1] ** -0.5))
@@ -195,4 +198,4 @@ class FastV(SequencePress):
         real = inp.attention_mask_2d.bool().to(logits.device)
         logits = logits.masked_fill(~real.unsqueeze(1), float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(dim=1)  # (B, S)
-        return torch.stack([probs[b, lay.positions.to(probs.device)] for b, lay in enumerate(inp.layouts)]).cpu()
+        return probs.gather(1, inp.vision.positions)

@@ -103,3 +103,97 @@ def prompt_guidance(
         logits.masked_fill_(~visible.unsqueeze(0), float("-inf"))
         g += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
     return g / (H * qpos.numel())
+
+
+def cross_guidance_batched(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vision: torch.Tensor,
+    real: torch.Tensor,
+    num_text: int,
+    scale: float,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> torch.Tensor:
+    """:func:`cross_guidance` for every row of a batch at once, with no host synchronisation.
+
+    Keys are every row's ``num_text`` non-vision positions (the same number in every row; padding
+    keys among them carry weight 0).
+
+    Args:
+        q: ``(B, H, S, d)`` float32 post-RoPE queries.
+        k: ``(B, H_kv, S, d)`` float32 post-RoPE keys.
+        vision: ``(B, S)`` bool, vision-token positions.
+        real: ``(B, S)`` bool, non-padding positions (the queries ``i``).
+        num_text: non-vision positions per row, ``S − n`` (a host int).
+        scale: logit scale.
+        max_chunk_bytes: memory bound for one chunk of logits.
+
+    Returns:
+        ``(B, S)`` float32 weights (callers read the vision positions); padding positions get 0.
+    """
+    from lightkv_cli.methods.vision import compact
+
+    B, H, S, d = q.shape
+    g = torch.zeros(B, S, dtype=torch.float32, device=q.device)
+    if num_text == 0:
+        return g
+    text_idx = compact(~vision, num_text)  # (B, T)
+    weight = real.gather(1, text_idx).float()  # padding keys count for nothing
+    keys = expand_kv(k.gather(2, text_idx.view(B, 1, -1, 1).expand(-1, k.shape[1], -1, d)), H)  # (B, H, T, d)
+    chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
+    neg = ~real
+    for j0 in range(0, num_text, chunk):
+        logits = torch.matmul(q, keys[:, :, j0 : j0 + chunk].transpose(-1, -2)) * scale  # (B, H, S, Tc)
+        logits.masked_fill_(neg.view(B, 1, S, 1), float("-inf"))
+        probs = torch.softmax(logits, dim=2) * weight[:, j0 : j0 + chunk].view(B, 1, 1, -1)
+        g += probs.sum(dim=(1, 3))
+    return torch.nan_to_num(g, nan=0.0)
+
+
+def prompt_guidance_batched(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vision: torch.Tensor,
+    real: torch.Tensor,
+    num_after: int,
+    scale: float,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> torch.Tensor:
+    """:func:`prompt_guidance` for every row of a batch at once, with no host synchronisation.
+
+    Queries are each row's non-padding tokens after its last vision token, found among the last
+    ``num_after`` positions of every row.
+
+    Args:
+        q: ``(B, H, S, d)`` float32 post-RoPE queries.
+        k: ``(B, H_kv, S, d)`` float32 post-RoPE keys.
+        vision: ``(B, S)`` bool, vision-token positions (every row has at least one).
+        real: ``(B, S)`` bool, non-padding positions.
+        num_after: an upper bound on any row's tokens after its last vision token (a host int).
+        scale: logit scale.
+
+    Returns:
+        ``(B, S)`` float32 weights; a row with no text after its images gets 1 everywhere (the
+        uniform weights :func:`prompt_guidance`'s callers fall back to).
+    """
+    B, H, S, _ = q.shape
+    pos = torch.arange(S, device=q.device)
+    last_vis = torch.where(vision, pos, -1).amax(dim=1)  # (B,)
+    T = max(0, min(num_after, S))
+    ones = torch.ones(B, S, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return ones
+    qpos = pos[S - T :]  # (T,) the same candidate positions in every row
+    is_query = (qpos.view(1, -1) > last_vis.view(-1, 1)) & real[:, S - T :]  # (B, T)
+    keys = expand_kv(k, H)  # (B, H, S, d)
+    g = torch.zeros(B, S, dtype=torch.float32, device=q.device)
+    chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
+    for i0 in range(0, T, chunk):
+        qi = qpos[i0 : i0 + chunk]
+        logits = torch.matmul(q[:, :, S - T + i0 : S - T + i0 + chunk], keys.transpose(-1, -2)) * scale  # (B, H, c, S)
+        visible = (pos.view(1, 1, -1) <= qi.view(1, -1, 1)) & real.view(B, 1, S)  # (B, c, S)
+        logits.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+        probs = torch.softmax(logits, dim=-1) * is_query[:, i0 : i0 + chunk].view(B, 1, -1, 1)
+        g += torch.nan_to_num(probs, nan=0.0).sum(dim=(1, 2))
+    n_q = is_query.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(n_q > 0, g / (H * n_q.clamp(min=1)), ones)

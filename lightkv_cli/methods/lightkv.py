@@ -19,8 +19,8 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.methods import schedule
 from lightkv_cli.methods.attention import post_rope_qk
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
-from lightkv_cli.methods.guidance import GUIDANCE_MODES, cross_guidance, prompt_guidance
-from lightkv_cli.methods.merging import MergePlan, bipartite_plan, window_ids
+from lightkv_cli.methods.guidance import GUIDANCE_MODES, cross_guidance_batched, prompt_guidance_batched
+from lightkv_cli.methods.merging import batched_plan
 from lightkv_cli.models.adapters import FamilyAdapter
 
 
@@ -186,95 +186,84 @@ class LightKV(SequencePress):
 
     # --- one stage -----------------------------------------------------------------------------
     def reduce(self, inp: StageInput) -> StageOutput | None:
-        """One stage: plan merges per row (windows, bipartite matching), weight them by guidance, merge.
+        """One stage for the whole batch: windows, bipartite matching, guidance, weighted merge.
 
-        Returns None when no window can merge anything (the sequence is left untouched). Hidden
-        states are merged in float32 and cast back to the model dtype; unmerged tokens are copied
-        bit for bit.
+        Rows must keep the same number of tokens; windows that do not nest across stages can give
+        rows different candidate counts, so every row merges its ``m`` most similar pairs, ``m`` the
+        smallest row's count. Reading ``m`` is the stage's one host synchronisation. Returns None
+        when no window can merge anything (the sequence is left untouched). Hidden states are merged
+        in float32 and cast back to the model dtype; unmerged tokens are copied bit for bit.
         """
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
+        vis = inp.vision
         with torch.profiler.record_function("lightkv::match"):
-            plans, mergeable_idx = self._plan(inp, windows, ratio)
-        m = min(len(p) for p in plans)
+            D = inp.hidden.shape[-1]
+            feats = inp.hidden.gather(1, vis.positions.unsqueeze(-1).expand(-1, -1, D))  # (B, n, D)
+            plan = batched_plan(
+                feats, vis.window_ids(windows), vis.num_windows(windows), vis.max_window_size(windows), ratio
+            )
+            m = int(plan.counts().min())  # the stage's host synchronisation: sizes the shorter sequence
         if m == 0:
             return None
-        # Rows must keep the same number of tokens; windows that do not nest across stages can give
-        # rows different counts, so rows with more candidate merges keep their m most similar.
-        plans = [p.top(m) for p in plans]
+        src, dst = plan.top(m)
         with torch.profiler.record_function("lightkv::guidance"):
             g_all = self._guidance_weights(inp)  # (B, n) float32 over each row's vision tokens
         with torch.profiler.record_function("lightkv::merge"):
-            return self._merge(inp, plans, mergeable_idx, g_all)
-
-    def _plan(self, inp: StageInput, windows: int, ratio: float) -> tuple[list[MergePlan], list[torch.Tensor]]:
-        """Per row: the bipartite merge plan of its mergeable vision tokens, and their layout indices."""
-        hidden = inp.hidden
-        plans: list[MergePlan] = []
-        mergeable_idx = []
-        for b, lay in enumerate(inp.layouts):
-            idx = torch.nonzero(lay.mergeable).flatten()
-            mergeable_idx.append(idx)
-            if idx.numel() == 0:
-                plans.append(bipartite_plan(hidden.new_zeros(0, 1), idx, 1, ratio))
-                continue
-            wid = window_ids(lay.coords[idx], lay.image[idx], lay.grids, windows)
-            num_windows = len(lay.grids) * windows * windows
-            feats = hidden[b, lay.positions[idx].to(hidden.device)]
-            plans.append(bipartite_plan(feats, wid.to(hidden.device), num_windows, ratio))
-        return plans, mergeable_idx
+            return self._merge(inp, feats, src, dst, g_all)
 
     def _merge(
-        self, inp: StageInput, plans: list[MergePlan], mergeable_idx: list[torch.Tensor], g_all: torch.Tensor
+        self, inp: StageInput, x_in: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, g: torch.Tensor
     ) -> StageOutput:
-        """Guidance-weighted mean of each merged A token into its B token (float32); survivors mask."""
+        """Guidance-weighted mean of each merged A token into its B token (float32); survivors mask.
+
+        Args:
+            x_in: ``(B, n, D)`` the vision tokens' hidden states; ``src``, ``dst``: ``(B, m)`` merged
+                tokens and the tokens they merge into; ``g``: ``(B, n)`` float32 guidance.
+        """
         hidden = inp.hidden
-        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        out = hidden.clone()
-        pairs = []
-        for b, lay in enumerate(inp.layouts):
-            idx = mergeable_idx[b].to(hidden.device)
-            pos = lay.positions.to(hidden.device)[idx]
-            src, dst = plans[b].src, plans[b].dst
-            g = g_all[b].to(hidden.device)[idx]
-            x = hidden[b, pos].float()
-            num = x * g.unsqueeze(1)
-            den = g.clone()
-            num.index_add_(0, dst, x[src] * g[src].unsqueeze(1))
-            den.index_add_(0, dst, g[src])
-            receivers = torch.unique(dst)
-            merged = num[receivers] / den[receivers].clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-            out[b, pos[receivers]] = merged.to(hidden.dtype)
-            keep[b, pos[src]] = False
-            pairs.append(torch.stack([pos[src], pos[dst]], dim=1))
-        return StageOutput(keep=keep, hidden=out, guidance=g_all, pairs=pairs)
+        B, n, D = x_in.shape
+        pos = inp.vision.positions
+        x = x_in.float()
+        num = x * g.unsqueeze(-1)
+        den = g.clone()
+        g_src = g.gather(1, src)
+        x_src = x.gather(1, src.unsqueeze(-1).expand(-1, -1, D))
+        num.scatter_add_(1, dst.unsqueeze(-1).expand(-1, -1, D), x_src * g_src.unsqueeze(-1))
+        den.scatter_add_(1, dst, g_src)
+        receiver = torch.zeros(B, n, dtype=torch.bool, device=hidden.device).scatter_(1, dst, True)
+        merged = num / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        values = torch.where(receiver.unsqueeze(-1), merged.to(hidden.dtype), x_in)
+        out = hidden.scatter(1, pos.unsqueeze(-1).expand(-1, -1, D), values)
+        src_pos, dst_pos = pos.gather(1, src), pos.gather(1, dst)
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device).scatter_(1, src_pos, False)
+        return StageOutput(
+            keep=keep, removed=src.shape[1], hidden=out, guidance=g, pairs=torch.stack([src_pos, dst_pos], dim=-1)
+        )
 
     def _guidance_weights(self, inp: StageInput) -> torch.Tensor:
-        """``(B, n)`` float32 guidance weights of each row's vision tokens (in layout order)."""
+        """``(B, n)`` float32 guidance weights of each row's vision tokens (in order), on the device."""
         B = inp.hidden.shape[0]
-        n = inp.layouts[0].count
+        vis = inp.vision
+        n = vis.count
+        device = inp.hidden.device
         k = self.layers.index(inp.layer)
         if self._fixed_guidance is not None:
             g = self._fixed_guidance[k]
             if g is None or tuple(g.shape) != (B, n):
                 got = None if g is None else tuple(g.shape)
                 raise ValueError(f"fixed guidance for stage {k} has shape {got}, expected {(B, n)}")
-            return g.float()
+            return g.to(device=device, dtype=torch.float32)
         if self.guidance == "uniform":
-            return torch.ones(B, n, dtype=torch.float32)
+            return torch.ones(B, n, dtype=torch.float32, device=device)
         q, kk = post_rope_qk(inp, self._adapter)
         attn = inp.module.self_attn
         scale = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
+        S = inp.hidden.shape[1]
         real = inp.attention_mask_2d.bool()
-        rows = []
-        for b, lay in enumerate(inp.layouts):
-            vision = torch.zeros(inp.hidden.shape[1], dtype=torch.bool, device=q.device)
-            vision[lay.positions.to(q.device)] = True
-            if self.guidance == "cross":
-                g = cross_guidance(q[b], kk[b], ~vision & real[b], real[b], scale)
-            else:
-                g = prompt_guidance(q[b], kk[b], vision, real[b], scale)
-                if g is None:  # no text after the images: nothing to be guided by
-                    g = torch.ones(inp.hidden.shape[1], dtype=torch.float32, device=q.device)
-            rows.append(g[lay.positions.to(q.device)])
-        return torch.stack(rows).cpu()
+        vision = vis.vision_mask(S)
+        if self.guidance == "cross":
+            g = cross_guidance_batched(q, kk, vision, real, S - n, scale)
+        else:
+            g = prompt_guidance_batched(q, kk, vision, real, vis.after_last, scale)
+        return g.gather(1, vis.positions)

@@ -187,3 +187,92 @@ def simulate_counts(grid: tuple[int, int], stages: list[tuple[int, float]], spec
         coords = coords[~drop]
         counts.append(int(coords.shape[0]) + special)
     return counts
+
+
+@dataclass
+class BatchPlan:
+    """One stage's merge candidates for every row at once (:func:`batched_plan`).
+
+    Indices are into each row's ``n`` current vision tokens (``VisionTokens`` order).
+
+    Attributes:
+        merge: ``(B, n)`` bool, the A tokens chosen to merge (the top ``r_w`` of their window).
+        dst: ``(B, n)`` long, the B token each A token picked (meaningful where ``merge``).
+        score: ``(B, n)`` float32, the cosine similarity of that pick; ``-inf`` where not ``merge``.
+    """
+
+    merge: torch.Tensor
+    dst: torch.Tensor
+    score: torch.Tensor
+
+    def counts(self) -> torch.Tensor:
+        """``(B,)`` long, merges planned per row (on the device)."""
+        return self.merge.sum(dim=1)
+
+    def top(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``m`` most similar pairs of every row, ``(src, dst)`` each ``(B, m)`` long, ``src`` ascending.
+
+        The same choice as :meth:`MergePlan.top` per row: highest similarity first, ties to the
+        earlier token. ``m`` must not exceed any row's :meth:`counts`.
+        """
+        order = torch.argsort(self.score, dim=1, descending=True, stable=True)[:, :m]
+        src = order.sort(dim=1).values
+        return src, self.dst.gather(1, src)
+
+
+def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, max_size: int, ratio: float) -> BatchPlan:
+    """:func:`bipartite_plan` for every row of a batch at once, with no host synchronisation.
+
+    Rows never share a window: window ``w`` of row ``b`` becomes window ``b·num_windows + w`` of one
+    flat problem; tokens with ``wid < 0`` (special tokens) take part in nothing.
+
+    Args:
+        features: ``(B, n, D)`` hidden states of the rows' vision tokens (compared in float32).
+        wid: ``(B, n)`` long window of each token in its row, ``-1`` for tokens never merged.
+        num_windows: window ids per row.
+        max_size: an upper bound on the tokens of one window (sizes the A/B tables; a host int, so
+            no tensor is read back to size them).
+        ratio: ``ρ``, the fraction of each window's tokens to remove (capped at one half).
+
+    Returns:
+        A :class:`BatchPlan`. Memory: ``B·W·⌈max_size/2⌉·⌊max_size/2⌋`` similarities in float32.
+    """
+    B, n, _ = features.shape
+    device = features.device
+    nw = B * num_windows
+    valid = (wid >= 0).flatten()
+    gw = torch.where(valid, (wid + torch.arange(B, device=device).unsqueeze(1) * num_windows).flatten(), nw)
+    # rank of each token in its window, in sequence order (flattened rows keep sequence order)
+    order = torch.argsort(gw, stable=True)
+    sizes = torch.zeros(nw + 1, dtype=torch.long, device=device).scatter_add_(0, gw, torch.ones_like(gw))
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(gw)
+    rank.scatter_(0, order, torch.arange(B * n, device=device) - starts[gw[order]])
+    r_w = merges_per_window(sizes[:nw], ratio)
+    max_a, max_b = math.ceil(max_size / 2), max(1, max_size // 2)
+    is_a = valid & (rank % 2 == 0)
+    is_b = valid & (rank % 2 == 1)
+    slot = torch.div(rank, 2, rounding_mode="floor")
+    tok = torch.arange(B * n, device=device)
+    # A and B tables (window, slot) -> flat token, -1 where empty; invalid tokens go to a spare slot.
+    a_flat = torch.full((nw * max_a + 1,), -1, dtype=torch.long, device=device)
+    b_flat = torch.full((nw * max_b + 1,), -1, dtype=torch.long, device=device)
+    a_flat.scatter_(0, torch.where(is_a, gw * max_a + slot, nw * max_a), tok)
+    b_flat.scatter_(0, torch.where(is_b, gw * max_b + slot, nw * max_b), tok)
+    a_tok, b_tok = a_flat[:-1].view(nw, max_a), b_flat[:-1].view(nw, max_b)
+    f = F.normalize(features.reshape(B * n, -1).float(), dim=-1)
+    sim = torch.bmm(f[a_tok.clamp(min=0)], f[b_tok.clamp(min=0)].transpose(1, 2))  # (nw, max_a, max_b)
+    sim.masked_fill_((b_tok < 0).unsqueeze(1), float("-inf"))
+    best, best_k = sim.max(dim=-1)  # (nw, max_a)
+    best = best.masked_fill(a_tok < 0, float("-inf"))
+    a_order = torch.argsort(best, dim=-1, descending=True, stable=True)
+    a_rank = torch.empty_like(a_order)
+    a_rank.scatter_(1, a_order, torch.arange(max_a, device=device).expand(nw, -1))
+    chosen = (a_rank < r_w.unsqueeze(1)) & (a_tok >= 0)  # (nw, max_a)
+    # back to tokens: the A table entry of every A token
+    at = torch.where(is_a, gw * max_a + slot, 0)
+    merge = is_a & chosen.flatten()[at]
+    dst_flat = b_tok.gather(1, best_k).flatten()[at]  # flat token index of the picked B
+    score = torch.where(merge, best.flatten()[at], float("-inf"))
+    dst = torch.where(merge, dst_flat - torch.arange(B, device=device).repeat_interleave(n) * n, 0)
+    return BatchPlan(merge=merge.view(B, n), dst=dst.view(B, n), score=score.view(B, n))

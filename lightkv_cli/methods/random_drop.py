@@ -16,7 +16,7 @@ from torch import nn
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods import schedule
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
-from lightkv_cli.methods.merging import merges_per_window, window_ids
+from lightkv_cli.methods.merging import merges_per_window
 from lightkv_cli.models.adapters import FamilyAdapter
 
 
@@ -94,36 +94,39 @@ class RandomDrop(SequencePress):
         return schedule.for_retention(cls, retention, model, positions=positions, seed=seed)
 
     def reduce(self, inp: StageInput) -> StageOutput | None:
-        """Drop ``r_w`` random tokens per window (rows equalised to the smallest total)."""
+        """Drop ``r_w`` random tokens per window, every row at once (rows equalised to the smallest total).
+
+        Row ``b`` draws from the numbers ``[b·n, (b+1)·n)`` of one generator seeded by ``seed`` and the
+        stage (on the host, so draws are the same on every device), one per current vision token.
+        Reading the smallest row's total is the stage's one host synchronisation.
+        """
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
         B, S, _ = inp.hidden.shape
-        drops, draws = [], []
-        for b, lay in enumerate(inp.layouts):
-            idx = torch.nonzero(lay.mergeable).flatten()
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919 + b)
-            r = torch.rand(idx.numel(), generator=gen, dtype=torch.float64)
-            if idx.numel() == 0:
-                drops.append(idx)
-                draws.append(r)
-                continue
-            wid = window_ids(lay.coords[idx], lay.image[idx], lay.grids, windows)
-            num_windows = len(lay.grids) * windows * windows
-            sizes = torch.bincount(wid, minlength=num_windows)
-            order = torch.argsort(wid.double() + r)  # by window, then by the random draw
-            starts = torch.cumsum(sizes, 0) - sizes
-            rank = torch.empty_like(wid)
-            rank[order] = torch.arange(idx.numel()) - starts[wid[order]]
-            drop = rank < merges_per_window(sizes, ratio)[wid]
-            drops.append(idx[drop])
-            draws.append(r[drop])
-        m = min(d.numel() for d in drops)
+        vis = inp.vision
+        n = vis.count
+        device = inp.hidden.device
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919)
+        r = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
+        num_windows = vis.num_windows(windows)
+        wid = vis.window_ids(windows)
+        valid = (wid >= 0).flatten()
+        row_base = torch.arange(B, device=device).unsqueeze(1) * num_windows
+        gw = torch.where(valid, (wid + row_base).flatten(), B * num_windows)
+        nw = B * num_windows + 1
+        sizes = torch.zeros(nw, dtype=torch.long, device=device).scatter_add_(0, gw, torch.ones_like(gw))
+        order = torch.argsort(gw.double() + r.flatten())  # by window, then by the random draw
+        starts = torch.cumsum(sizes, 0) - sizes
+        rank = torch.empty_like(gw)
+        rank.scatter_(0, order, torch.arange(B * n, device=device) - starts[gw[order]])
+        r_w = merges_per_window(sizes, ratio)
+        r_w[-1] = 0  # special tokens
+        drop = (rank < r_w[gw]).view(B, n)
+        m = int(drop.sum(dim=1).min())  # the stage's host synchronisation: sizes the shorter sequence
         if m == 0:
             return None
-        keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
-        for b, lay in enumerate(inp.layouts):
-            d = drops[b]
-            if d.numel() > m:  # rows must lose the same number: drop the m with the smallest draws
-                d = d[torch.argsort(draws[b])[:m]]
-            keep[b, lay.positions[d].to(keep.device)] = False
-        return StageOutput(keep=keep, hidden=inp.hidden)
+        # rows must lose the same number: each drops its m candidates with the smallest draws
+        chosen = torch.sort(torch.where(drop, r, float("inf")), dim=1, stable=True).indices[:, :m]
+        keep = torch.ones(B, S, dtype=torch.bool, device=device)
+        keep.scatter_(1, vis.positions.gather(1, chosen), False)
+        return StageOutput(keep=keep, removed=m, hidden=inp.hidden)

@@ -83,6 +83,27 @@ class StageRecord:
     guidance: torch.Tensor | None = None
     merge_pairs: list[torch.Tensor] | None = None
     inputs_out: list[int] = field(default_factory=list)
+    #: device tensors recorded inside the prefill, copied to the host by :meth:`PrefillRecord.to_host`
+    pending: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to_host(self, owners: list[int] | None, num_grids: int) -> None:
+        """Copy what the stage recorded on the device to the host fields (once; later calls do nothing).
+
+        ``pending`` may hold ``guidance`` ``(B, n)``, ``pairs`` ``(B, m, 2)`` (original-prompt indices)
+        and ``grid0`` ``(n_out,)`` (the grid of each of row 0's surviving vision tokens).
+        """
+        p, self.pending = self.pending, {}
+        if "guidance" in p:
+            self.guidance = p["guidance"].detach().float().cpu()
+        if "pairs" in p:
+            self.merge_pairs = list(p["pairs"].detach().cpu().unbind(0))
+        if "grid0" in p:
+            per_grid = torch.bincount(p["grid0"].detach().cpu(), minlength=num_grids)[:num_grids]
+            owner = torch.arange(num_grids) if owners is None else torch.tensor(owners, dtype=torch.long)
+            counts = torch.zeros(int(owner.max()) + 1 if num_grids else 0, dtype=torch.long)
+            if num_grids:
+                counts.index_add_(0, owner, per_grid)
+            self.inputs_out = [int(c) for c in counts]
 
 
 @dataclass
@@ -117,6 +138,20 @@ class PrefillRecord:
     input_tokens: list[int] = field(default_factory=list)
     grids: list[tuple[int, int]] = field(default_factory=list)
     special_tokens: int = 0
+    owners: list[int] | None = field(default=None, repr=False, compare=False)
+
+    def to_host(self) -> PrefillRecord:
+        """Copy every tensor recorded on the model's device during prefill to the host (idempotent).
+
+        Presses record device tensors inside the prefill (a host copy there would synchronise the
+        device in the middle of the measured forward) and call this when the record is read
+        (``press.last_prefill``).
+        """
+        for s in self.stages:
+            if s.pending:
+                s.to_host(self.owners, len(self.grids))
+        self.kept_index = [k if k.device.type == "cpu" else k.cpu() for k in self.kept_index]
+        return self
 
     @property
     def processed_seq_lens(self) -> list[int]:
