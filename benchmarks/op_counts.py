@@ -1,17 +1,29 @@
-"""Aten ops and host-synchronising ops that each method adds to one prefill and one decode step.
+"""What each method adds to one prefill and one decode step: aten ops, host syncs, CPU time (issue 16).
 
-Counts (not times) from ``torch.profiler`` on CPU, so they do not depend on machine load; on a GPU each
-aten op is a kernel launch and each sync a pipeline drain (DESIGN.md, "Measuring honestly"). Runs the
-``cpu-small`` architecture (576 vision tokens, 32-layer decoder) with random weights, one image per prompt,
-every registered method at target retention 0.55 against no press.
+Counts (not times) from ``torch.profiler``, so they do not depend on machine load; on a GPU each aten op
+is a kernel launch (or a host-side dispatch) and each sync a pipeline drain (DESIGN.md, "Measuring
+honestly"). Runs the ``cpu-small`` architecture (576 vision tokens, 32-layer decoder) with random
+weights, one image per prompt, every registered method at target retention 0.55 against no press, at
+each batch size. Also prints:
 
-Usage: ``python benchmarks/op_counts.py [--batches 1,4]``
+- the CPU time of the compression step: the ``lightkv::*`` profiler ranges that are not nested in
+  another one (LightKV/FastV/RandomDrop stages, eviction statistics and the eviction itself), as a share
+  of the uncompressed prefill's CPU time in the same profile;
+- with ``--timing-repeats N``: interleaved timings of a press that removes nothing (LightKV with the
+  published layers at a ratio too small to merge anything: every hook runs, every stage plans and finds
+  nothing to merge) against no press: ``N`` alternating rounds, each timing one prefill and
+  ``--decode-steps`` decode steps, paired ratios with 95% bootstrap intervals.
+
+Usage: ``python benchmarks/op_counts.py [--batches 1,8] [--device cpu|cuda] [--timing-repeats 10]``.
+On a GPU, ``--sync-debug`` sets ``torch.cuda.set_sync_debug_mode("warn")`` while the presses run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,59 +31,155 @@ from torch.profiler import ProfilerActivity, profile
 SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::unique", "aten::_unique2", "aten::masked_select")
 
 
-def _count(fn) -> tuple[int, int]:
+def _count(fn) -> tuple[int, int, float, float]:
+    """(aten ops, sync ops, CPU ms of top-level lightkv ranges, CPU ms of everything) of ``fn()``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         fn()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    return len(events), sum(1 for e in events if e.name in SYNC_OPS)
+        total_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    ranges = [e for e in events if e.name.startswith("lightkv::") and not _inside_lightkv(e)]
+    step_ms = sum(e.cpu_time_total for e in ranges) / 1e3
+    return len(aten), sum(1 for e in aten if e.name in SYNC_OPS), step_ms, total_ms
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,4")
-    args = ap.parse_args()
-    try:  # this layout
-        from lightkv_cli.engine.bench import build_model, synthetic_inputs
-        from lightkv_cli.methods.hf_compat import cache_kwarg
-    except ImportError:  # the layout before issue 15, for a before/after comparison
-        from lightkv_cli.bench import build_model, synthetic_inputs
-        from lightkv_cli.methods.base import cache_kwarg
-    from lightkv_cli.methods.registry import METHODS, make_press
-
-    torch.set_num_threads(2)
-    bm = build_model("cpu-small", device="cpu", dtype="float32")
-    model = bm.model
-    print(
-        "| method | batch | prefill aten ops (+ vs none) | prefill syncs (+) | decode-step ops (+) | decode syncs (+) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for batch in [int(b) for b in args.batches.split(",")]:
-        inputs = synthetic_inputs(bm, batch, 1)
-        rows = {}
-        for name in [None, *METHODS]:
-            press = None if name is None else make_press(name, model, target=0.55)
-            rows[name] = _measure(model, inputs, press, cache_kwarg)
-        base = rows[None]
-        for name, (po, ps, do, ds) in rows.items():
-            print(
-                f"| {name or 'uncompressed'} | {batch} | {po} ({po - base[0]:+d}) | {ps} ({ps - base[1]:+d}) "
-                f"| {do} ({do - base[2]:+d}) | {ds} ({ds - base[3]:+d}) |"
-            )
+def _inside_lightkv(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("lightkv::"):
+            return True
+        p = p.cpu_parent
+    return False
 
 
-def _measure(model, inputs, press, cache_kwarg) -> tuple[int, int, int, int]:
-    """(prefill ops, prefill syncs, decode-step ops, decode syncs), prefill and decode under one press context."""
+def _measure(model, inputs, press, cache_kwarg):
+    """Prefill (ops, syncs, step ms, total ms) and decode-step (ops, syncs) under one press context."""
     ctx = press(model) if press is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         model(**inputs, use_cache=True)  # warm-up
         holder = {}
-        p_ops, p_sync = _count(lambda: holder.setdefault("out", model(**inputs, use_cache=True)))
+        prefill = _count(lambda: holder.setdefault("out", model(**inputs, use_cache=True)))
         out = holder["out"]
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
         kw = cache_kwarg(model.forward, out.past_key_values)
-        d_ops, d_sync = _count(lambda: model(input_ids=nxt, attention_mask=mask, use_cache=True, **kw))
-    return p_ops, p_sync, d_ops, d_sync
+        decode = _count(lambda: model(input_ids=nxt, attention_mask=mask, use_cache=True, **kw))
+    return prefill, decode
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(model, inputs, press, cache_kwarg, steps: int, device) -> tuple[float, float]:
+    """(prefill ms, decode ms per step) of one prefill and ``steps`` greedy decode steps."""
+    ctx = press(model) if press is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t1 = time.perf_counter()
+        mask = inputs["attention_mask"]
+        kw = cache_kwarg(model.forward, out.past_key_values)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(1, steps)
+
+
+def _ratio_ci(ratios: list[float], resamples: int = 2000) -> str:
+    """Median of paired ratios with a percentile-bootstrap 95% interval of the median (seeded)."""
+    import random
+
+    from lightkv_cli.scoring.stats import percentile
+
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return f"{statistics.median(ratios):.3f} [{percentile(meds, 0.025):.3f}, {percentile(meds, 0.975):.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="cpu-small")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--methods", default="", help="comma-separated subset of the registry (default: all)")
+    ap.add_argument("--timing-repeats", type=int, default=0)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--sync-debug", action="store_true")
+    args = ap.parse_args()
+    from lightkv_cli import LightKV
+    from lightkv_cli.engine.bench import build_model, synthetic_inputs
+    from lightkv_cli.methods.hf_compat import cache_kwarg
+    from lightkv_cli.methods.registry import METHODS, make_press
+
+    torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    bm = build_model(args.arch, device=args.device, dtype=args.dtype)
+    model = bm.model
+    device = torch.device(args.device)
+    names = [m for m in args.methods.split(",") if m] or list(METHODS)
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    print(f"{args.arch}, {args.dtype}, {args.device}; every method at target 0.55; counts from torch.profiler\n")
+    print(
+        "| method | batch | prefill aten ops (+ vs none, % of none) | prefill syncs (+) "
+        "| decode-step ops (+, % of none) | decode syncs (+) | compression step CPU ms (% of prefill) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        inputs = synthetic_inputs(bm, batch, 1)
+        rows = {}
+        for name in [None, *names]:
+            press = None if name is None else make_press(name, model, target=0.55)
+            rows[name] = _measure(model, inputs, press, cache_kwarg)
+        (bpo, bps, _, bpt), (bdo, bds, _, _) = rows[None]
+        for name, ((po, ps, step, _), (do, ds, _, _)) in rows.items():
+            print(
+                f"| {name or 'uncompressed'} | {batch} | {po} ({po - bpo:+d}, {100 * (po - bpo) / bpo:+.1f}%) "
+                f"| {ps} ({ps - bps:+d}) | {do} ({do - bdo:+d}, {100 * (do - bdo) / bdo:+.1f}%) | {ds} ({ds - bds:+d}) "
+                f"| {step:.1f} ({100 * step / bpt:.1f}%) |"
+            )
+    if args.timing_repeats:
+        print(
+            f"\nA press that removes nothing (LightKV, published layers, ratio 1e-9) vs no press, interleaved, "
+            f"{args.timing_repeats} rounds, {args.decode_steps} decode steps each; median paired ratio [95% CI]:\n"
+        )
+        print("| batch | prefill ratio | decode ratio | prefill ms none / press | decode ms/step none / press |")
+        print("|---:|---:|---:|---:|---:|")
+        from lightkv_cli.models.adapters import adapter_for
+
+        L = adapter_for(model).num_layers
+        layers = [round(L * 3 / 8), round(L * 9 / 16), round(L * 3 / 4)]
+        idle = LightKV(layers=layers, windows=[4, 2, 1], ratios=[1e-9] * 3)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            inputs = synthetic_inputs(bm, batch, 1)
+            for p in (None, idle):
+                _time_once(model, inputs, p, cache_kwarg, args.decode_steps, device)  # warm-up
+            got = {None: [], "idle": []}
+            for i in range(args.timing_repeats):
+                order = [None, idle] if i % 2 == 0 else [idle, None]
+                for p in order:
+                    got[None if p is None else "idle"].append(
+                        _time_once(model, inputs, p, cache_kwarg, args.decode_steps, device)
+                    )
+            pre = [b[0] / a[0] for a, b in zip(got[None], got["idle"])]
+            dec = [b[1] / a[1] for a, b in zip(got[None], got["idle"])]
+            med = statistics.median
+            print(
+                f"| {batch} | {_ratio_ci(pre)} | {_ratio_ci(dec)} | {med(a[0] for a in got[None]):.1f} / "
+                f"{med(b[0] for b in got['idle']):.1f} | {med(a[1] for a in got[None]):.2f} / "
+                f"{med(b[1] for b in got['idle']):.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from lightkv_cli.methods.registry import METHODS
 from lightkv_cli.methods.schedule import Schedule
 from lightkv_cli.schemas import explain
 from lightkv_cli.scoring.thresholds import Thresholds, ThresholdsSection
+from lightkv_cli.text import printable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -210,6 +211,13 @@ def _read_toml(path: Path, what: str) -> dict:
         raise UserError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{what} '{path}' is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}; a binary or damaged file); "
+            "give a TOML file saved as UTF-8"
+        ) from None
+    except RecursionError:
+        raise UserError(f"{what} '{path}' is not valid TOML: nested too deeply") from None
 
 
 def load_profile(path: Path) -> Profile:
@@ -340,7 +348,7 @@ def profile_from_results(results: dict, run_id: str, name: str) -> dict:
         "inputs": {
             "fingerprint": results.get("inputs_fingerprint", ""),
             "count": len(results.get("inputs", [])),
-            "images": sorted({_portable(Path(i["image"]).parent) for i in results.get("inputs", [])}),
+            "images": sorted({printable(_portable(Path(i["image"]).parent)) for i in results.get("inputs", [])}),
         },
         "settings": {"max_new_tokens": results.get("settings", {}).get("max_new_tokens", 32)},
     }

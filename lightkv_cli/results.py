@@ -42,6 +42,10 @@ Num = float | None
 Count = int | None
 
 
+# A 95% interval: [low, high].
+Interval = Annotated[list[Num], Field(min_length=2, max_length=2)]
+
+
 class _Open(BaseModel):
     """A section of the results file: known keys typed, unknown keys kept (forward compatible)."""
 
@@ -207,7 +211,7 @@ class Quality(_Open):
     accuracy: Num = None
     n_inputs: Count = None
     n_with_answers: Count = None
-    ci: dict[str, list[Num] | None] | None = None
+    ci: dict[str, Interval | None] | None = None
 
 
 class InputQuality(_Open):
@@ -271,6 +275,13 @@ class Run(_Open):
     capacity: RunCapacity | None = None
     quality: Quality | None = None
     per_input: list[PerInput] | None = None
+
+    @field_validator("id", "method", "status")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty")
+        return v
 
 
 class Failure(_Open):
@@ -370,15 +381,13 @@ def check_schema(results: object, where: str) -> dict:
         )
     if not isinstance(results.get("runs"), list):
         raise UserError(f"{where}: the results file has no list of runs; it is damaged or not from lightkv")
+    fix = "the results file is damaged or not from lightkv; give the results.json a sweep wrote"
     try:
         ResultsFile.model_validate(results)
     except ValidationError as exc:
-        raise explain(
-            exc,
-            ResultsFile,
-            where,
-            "the results file is damaged or not from lightkv; give the results.json a sweep wrote",
-        ) from None
+        raise explain(exc, ResultsFile, where, fix) from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply; {fix}") from None
     return results
 
 
@@ -393,16 +402,97 @@ def load_results(path: Path) -> dict:
             field of the wrong type.
     """
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"results file '{path}' does not exist; give the results.json a sweep wrote") from None
+    except IsADirectoryError:
+        raise UserError(f"results file '{path}' is a directory; give the results.json inside it") from None
     except OSError as exc:
         raise UserError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"'{path}' is not a lightkv results file: line {line} is not UTF-8 text (a binary or damaged file); "
+            "give the results.json a sweep wrote"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not valid JSON (line {exc.lineno}: {exc.msg}); was the file cut short?") from None
+    except RecursionError:
+        raise UserError(f"'{path}' is not a lightkv results file (JSON nested too deeply); it is damaged") from None
     return check_schema(data, str(path))
+
+
+#: The recorded settings a resumed sweep must share with the command that resumes it (changing any of
+#: them would mix runs measured one way with runs measured another under one set of settings).
+RESUME_SETTINGS = ("methods", "retentions", "schedules", "positions", "max_new_tokens", "repeats", "warmup")
+
+
+def _comparable(key: str, value: object) -> object:
+    """A recorded setting in a form where order and float formatting do not matter."""
+    if key == "retentions" and isinstance(value, list):
+        return sorted({round(float(v), 6) for v in value if isinstance(v, (int, float))})
+    if key == "methods" and isinstance(value, list):
+        return sorted({str(v) for v in value})
+    if key == "schedules" and isinstance(value, list):
+        return sorted(json.dumps(v, sort_keys=True) for v in value)
+    return value
+
+
+def _shown(key: str, value: object) -> str:
+    if value is None:
+        return "not recorded"
+    if isinstance(value, list) and key in ("retentions", "methods"):
+        return ",".join(str(v) for v in value) or "none"
+    if isinstance(value, list) and key == "schedules":
+        return (
+            "; ".join(
+                "/".join(f"{k} {','.join(map(str, v))}" for k, v in d.items() if isinstance(v, list))
+                if isinstance(d, dict)
+                else str(d)
+                for d in value
+            )
+            or "none"
+        )
+    return str(value)
+
+
+def check_resume(previous: dict, settings: dict, where: object = None) -> None:
+    """Refuse to resume ``previous`` (a validated results dictionary) with other settings.
+
+    Args:
+        previous: the results file being resumed.
+        settings: the ``settings`` section the resuming command would record.
+        where: the results file, for the message.
+
+    Raises:
+        UserError: the file has no ``model`` or ``settings`` section, or one of
+            :data:`RESUME_SETTINGS` differs (the message names each, with the old and the new value).
+    """
+    name = f"{where}" if where is not None else "the results file"
+    for section in ("model", "settings"):
+        if not isinstance(previous.get(section), dict):
+            raise UserError(
+                f"cannot resume {name}: it has no {section} section; drop --resume to start a new sweep "
+                "(the old file is kept as results.json.bak) or use another --output"
+            )
+    old = previous["settings"]
+    changed = [
+        f"{'schedules (--layers/--windows/--ratios)' if key == 'schedules' else '--' + key.replace('_', '-')} "
+        f"was {_shown(key, old.get(key))}, now {_shown(key, settings.get(key))}"
+        for key in RESUME_SETTINGS
+        if _comparable(key, old.get(key)) != _comparable(key, settings.get(key))
+    ]
+    if changed:
+        raise UserError(
+            f"cannot resume {name} with other settings, it would mix runs measured differently: "
+            + "; ".join(changed)
+            + ". Resume with the settings it was started with, or drop --resume (the old file is kept as "
+            "results.json.bak) or use another --output"
+        )
 
 
 def _finite(obj):

@@ -61,6 +61,9 @@ def explain(exc: ValidationError, model: type[BaseModel], where: str, fix: str) 
     if err["type"] == "missing":
         return UserError(f"{where}: missing field '{key}'; {fix}")
     msg = err["msg"].removeprefix("Value error, ")
-    got = repr(err.get("input"))
+    value = err.get("input")
+    if err["type"] == "value_error" and isinstance(value, (dict, list)):  # a whole section: the message says it
+        return UserError(f"{where}: field '{key}': {msg}; {fix}")
+    got = repr(value)
     got = got if len(got) <= 80 else got[:79] + "…"
     return UserError(f"{where}: field '{key}': {msg} (got {got}); {fix}")

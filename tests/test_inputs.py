@@ -181,14 +181,14 @@ def test_directory_and_missing_file_cannot_be_read(tmp_path: Path) -> None:
 
 def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save(Image.new("RGB", (2, 2)), tmp_path / "locked.png")
-    original = Path.read_bytes
+    original = Path.open
 
-    def read_bytes(self: Path) -> bytes:
+    def open_(self: Path, *args, **kwargs):
         if self.name == "locked.png":
             raise PermissionError(13, "Permission denied", str(self))
-        return original(self)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
     with pytest.raises(ImageLoadError) as info:
         load_image(path)
     assert info.value.reason == "cannot read file (Permission denied)"

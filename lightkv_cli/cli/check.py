@@ -31,6 +31,7 @@ from lightkv_cli.cli.common import (
     err_console,
     friendly,
     resolve_model_name,
+    shown,
     threshold_overrides,
     write_reports_or_warn,
 )
@@ -146,7 +147,7 @@ def check(
     _print_check(run_id, source, target, thresholds, checks)
     if junit is not None:
         _write_junit(junit, run_id, target, thresholds, checks)
-        console.print(f"junit: {junit}", highlight=False)
+        console.print(f"junit: {shown(junit)}", highlight=False)
     failed = checks is None or any(not c.passed for c in checks)
     raise typer.Exit(1 if failed else 0)
 
@@ -154,8 +155,13 @@ def check(
 def _profile_run(prof, runs: list[dict]) -> str | None:
     """The id of the run in ``runs`` with the profile's method and schedule, if there is one."""
     m = prof.method
+
+    def rounded(values) -> list | None:
+        ok = isinstance(values, list) and all(isinstance(x, (int, float)) for x in values)
+        return [round(x, 6) for x in values] if ok else None
+
     for r in runs:
-        p = r.get("params") or {}
+        p = r.get("params") if isinstance(r.get("params"), dict) else {}
         if not m.uses_schedule:
             if r.get("method") == m.name and r.get("target_retention") == m.target_retention:
                 return r.get("id")
@@ -164,7 +170,7 @@ def _profile_run(prof, runs: list[dict]) -> str | None:
             r.get("method") == m.name
             and p.get("layers") == m.layers
             and p.get("windows") == m.windows
-            and [round(x, 6) for x in p.get("ratios", [])] == [round(x, 6) for x in m.ratios]
+            and rounded(p.get("ratios")) == rounded(m.ratios)
         ):
             return r.get("id")
     return None
@@ -252,14 +258,16 @@ def _rerun_profile(
 def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> None:
     from rich.table import Table
 
-    table = Table(title=f"lightkv check · {run_id} · {source}")
+    table = Table(title=f"lightkv check · {shown(run_id)} · {shown(source)}")
     for col in ("threshold", "required", "measured", "margin", "result"):
         table.add_column(col, justify="left" if col == "threshold" else "right")
     if checks is None:
-        table.add_row("run status", "ok", run.get("status", "?"), "", "[red]FAIL[/]")
+        table.add_row("run status", "ok", shown(run.get("status", "?")), "", "[red]FAIL[/]")
         console.print(table)
         console.print(
-            f"[bold red]FAIL[/]: {run_id} did not finish ({run.get('status')}: {run.get('error', '')})", highlight=False
+            f"[bold red]FAIL[/]: {shown(run_id)} did not finish ({shown(run.get('status'))}: "
+            f"{shown(run.get('error') or '')})",
+            highlight=False,
         )
         return
     for c in checks:
@@ -278,11 +286,11 @@ def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> Non
     if failed:
         console.print(
             f"[bold red]FAIL[/]: {len(failed)} of {len(checks)} thresholds failed: "
-            + "; ".join(c.describe() for c in failed),
+            + "; ".join(shown(c.describe()) for c in failed),
             highlight=False,
         )
     else:
-        console.print(f"[bold green]PASS[/]: {run_id} meets all {len(checks)} thresholds", highlight=False)
+        console.print(f"[bold green]PASS[/]: {shown(run_id)} meets all {len(checks)} thresholds", highlight=False)
 
 
 def _write_junit(path: Path, run_id: str, run: dict, thresholds, checks) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,6 +31,7 @@ from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.engine.job import SweepEvents
 from lightkv_cli.engine.job import check_output_dir as check_output_dir  # for the commands
 from lightkv_cli.errors import LightKVError, UserError
+from lightkv_cli.text import printable
 
 app = typer.Typer(
     name="lightkv",
@@ -63,15 +65,22 @@ def _main(
     """lightkv: KV-cache compression profiler for vision-language models."""
 
 
+def shown(text: object) -> str:
+    """User text (a path, a file name, a question, a message quoting one) ready for rich markup: printed
+    literally, with bytes that are not UTF-8 escaped (:func:`~lightkv_cli.text.printable`)."""
+    return escape(printable(text))
+
+
 def friendly(fn):
-    """Turn lightkv's own errors into one red line and exit status 2."""
+    """Turn lightkv's own errors into one red line and exit status 2 (the message printed literally)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LightKVError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            message = " ".join(printable(exc).split("\n"))
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -134,7 +143,8 @@ def demo_prompts(model: str | None, images, prompt, prompts, videos=()) -> Path 
     from lightkv_cli.demo_model import TESTSET_PROMPTS
 
     console.print(
-        f"[dim]no --images or --prompts: using the {DEMO_NAME} model's easy-VQA test subset ({TESTSET_PROMPTS})[/]",
+        f"[dim]no --images or --prompts: using the {DEMO_NAME} model's easy-VQA test subset "
+        f"({shown(TESTSET_PROMPTS)})[/]",
         highlight=False,
     )
     return TESTSET_PROMPTS
@@ -371,26 +381,31 @@ class ConsoleEvents(SweepEvents):
 
         if inputs.ignored:
             names = ", ".join(p.name for p in inputs.ignored[:6]) + (" …" if len(inputs.ignored) > 6 else "")
-            console.print(f"[dim]ignored {len(inputs.ignored)} non-image file(s): {names}[/]", highlight=False)
+            console.print(f"[dim]ignored {len(inputs.ignored)} non-image file(s): {shown(names)}[/]", highlight=False)
         for s in inputs.skipped:
-            err_console.print(f"[yellow]{describe_skipped(s)}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]{shown(describe_skipped(s))}[/]", highlight=False, soft_wrap=True)
 
     def loading_model(self, name: str):
-        return console.status(f"loading model '{self.model_label or name}'…")
+        return console.status(f"loading model '{shown(self.model_label or name)}'…")
 
     def note(self, text: str) -> None:
         if self.show_notes:
-            console.print(f"[yellow]note:[/] {text}", highlight=False)
+            console.print(f"[yellow]note:[/] {shown(text)}", highlight=False)
+
+    def input_skipped(self, reason: str) -> None:
+        err_console.print(f"[yellow]{shown(reason)}[/]", highlight=False, soft_wrap=True)
 
     def ready(self, sweep, moved_aside: Path | None) -> None:
         if sweep.resumed:
             console.print(
-                f"resuming: {len(sweep.resumed)} run(s) already in {sweep.results_path}, {len(sweep.pending)} to go",
+                f"resuming: {len(sweep.resumed)} run(s) already in {shown(sweep.results_path)}, "
+                f"{len(sweep.pending)} to go",
                 highlight=False,
             )
         elif moved_aside is not None:
             console.print(
-                f"[yellow]note:[/] the previous results were moved to {moved_aside} (use --resume to continue a sweep)",
+                f"[yellow]note:[/] the previous results were moved to {shown(moved_aside)} "
+                "(use --resume to continue a sweep)",
                 highlight=False,
             )
 
@@ -406,7 +421,7 @@ class ConsoleEvents(SweepEvents):
 
     def progress(self, run_id: str, input_id: str) -> None:
         if self._advance is not None:
-            self._advance(f"{run_id} · {input_id}")
+            self._advance(shown(f"{run_id} · {input_id}"))
 
 
 def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | None:
@@ -418,7 +433,8 @@ def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | No
         return write_reports(results, output)
     except Exception as exc:  # a report problem must not lose the measured results
         err_console.print(
-            f"[yellow]could not write the reports ({type(exc).__name__}: {exc}); results.json is complete[/]"
+            f"[yellow]could not write the reports ({type(exc).__name__}: {shown(exc)}); results.json is complete[/]",
+            highlight=False,
         )
         return None
 

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from lightkv_cli.cli.common import app, check_output_dir, console, friendly
+from lightkv_cli.cli.common import app, check_output_dir, console, friendly, shown
 from lightkv_cli.errors import UserError
+from lightkv_cli.text import printable
 
 
 @app.command()
@@ -55,12 +56,13 @@ def report(
         console.print(quality_table(data))
     console.print(recommendation_line(data), highlight=False)
     html_path, md_path = write_reports(data, out)
-    console.print(f"reports: {html_path}, {md_path}", highlight=False)
+    console.print(f"reports: {shown(html_path)}, {shown(md_path)}", highlight=False)
 
 
 def _compare(a: dict, b: dict, label_a: str, label_b: str, out: Path) -> None:
     """Print the comparison of two results as a table and write compare.html and compare.md into ``out``."""
     from rich.table import Table
+    from rich.text import Text
 
     from lightkv_cli.files import write_text_atomic
     from lightkv_cli.report.compare import (
@@ -73,27 +75,27 @@ def _compare(a: dict, b: dict, label_a: str, label_b: str, out: Path) -> None:
     )
 
     cmp = compare(a, b, label_a, label_b)
-    console.print(f"A = {label_a}\nB = {label_b}\n{header_sentence(cmp)}", highlight=False)
+    console.print(f"A = {shown(label_a)}\nB = {shown(label_b)}\n{shown(header_sentence(cmp))}", highlight=False)
     head = Table(show_header=True, header_style="bold")
     for col in ("", "A", "B"):
         head.add_column(col)
     for h in cmp["header"]:
         style = "bold yellow" if h["differs"] else None
-        head.add_row(h["label"], h["a"] or "–", h["b"] or "–", style=style)
+        head.add_row(*(Text(printable(v or "–")) for v in (h["label"], h["a"], h["b"])), style=style)
     console.print(head)
     if cmp["runs"]:
         table = Table(title="Shared runs (A → B, difference B − A)", show_header=True, header_style="bold")
         for col in compare_columns():
             table.add_column(col, overflow="fold")
         for row in compare_cells(cmp):
-            table.add_row(*row)
+            table.add_row(*(Text(printable(c)) for c in row))
         console.print(table)
     else:
         console.print("The two files share no run.")
     for key, name in (("only_a", "A"), ("only_b", "B")):
         if cmp[key]:
-            console.print(f"only in {name}: " + ", ".join(cmp[key]), highlight=False)
+            console.print(f"only in {name}: " + shown(", ".join(map(str, cmp[key]))), highlight=False)
     html_path, md_path = out / "compare.html", out / "compare.md"
-    write_text_atomic(html_path, render_compare_html(cmp))
-    write_text_atomic(md_path, render_compare_markdown(cmp))
-    console.print(f"comparison: {html_path}, {md_path}", highlight=False)
+    write_text_atomic(html_path, printable(render_compare_html(cmp)))
+    write_text_atomic(md_path, printable(render_compare_markdown(cmp)))
+    console.print(f"comparison: {shown(html_path)}, {shown(md_path)}", highlight=False)

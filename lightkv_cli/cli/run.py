@@ -43,6 +43,7 @@ from lightkv_cli.cli.common import (
     friendly,
     parse_retentions,
     parse_schedules,
+    shown,
     threshold_overrides,
     write_reports_or_warn,
 )
@@ -66,54 +67,161 @@ def _memory_budget(gpu_memory: str | None) -> dict:
 
 
 def _execute_sweep(request: SweepRequest, *, resume: bool, save_profile: str | None, profiles_dir: Path) -> None:
-    """Shared body of ``profile`` and ``sweep``: check the options, run ``request``, print, report, save
-    the profile."""
-    from lightkv_cli.engine.job import SweepInterrupted, run_sweep
-    from lightkv_cli.profiles import check_profile_name, profile_from_results
-    from lightkv_cli.profiles import save_profile as write_profile
-    from lightkv_cli.report.console import cost_table, quality_table, recommendation_line
-    from lightkv_cli.results import load_results
+    """Shared body of ``profile`` and ``sweep``: check the options, then, with the output folder locked,
+    SIGTERM handled like Ctrl-C and a standard output that may go away (:mod:`lightkv_cli.cli.guard`),
+    run ``request``, write the reports, print, save the profile. Exits 1 when the sweep failed (one
+    line), 128 + the signal when interrupted, 0 otherwise (also when the reader of stdout went away)."""
+    from lightkv_cli.cli.guard import guarded_stdout, stop_signals
+    from lightkv_cli.files import OutputLock
+    from lightkv_cli.profiles import check_profile_name
 
     if save_profile is not None:
         check_profile_name(save_profile)
     output = request.output
     if output.exists() and not output.is_dir():
         raise UserError(f"--output '{output}' exists and is not a directory; give a directory for results.json")
-    results_path = request.results_path
-    previous = None
-    if resume and results_path.exists():
-        previous = load_results(results_path)
-    elif resume:
-        console.print(f"[yellow]note:[/] nothing to resume in {output}; starting a new sweep", highlight=False)
-    prompts = demo_prompts(request.model, request.images, request.prompt, request.prompts, request.videos)
-    request = replace(request, prompts=prompts, previous=previous)
-    try:
-        results = run_sweep(request, ConsoleEvents())
-    except SweepInterrupted as stop:
-        write_reports_or_warn(stop.results, output)
+    with guarded_stdout() as stdout, stop_signals(), OutputLock(output, command=request.command) as lock:
+        code = _sweep_and_report(replace(request, lock=lock), resume, save_profile, profiles_dir)
+    if stdout.error is not None and not stdout.closed_by_reader:
+        from lightkv_cli.files import describe_os_error
+
+        where = stdout.target or "standard output"
         err_console.print(
-            f"[yellow]interrupted: {len(stop.results['runs'])} finished run(s) are in {results_path}; "
-            f"continue with the same command and --resume[/]",
+            f"[bold red]error:[/] {shown(describe_os_error(stdout.error, 'write the console output to', where))}; "
+            f"the console output stopped there, the files in {shown(output)} were written",
             highlight=False,
+            soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        code = code or 1
+    if code:
+        raise typer.Exit(code)
+
+
+def _sweep_and_report(request: SweepRequest, resume: bool, save_profile: str | None, profiles_dir: Path) -> int:
+    """Run the sweep, write the reports, print; return the exit status."""
+    from lightkv_cli.engine.job import SweepFailed, SweepInterrupted, run_sweep
+    from lightkv_cli.files import describe_os_error
+    from lightkv_cli.results import load_results
+
+    output, results_path = request.output, request.results_path
+    try:
+        previous = None
+        if resume and results_path.exists():
+            previous = load_results(results_path)
+        elif resume:
+            console.print(
+                f"[yellow]note:[/] nothing to resume in {shown(output)}; starting a new sweep", highlight=False
+            )
+        prompts = demo_prompts(request.model, request.images, request.prompt, request.prompts, request.videos)
+        results = run_sweep(replace(request, prompts=prompts, previous=previous), ConsoleEvents())
+    except SweepInterrupted as stop:
+        return _interrupted(stop, output, results_path)
+    except KeyboardInterrupt as exc:  # before the sweep was planned
+        signum = getattr(exc, "signum", 2)
+        err_console.print(
+            f"[yellow]interrupted{_signal_name(signum)} before any run started: nothing was written to "
+            f"{shown(output)}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 128 + signum
+    except SweepFailed as exc:
+        err_console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
+        return 1
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {shown(describe_os_error(exc))}", highlight=False, soft_wrap=True)
+        return 1
+    try:
+        _report(results, output, results_path, save_profile, profiles_dir)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        err_console.print(
+            f"[yellow]interrupted{_signal_name(signum)} after the sweep: {shown(results_path)} is complete; "
+            f"write the reports with: lightkv report {shown(results_path)}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 128 + signum
+    except OSError as exc:
+        err_console.print(
+            f"[bold red]error:[/] {shown(describe_os_error(exc))}; {shown(results_path)} is complete",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    return 0
+
+
+def _report(results: dict, output: Path, results_path: Path, save_profile: str | None, profiles_dir: Path) -> None:
+    """Write the reports (first: a console that goes away loses nothing), print the tables and the
+    recommendation, save the profile."""
+    from lightkv_cli.profiles import profile_from_results
+    from lightkv_cli.profiles import save_profile as write_profile
+    from lightkv_cli.report.console import cost_table, quality_table, recommendation_line
+
+    reports = write_reports_or_warn(results, output)
     console.print(cost_table(results))
     console.print(quality_table(results))
     for r in results["runs"]:
         if r.get("status") != "ok":
-            err_console.print(f"[red]{r['id']}: {r['status']}: {r.get('error', '')}[/]", highlight=False)
+            err_console.print(f"[red]{shown(r['id'])}: {r['status']}: {shown(r.get('error', ''))}[/]", highlight=False)
     console.print(recommendation_line(results), highlight=False)
-    reports = write_reports_or_warn(results, output)
-    console.print(f"results: {results_path}", highlight=False)
+    console.print(f"results: {shown(results_path)}", highlight=False)
     if reports:
-        console.print(f"reports: {reports[0]}, {reports[1]}", highlight=False)
+        console.print(f"reports: {shown(reports[0])}, {shown(reports[1])}", highlight=False)
     if save_profile is not None:
         rec = (results.get("recommendation") or {}).get("run")
         if rec is None:
             raise UserError(f"no profile saved: {results['recommendation'].get('reason', 'no recommendation')}")
         data = profile_from_results(results, rec, save_profile)
         path = write_profile(data, profiles_dir / f"{save_profile}.toml")
-        console.print(f"profile: {path} (check it with: lightkv check --profile {path} --images …)", highlight=False)
+        console.print(
+            f"profile: {shown(path)} (check it with: lightkv check --profile {shown(path)} --images …)", highlight=False
+        )
+
+
+def _signal_name(signum: int) -> str:
+    """`` (SIGTERM)`` for a signal other than Ctrl-C's SIGINT, else ``""``."""
+    import signal
+
+    if signum == signal.SIGINT:
+        return ""
+    try:
+        return f" ({signal.Signals(signum).name})"
+    except ValueError:
+        return f" (signal {signum})"
+
+
+def _interrupted(stop, output: Path, results_path: Path) -> int:
+    """After Ctrl-C or SIGTERM: make the results file match the runs that finished, write their
+    reports, say in one line what is where; return 128 + the signal."""
+    from lightkv_cli.results import write_json_atomic
+
+    name = _signal_name(stop.signum)
+    runs = (stop.results or {}).get("runs") or []
+    if not runs:
+        earlier = f" (the earlier results are in {shown(stop.moved_aside[0])})" if stop.moved_aside else ""
+        during = "during the uncompressed reference run" if stop.results is not None else "while the model loaded"
+        err_console.print(
+            f"[yellow]interrupted{name} {during}: no run finished, nothing was written to {shown(output)}{earlier}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 128 + stop.signum
+    reports = None
+    try:
+        write_json_atomic(results_path, stop.results)  # a run may have finished as the signal came
+        reports = write_reports_or_warn(stop.results, output)
+    except (KeyboardInterrupt, OSError):  # interrupted again, or the disk is full: the last write stands
+        pass
+    with_reports = " (reports written)" if reports else ""
+    err_console.print(
+        f"[yellow]interrupted{name}: {len(runs)} finished run(s) are in {shown(results_path)}{with_reports}; "
+        "continue with the same command and --resume[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 128 + stop.signum
 
 
 @app.command()
@@ -130,7 +238,7 @@ def profile(
         typer.Option(
             "--video",
             help="A video for the Qwen families: a folder of frame images, or a video file (needs the video extra: "
-            'pip install "lightkv[video]"). Repeat for several.',
+            'pip install "lightkv\\[video]"). Repeat for several.',
         ),
     ] = None,
     retentions: Annotated[

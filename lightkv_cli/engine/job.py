@@ -2,6 +2,11 @@
 --profile`` share: read the inputs → prepare the output folder → load the model → prepare the model
 inputs → plan and build the :class:`~lightkv_cli.engine.sweep.Sweep` → run it → the results dictionary.
 
+The output folder is locked (:class:`~lightkv_cli.files.OutputLock`) while the sweep writes it, and a
+sweep that does not resume first moves the folder's earlier ``results.json`` and reports to numbered
+backups (``results.json.N.bak``, ``report.html.N.bak``, ``report.md.N.bak``), so no earlier result is
+ever overwritten.
+
 Nothing here prints: the caller passes :class:`SweepEvents` to hear what happens (inputs read, model
 loading, notes, progress). No torch at import time (the command line imports this module at start-up);
 the heavy modules are imported when a sweep runs.
@@ -12,11 +17,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightkv_cli.errors import UserError
+from lightkv_cli.errors import LightKVError, UserError
+from lightkv_cli.files import OutputLock, describe_os_error, move_aside_numbered, remove_stale_temp_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightkv_cli.engine.plan import SweepSettings
@@ -24,8 +30,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightkv_cli.inputs import Inputs
     from lightkv_cli.models.loader import LoadedModel
 
-#: The results file a sweep writes in its output folder, and where a previous one is moved aside.
-RESULTS_FILE, RESULTS_BACKUP = "results.json", "results.json.bak"
+#: The results file a sweep writes in its output folder.
+RESULTS_FILE = "results.json"
+
+
+#: Everything a sweep writes in its output folder: moved to numbered backups together when a new
+#: (not resumed) sweep starts there, and their stale temporary files removed.
+OUTPUT_FILES = (RESULTS_FILE, "report.html", "report.md")
 
 
 def check_output_dir(output: Path) -> None:
@@ -63,9 +74,13 @@ class SweepRequest:
         limit: use at most this many inputs.
         output: folder for ``results.json``, written after every run (None: nothing is written).
         previous: the results of an interrupted sweep to resume (its finished runs are kept).
-        backup: when not resuming, move an existing ``results.json`` aside to ``results.json.bak``
-            (else it is overwritten).
+        backup: when not resuming, move an existing ``results.json``, ``report.html`` and ``report.md``
+            aside to numbered backups (``results.json.N.bak``, N one more than any backup there);
+            else they are overwritten.
         command: the command line, recorded in the results.
+        lock: the output folder's lock, when the caller holds it for longer than the sweep (to write
+            the reports under it): :func:`run_sweep` acquires it and leaves releasing it to the caller.
+            None: :func:`run_sweep` locks ``output`` itself for the duration of the sweep.
     """
 
     settings: SweepSettings
@@ -82,6 +97,7 @@ class SweepRequest:
     previous: dict | None = None
     backup: bool = True
     command: str = ""
+    lock: OutputLock | None = None
 
     @property
     def results_path(self) -> Path | None:
@@ -111,8 +127,9 @@ class SweepEvents:
         explicit schedules."""
 
     def ready(self, sweep: Sweep, moved_aside: Path | None) -> None:
-        """The sweep is planned (``sweep.resumed``: runs kept from ``previous``); ``moved_aside``: where
-        the previous results file was moved, if it was."""
+        """The sweep is planned (``sweep.resumed``: runs kept from ``previous``); ``moved_aside``: the
+        numbered backup the previous results file was moved to (or, with no results file, the first
+        report moved), if any."""
 
     def running(self, total_steps: int) -> AbstractContextManager:
         """Entered while the runs run; ``total_steps`` (run, input) pairs will be reported to :meth:`progress`."""
@@ -121,34 +138,81 @@ class SweepEvents:
     def progress(self, run_id: str, input_id: str) -> None:
         """Input ``input_id`` of run ``run_id`` is done."""
 
+    def input_skipped(self, reason: str) -> None:
+        """An input was left out once the model was loaded (it does not fit the model), with the reason."""
+
 
 class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C during the runs; ``results`` holds the runs that finished (already on disk when the
-    request has an ``output``)."""
+    """Ctrl-C (or a signal the caller turns into ``KeyboardInterrupt``, with its number as ``signum``)
+    during the sweep.
 
-    def __init__(self, results: dict):
+    Attributes:
+        results: the runs that finished (already on disk when the request has an ``output``); None
+            when the sweep was interrupted before it was planned (while the model loaded).
+        signum: the signal (2, SIGINT, for Ctrl-C).
+        moved_aside: the backups made of the folder's earlier files (:meth:`SweepEvents.ready`).
+    """
+
+    def __init__(self, results: dict | None, signum: int = 2, moved_aside: Sequence[Path] = ()):
         super().__init__()
         self.results = results
+        self.signum = signum
+        self.moved_aside = list(moved_aside)
+
+
+class SweepFailed(LightKVError):
+    """The sweep cannot go on, and says why in one line: the uncompressed reference ran out of memory
+    (recorded in the results with ``status: "oom"``), the results file cannot be written (its message
+    names the path and the errno), the model could not be loaded for lack of memory or space.
+
+    Attributes:
+        results: what was measured (None when nothing was); ``results.json`` holds it as of the last
+            successful write.
+    """
+
+    def __init__(self, message: str, results: dict | None = None):
+        super().__init__(message)
+        self.results = results
+
+
+#: What to try when the uncompressed reference does not fit (it is measured one input at a time).
+OOM_ADVICE = (
+    "try fewer or smaller inputs (--limit, smaller images, a lower --max-new-tokens), --dtype float16 or "
+    "bfloat16, or a device with more memory (plan one with --init random before downloading weights)"
+)
 
 
 def run_sweep(request: SweepRequest, events: SweepEvents | None = None) -> dict:
     """Run ``request`` and return its results dictionary (``docs/results-schema.md``).
 
     Raises:
-        UserError: no usable input, an output folder that cannot be written, an unknown model, a
-            method or schedule that does not fit the model, a ``previous`` made with another model or
-            other inputs; or raised by a hook of ``events``.
-        SweepInterrupted: Ctrl-C during the runs (the finished runs are kept).
-        torch.OutOfMemoryError, RuntimeError: the uncompressed reference itself failed.
+        UserError: no usable input, an output folder that cannot be written or that another sweep
+            holds (its lock), an unknown model, a method or schedule that does not fit the model, a
+            ``previous`` made with another model or other inputs; or raised by a hook of ``events``.
+        SweepInterrupted: Ctrl-C (or a signal raised as ``KeyboardInterrupt``) during the sweep (the
+            finished runs are kept).
+        SweepFailed: the uncompressed reference ran out of memory (recorded), the results file cannot
+            be written, the model does not fit or its cache cannot be written.
+        RuntimeError: the uncompressed reference failed otherwise (a bug: its traceback says where).
     """
-    from lightkv_cli.engine.prepare import prepare_inputs
+    if request.lock is None and request.output is not None:
+        with OutputLock(request.output, command=request.command) as own:
+            return _run_sweep(replace(request, lock=own), events or SweepEvents())
+    return _run_sweep(request, events or SweepEvents())
+
+
+def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
+    from lightkv_cli.engine.prepare import fit_inputs, prepare_inputs
     from lightkv_cli.engine.sweep import Sweep
     from lightkv_cli.inputs import IMAGE_EXTENSIONS, gather_inputs
     from lightkv_cli.methods.registry import METHODS
     from lightkv_cli.models import loader
 
-    events = events or SweepEvents()
     settings = request.settings
+    if request.previous is not None:  # before anything loads: settings that would mix runs
+        from lightkv_cli.results import check_resume
+
+        check_resume(request.previous, settings.to_dict(), request.results_path)
     got = gather_inputs(
         list(request.images), prompt=request.prompt, prompts=request.prompts, limit=request.limit, videos=request.videos
     )
@@ -164,8 +228,15 @@ def run_sweep(request: SweepRequest, events: SweepEvents | None = None) -> dict:
         raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
     if request.output is not None:
         check_output_dir(request.output)
-    with events.loading_model(request.model):
-        lm = loader.load_model(request.model, init=request.init, device=request.device, dtype=request.dtype)
+        note = request.lock.acquire() if request.lock is not None else None
+        if note:
+            events.note(note)
+        remove_stale_temp_files(request.output, OUTPUT_FILES)
+    try:
+        with events.loading_model(request.model):
+            lm = _load_model(loader, request)
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted(None, getattr(exc, "signum", 2)) from None
     events.model_loaded(lm)
     for text in lm.notes:
         events.note(text)
@@ -175,25 +246,64 @@ def run_sweep(request: SweepRequest, events: SweepEvents | None = None) -> dict:
             f"{', '.join(no_schedule)} take(s) no LightKV schedule: the explicit --layers/--windows/--ratios "
             "schedules run for the other methods only"
         )
-    inputs = prepare_inputs(lm, got.images, got.items)
+    try:
+        inputs, unfit = fit_inputs(lm, prepare_inputs(lm, got.images, got.items), settings.max_new_tokens)
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted(None, getattr(exc, "signum", 2)) from None
+    except Exception as exc:
+        _raise_if_out_of_memory(exc, f"preparing the inputs for model '{request.model}' on {lm.device}")
+        raise
+    for s in unfit:
+        events.input_skipped(f"skipped {s.path.name}: {s.reason}")
     results_path = request.results_path
     sweep = Sweep(
         lm,
         inputs,
         settings,
         command=request.command,
-        skipped=[{"path": str(s.path), "reason": s.reason} for s in got.skipped],
+        skipped=[{"path": str(s.path), "reason": s.reason} for s in [*got.skipped, *unfit]],
         results_path=results_path,
         previous=request.previous,
     )
-    moved_aside = None
-    if results_path is not None and request.previous is None and request.backup and results_path.exists():
-        moved_aside = results_path.with_name(RESULTS_BACKUP)
-        os.replace(results_path, moved_aside)
-    events.ready(sweep, moved_aside)
-    sweep.on_progress = events.progress
-    with events.running(sweep.total_steps):
+    moved: list[Path] = []
+    if results_path is not None and request.previous is None and request.backup:
         try:
+            moved = move_aside_numbered(results_path.parent, OUTPUT_FILES)
+        except OSError as exc:
+            raise SweepFailed(
+                f"{describe_os_error(exc, 'move aside the earlier results')}; nothing was run "
+                "(give another --output, or --resume to continue the earlier sweep)"
+            ) from None
+    events.ready(sweep, moved[0] if moved else None)
+    sweep.on_progress = events.progress
+    try:
+        with events.running(sweep.total_steps):
             return sweep.run()
-        except KeyboardInterrupt:
-            raise SweepInterrupted(sweep.results) from None
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted(sweep.results, getattr(exc, "signum", 2), moved) from None
+
+
+def _load_model(loader, request: SweepRequest) -> LoadedModel:
+    """``loader.load_model`` for ``request``, with running out of memory or of disk (the tiny models are
+    built into lightkv's cache) turned into one line."""
+    try:
+        return loader.load_model(request.model, init=request.init, device=request.device, dtype=request.dtype)
+    except OSError as exc:
+        if exc.errno is None:  # transformers' own OSErrors (a missing file in a checkpoint) say enough
+            raise
+        tiny = request.model.startswith("tiny")
+        raise SweepFailed(
+            f"loading model '{request.model}': {describe_os_error(exc, 'write' if tiny else 'read')}"
+            + ("; set LIGHTKV_CACHE to a writable folder with free space (tiny models are built there)" if tiny else "")
+        ) from None
+    except Exception as exc:
+        _raise_if_out_of_memory(exc, f"loading model '{request.model}' on {request.device}")
+        raise
+
+
+def _raise_if_out_of_memory(exc: BaseException, what: str) -> None:
+    """Raise :class:`SweepFailed` (one line with what to try) when ``exc`` is an allocation failure."""
+    from lightkv_cli.measure.memory import is_out_of_memory, out_of_memory_text
+
+    if is_out_of_memory(exc):
+        raise SweepFailed(f"{what} ran {out_of_memory_text(exc)}; nothing was run; {OOM_ADVICE}") from None

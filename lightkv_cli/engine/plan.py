@@ -114,6 +114,7 @@ def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
         if r < 1.0 and r not in targets:
             targets.append(r)
     targets.sort(reverse=True)
+    check_windows(loaded, settings.schedules)
     runs = [RunSpec(id=run_id(UNCOMPRESSED), method=UNCOMPRESSED, target_retention=1.0)]
     for method in settings.methods:
         for r in targets:
@@ -123,3 +124,27 @@ def plan_runs(loaded: LoadedModel, settings: SweepSettings) -> list[RunSpec]:
             press = make_press(method, loaded.model, schedule=sched, positions=settings.positions)
             runs.append(RunSpec(id=run_id(method, schedule=sched), method=method, target_retention=None, press=press))
     return runs
+
+
+def check_windows(loaded: LoadedModel, schedules: Sequence[Schedule]) -> None:
+    """Refuse an explicit schedule with more windows per axis than the model's vision-token grid has
+    rows and columns: each window would hold at most one token and the stage would merge nothing.
+
+    Only for fixed-grid families (LLaVA-1.5); a dynamic-resolution image's grid is known per input.
+
+    Raises:
+        UserError: naming the schedule, the window count and the grid.
+    """
+    adapter = loaded.adapter
+    if adapter.dynamic_resolution or not schedules:
+        return
+    rows, cols = adapter.image_grid()
+    for sched in schedules:
+        for stage, w in enumerate(sched.windows):
+            if w > max(rows, cols):
+                raise UserError(
+                    f"--windows {','.join(map(str, sched.windows))}: {w} windows per side at stage {stage + 1} "
+                    f"(after layer {sched.layers[stage]}) is more than the {rows}×{cols} vision-token grid of "
+                    f"'{loaded.name}' has rows, so that stage would merge nothing; give at most {max(rows, cols)} "
+                    "(e.g. --windows 4,2,1)"
+                )

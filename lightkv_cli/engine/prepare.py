@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_cli.errors import UserError
-from lightkv_cli.inputs import ImageInput, PromptItem, VideoInput
+from lightkv_cli.inputs import ImageInput, PromptItem, Skipped, VideoInput
 from lightkv_cli.measure.timing import Stopwatch
 from lightkv_cli.models.loader import LoadedModel
 
@@ -26,6 +26,7 @@ class ProfileInput:
             copy to the device, milliseconds; part of the time to first token.
         type, tags: the prompts line's group and labels (:class:`~lightkv_cli.inputs.PromptItem`);
             None and ``()`` when it gives none.
+        line: the prompts file line it came from (0: not from a prompts file).
     """
 
     id: str
@@ -38,6 +39,7 @@ class ProfileInput:
     preprocess_ms: float = 0.0
     type: str | None = None
     tags: tuple[str, ...] = ()
+    line: int = 0
 
     def to_dict(self) -> dict:
         """One entry of the ``inputs`` section of the results file; ``type`` and ``tags`` only when given."""
@@ -128,6 +130,54 @@ def prepare_inputs(
                 preprocess_ms=sw.ms,
                 type=item.type,
                 tags=item.tags,
+                line=item.line,
             )
         )
     return out
+
+
+def max_positions(loaded: LoadedModel) -> int | None:
+    """The most positions (prompt plus generated tokens) the model's decoder takes:
+    ``max_position_embeddings`` of its text config; None when the config does not say."""
+    limit = getattr(loaded.adapter.text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def fit_inputs(
+    loaded: LoadedModel, inputs: Sequence[ProfileInput], max_new_tokens: int
+) -> tuple[list[ProfileInput], list[Skipped]]:
+    """The inputs whose prompt tokens plus ``max_new_tokens`` fit the model's positions
+    (:func:`max_positions`), and the others as :class:`~lightkv_cli.inputs.Skipped` with the reason.
+
+    Raises:
+        UserError: ``max_new_tokens`` alone reaches the model's positions, or no input fits.
+    """
+    limit = max_positions(loaded)
+    if limit is None:
+        return list(inputs), []
+    where = f"model '{loaded.name}' takes at most {limit} positions (max_position_embeddings), prompt included"
+    if max_new_tokens >= limit:
+        shortest = min((i.prompt_tokens for i in inputs), default=1)
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} is too large: {where}; give at most {max(1, limit - shortest)}"
+        )
+    kept, skipped = [], []
+    for inp in inputs:
+        need = inp.prompt_tokens + max_new_tokens
+        if need <= limit:
+            kept.append(inp)
+            continue
+        line = f" (prompts line {inp.line})" if inp.line else ""
+        skipped.append(
+            Skipped(
+                inp.image.path,
+                f"{inp.prompt_tokens} prompt tokens + {max_new_tokens} new tokens do not fit: {where}{line}; "
+                "shorten the question or lower --max-new-tokens",
+            )
+        )
+    if not kept:
+        raise UserError(
+            f"nothing could be processed: no input fits the model ({where}); shorten the questions or lower "
+            "--max-new-tokens"
+        )
+    return kept, skipped

@@ -7,6 +7,10 @@ capacity, quality against the uncompressed run) → a results dictionary followi
 ``docs/results-schema.md``. Nothing here prints; the caller passes ``on_progress`` to show progress
 and ``results_path`` to have every finished run written to disk at once (atomically), so an
 interrupted sweep loses nothing and can be resumed.
+
+A run that runs out of memory (on GPU or CPU: :func:`~lightkv_cli.measure.memory.is_out_of_memory`)
+is recorded with ``status: "oom"``; when that run is the uncompressed reference, it is recorded and the
+sweep stops (:class:`~lightkv_cli.engine.job.SweepFailed`), since nothing can be scored without it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lightkv_cli import __version__
+from lightkv_cli.engine.job import OOM_ADVICE, SweepFailed
 from lightkv_cli.engine.plan import RunSpec, SweepSettings, plan_runs
 from lightkv_cli.engine.prepare import ProfileInput, inputs_fingerprint
 from lightkv_cli.engine.token_maps import (
@@ -32,10 +35,11 @@ from lightkv_cli.engine.token_maps import (
     token_map,
 )
 from lightkv_cli.errors import UserError
+from lightkv_cli.files import describe_os_error, os_error_hint
 from lightkv_cli.inputs import VideoInput
 from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_requests, prefill_flops
 from lightkv_cli.measure.environment import environment_info
-from lightkv_cli.measure.memory import detect_memory_budget
+from lightkv_cli.measure.memory import detect_memory_budget, free_memory, is_out_of_memory, out_of_memory_text
 from lightkv_cli.measure.nvml import NvmlSampler, nvml_environment
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.results import SCHEMA, check_schema, write_json_atomic
@@ -72,7 +76,8 @@ class Sweep:
         results_path: when given, the results are written there after every finished run.
         on_progress: called as ``on_progress(run_id, input_id)`` after every (run, input).
         previous: the results of an interrupted sweep to resume (``--resume``): its runs with status
-            ``ok`` or ``oom`` are kept and not run again; runs that ended in ``error`` run again.
+            ``ok`` or ``oom`` are kept and not run again; runs that ended in ``error``, and an
+            uncompressed reference that ran out of memory, run again.
 
     Raises:
         UserError: ``previous`` was made with another model, other inputs or other decode settings.
@@ -126,6 +131,7 @@ class Sweep:
         done = {r["id"] for r in self.results["runs"]}
         self.pending = [spec for spec in self.runs if spec.id not in done]
         self._reference: dict[str, _InputOutcome] = {}
+        self._written_runs: int | None = None  # runs in the results file as of its last write
         self._grids: dict[str, GridCells | None] = {}  # input id -> its first image grid (token maps)
 
     def _adopt(self, previous: dict) -> None:
@@ -154,9 +160,15 @@ class Sweep:
             raise UserError(
                 "cannot resume: the results file was made with "
                 + ", ".join(problems)
-                + "; run without --resume (the old file is kept as results.json.bak) or use another --output"
+                + "; run without --resume (the old files are kept as numbered backups, results.json.N.bak) or "
+                "use another --output"
             )
-        kept = [r for r in previous["runs"] if r.get("status") in ("ok", "oom")]
+        # An uncompressed reference that ran out of memory runs again (the sweep stopped there).
+        kept = [
+            r
+            for r in previous["runs"]
+            if r.get("status") == "ok" or (r.get("status") == "oom" and r.get("method") != "uncompressed")
+        ]
         mine["runs"] = kept
         mine["created"] = previous.get("created", mine["created"])
         self.resumed = [r["id"] for r in kept]
@@ -172,21 +184,45 @@ class Sweep:
         """Run every pending run in order and return the results dictionary.
 
         Raises:
-            torch.OutOfMemoryError, RuntimeError: when the uncompressed reference itself fails
-                (nothing can be compared without it). Any other run that fails is recorded with
-                ``status: "oom"`` or ``"error"`` and the sweep goes on.
+            SweepFailed: the uncompressed reference ran out of memory (recorded with ``status:
+                "oom"`` and written, then the sweep stops: nothing can be compared without it), or
+                the results file cannot be written (it keeps what its last write held).
+            RuntimeError: the uncompressed reference failed otherwise. Any other run that fails is
+                recorded with ``status: "oom"`` or ``"error"`` and the sweep goes on.
             KeyboardInterrupt: propagated after the finished runs are on disk.
         """
         if self.pending and self.pending[0].press is not None:
             # Resumed after the reference finished: recompute its answers and logits (not recorded again).
-            self._reference = self._measure(self.runs[0], repeats=1, warmup=0)[0]
+            oom = None
+            try:
+                self._reference = self._measure(self.runs[0], repeats=1, warmup=0)[0]
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                oom = out_of_memory_text(exc)
+            if oom is not None:
+                free_memory(self.loaded.device)
+                raise SweepFailed(self._reference_oom(oom, recomputed=True), self.results)
         for spec in self.pending:
             run = self._run_one(spec)
             self.results["runs"].append(run)
             self._finish_run()
+            if spec.press is None and run["status"] == "oom":
+                raise SweepFailed(self._reference_oom(run["error"]), self.results)
         self.results["complete"] = True
         self._finish_run()
         return self.results
+
+    def _reference_oom(self, text: str, recomputed: bool = False) -> str:
+        """The line that says the uncompressed reference does not fit, and what to try."""
+        where = str(self.loaded.device)
+        recorded = (
+            f"; recorded in {self.results_path}"
+            if self.results_path is not None and self._written_runs is not None and not recomputed
+            else ""
+        )
+        what = "recomputing the uncompressed reference to resume" if recomputed else "the uncompressed reference run"
+        return f"{what} on {where} ran {text}; nothing can be compared without it; {OOM_ADVICE}{recorded}"
 
     def _finish_run(self) -> None:
         runs = self.results["runs"]
@@ -196,8 +232,21 @@ class Sweep:
                 if r.get("status") == "ok":
                     _add_ratios(r, base)
         self.results["recommendation"] = recommend(runs, self.settings.thresholds)
-        if self.results_path is not None:
+        if self.results_path is None:
+            return
+        try:
             write_json_atomic(self.results_path, self.results)
+        except OSError as exc:
+            if self._written_runs is None:
+                kept = "nothing was written"
+            else:
+                kept = f"it keeps the {self._written_runs} run(s) written before"
+            hint = os_error_hint(exc)
+            fix = f"{hint} and continue with --resume" if hint else "continue with --resume once it can be written"
+            raise SweepFailed(
+                f"{describe_os_error(exc, path=self.results_path)}; {kept}; {fix}", self.results
+            ) from None
+        self._written_runs = len(runs)
 
     def _generate(self, spec: RunSpec, inp: ProfileInput) -> GenerationResult:
         return greedy_generate(
@@ -252,18 +301,16 @@ class Sweep:
         outcomes: dict[str, _InputOutcome] = {}
         try:
             outcomes, nvml = self._measure(spec, self.settings.repeats, self.settings.warmup)
-        except torch.OutOfMemoryError as exc:
-            if spec.press is None:
-                raise
-            status, error = (
-                "oom",
-                f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'torch.OutOfMemoryError'}",
-            )
-            _free_device_memory(self.loaded.device)
         except Exception as exc:  # recorded, so that one failing run does not lose the sweep
-            if spec.press is None:
+            if is_out_of_memory(exc):  # torch.OutOfMemoryError, a CPU allocator failure, MemoryError
+                status, error = "oom", out_of_memory_text(exc)
+            elif spec.press is None:
                 raise
-            status, error = "error", f"{type(exc).__name__}: {exc}"
+            else:
+                status, error = "error", f"{type(exc).__name__}: {exc}"
+        if status == "oom":  # after the except block: its traceback held the failed run's tensors
+            outcomes = {}
+            free_memory(self.loaded.device)
         if spec.press is None:
             self._reference = outcomes
         return self._summarise(spec, outcomes, status, error, nvml)
@@ -416,8 +463,3 @@ def _add_ratios(run: dict, base: dict) -> None:
 def _kind(inp: ProfileInput) -> str:
     """``"image"`` or ``"video"``, as the results' ``inputs[].kind``."""
     return "video" if isinstance(inp.image, VideoInput) else "image"
-
-
-def _free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.inputs.images import ImageInput, Skipped, collect_images, load_image_input, resolved_path
-from lightkv_cli.inputs.prompts import DEFAULT_PROMPT, DEFAULT_VIDEO_PROMPT, PromptItem, load_prompts
+from lightkv_cli.inputs.prompts import DEFAULT_PROMPT, DEFAULT_VIDEO_PROMPT, PromptItem, check_text, load_prompts
 from lightkv_cli.inputs.video import VideoInput, load_video
 
 
@@ -61,6 +61,8 @@ def gather_inputs(
     items: list[PromptItem] = []
     skipped: list[Skipped] = []
     ignored: list[Path] = []
+    if prompt is not None:
+        check_text(prompt, "--prompt", "")  # valid Unicode, not absurdly long
     if prompts is not None:
         if prompt is not None:
             raise UserError("give either --prompt or --prompts, not both")

@@ -1,12 +1,19 @@
 """Images: decode one file into a fully loaded RGB image (first frame of animations, EXIF orientation
 applied, alpha composited on white, 16-bit and palette modes converted) or say in one line why not, and
 collect the images of the paths given on the command line. Pillow only; no torch.
+
+Memory stays bounded by one image at a time: a file is identified from its first bytes (Pillow's
+``Image.open`` is lazy, and its size is checked before any pixel is decoded), so a large file that is
+not an image is never read whole; an image is decoded once to check it and measure it, then let go,
+and decoded again when its model inputs are built (:attr:`ImageInput.image`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -47,18 +54,39 @@ class Skipped:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One successfully loaded image.
+    """One image that decoded.
 
-    ``image`` is a fully loaded RGB image (its file is closed); ``width`` and ``height`` are its size in
-    pixels after EXIF orientation was applied; ``sha256`` is the hex digest of the file's bytes (so
-    results can be tied to the exact file). ``image`` takes no part in equality comparison.
+    ``width`` and ``height`` are its size in pixels after EXIF orientation was applied; ``sha256`` is
+    the hex digest of the file's bytes (so results can be tied to the exact file). The pixels are not
+    kept: :attr:`image` decodes the file again each time it is read (unless ``preloaded`` holds them).
+    ``stamp`` (size and modification time of the file when it was read) lets :attr:`image` notice a
+    file that changed since. Only ``path``, the size and ``sha256`` take part in equality.
     """
 
     path: Path
-    image: Image.Image = field(compare=False, repr=False)
+    preloaded: Image.Image | None = field(compare=False, repr=False)
     width: int
     height: int
     sha256: str
+    stamp: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def image(self) -> Image.Image:
+        """The image, fully loaded RGB: ``preloaded``, or decoded from ``path`` now (not kept).
+
+        Raises:
+            UserError: the file changed, disappeared or no longer decodes since it was read.
+        """
+        if self.preloaded is not None:
+            return self.preloaded
+        try:
+            if self.stamp is not None and _stamp(self.path) != self.stamp:
+                raise ImageLoadError("the file changed since the inputs were read")
+            return load_image(self.path)
+        except ImageLoadError as exc:
+            raise UserError(
+                f"image '{self.path}' can no longer be used: {exc.reason}; run again with the images unchanged"
+            ) from None
 
 
 _MAX_DETAIL_CHARS = 100
@@ -135,11 +163,17 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes into a new, fully loaded RGB image; raises :class:`ImageLoadError`."""
     if not data:
         raise ImageLoadError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source) -> Image.Image:
+    """Decode the image in the binary file object ``source`` (read lazily: Pillow identifies it from
+    its first bytes and checks its size before decoding any pixel)."""
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as "too large".
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(source)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _too_large(exc) from exc
         except UnidentifiedImageError as exc:
@@ -154,13 +188,10 @@ def decode_image(data: bytes) -> Image.Image:
                 raise _too_large(exc) from exc
             except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
                 raise ImageLoadError(f"truncated or corrupt image ({short_error(exc)})") from exc
-            try:
-                oriented = ImageOps.exif_transpose(img)
-            except Exception:  # malformed EXIF: keep the pixels as stored rather than lose the image
-                oriented = img
-            if oriented is None:  # pragma: no cover - only with in_place=True
-                oriented = img
-            rgb = _to_rgb(oriented)
+            # in place: no copy of the pixels; malformed EXIF: keep the pixels as stored rather than lose the image
+            with contextlib.suppress(Exception):
+                ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img)
     rgb.load()
     return rgb
 
@@ -172,12 +203,34 @@ def read_bytes(path: Path) -> bytes:
         raise _read_error(exc) from exc
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of ``path``, None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise _read_error(exc) from exc
+    return h.hexdigest()
+
+
 def load_image(path: Path) -> Image.Image:
     """Read and fully decode one image file into a new RGB image.
 
     Takes the first frame of animations, applies EXIF orientation, converts grayscale/palette/16-bit
     images to RGB and composites transparent images on a white background. The returned image is fully
-    loaded and no file handle stays open.
+    loaded and no file handle stays open. The file is read as Pillow needs it: a file that is not an
+    image is identified from its first bytes, not read whole.
 
     Raises:
         ImageLoadError: with a short ``reason``: ``"empty file (0 bytes)"``,
@@ -185,7 +238,18 @@ def load_image(path: Path) -> Image.Image:
             ``"image too large (N pixels, limit M)"`` (more than ``PIL.Image.MAX_IMAGE_PIXELS``) or
             ``"cannot read file (<OS error>)"`` (missing file, directory, permission denied, ...).
     """
-    return decode_image(read_bytes(Path(path)))
+    try:
+        f = Path(path).open("rb")  # noqa: SIM115 - closed by the with below; the open error is reworded
+    except OSError as exc:
+        raise _read_error(exc) from exc
+    with f:
+        try:
+            empty = os.fstat(f.fileno()).st_size == 0
+        except OSError as exc:
+            raise _read_error(exc) from exc
+        if empty:
+            raise ImageLoadError("empty file (0 bytes)")
+        return _decode(f)
 
 
 def is_image_name(path: Path) -> bool:
@@ -201,17 +265,12 @@ def load_image_input(path: Path) -> ImageInput | Skipped:
         if path.exists() and not path.is_file() and not path.is_dir():
             # FIFOs, sockets, devices: reading could block forever.
             raise ImageLoadError("not a regular file")
-        data = read_bytes(path)
-        image = decode_image(data)
+        stamp = _stamp(path)
+        width, height = load_image(path).size  # decoded to check it, then let go
+        digest = _file_sha256(path)
     except ImageLoadError as exc:
         return Skipped(path=path, reason=exc.reason)
-    return ImageInput(
-        path=path,
-        image=image,
-        width=image.width,
-        height=image.height,
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    return ImageInput(path=path, preloaded=None, width=width, height=height, sha256=digest, stamp=stamp)
 
 
 def resolved_path(path: Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.inputs.images import resolved_path
+from lightkv_cli.text import first_bad_unicode, printable
 
 #: The question asked about each image when the user gives no prompts file.
 DEFAULT_PROMPT = "Describe this image in one sentence."
@@ -20,6 +21,11 @@ DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 
 
 _PROMPT_KEYS = ("image", "question", "answer", "type", "tags")
+
+
+#: The longest question a prompts line (or ``--prompt``) may ask, in characters. Longer text is almost
+#: surely a mistake (a whole document pasted in); what fits the model is checked once it is loaded.
+MAX_QUESTION_CHARS = 16_000
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,47 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def check_text(value: str, what: str, where: str) -> str:
+    """``value`` if it is valid Unicode text (and, for a question, not longer than
+    :data:`MAX_QUESTION_CHARS`).
+
+    Args:
+        value: the text.
+        what: names it in the message, e.g. ``'"question"'`` or ``"--prompt"``.
+        where: starts the message (``"file.jsonl:3"``; empty for an option).
+
+    Raises:
+        UserError: a lone surrogate (e.g. ``"\\ud800"`` in a JSON string), or a question that is too long.
+    """
+    head = f"{where}: " if where else ""
+    bad = first_bad_unicode(value)
+    if bad is not None:
+        raise UserError(
+            f"{head}{what} is not valid Unicode text: character {bad + 1} is a lone surrogate "
+            f"({printable(value[bad])}); remove it or write the character itself, saved as UTF-8"
+        )
+    if "\x00" in value:
+        raise UserError(f"{head}{what} holds a NUL character (\\u0000); remove it")
+    if what in ('"question"', "--prompt") and len(value) > MAX_QUESTION_CHARS:
+        raise UserError(
+            f"{head}{what} is {len(value):,} characters long; lightkv takes questions of at most "
+            f"{MAX_QUESTION_CHARS:,} characters: shorten it"
+        )
+    return value
+
+
+def _exists(path: Path, value: str, where: str) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"{where}: image '{printable(value)}' is not a usable path ({reason}); fix the path") from None
+
+
 def _resolve_image(value: str, prompts_path: Path, image_root: Path | None, where: str) -> Path:
     candidate = Path(value).expanduser()
     if candidate.is_absolute():
-        if candidate.exists():
+        if _exists(candidate, value, where):
             return candidate
         raise UserError(f"{where}: image '{value}' not found (looked in {candidate.parent}); fix the path")
     bases: list[Path] = [prompts_path.parent]
@@ -76,7 +119,7 @@ def _resolve_image(value: str, prompts_path: Path, image_root: Path | None, wher
         seen.add(key)
         looked.append(base)
         path = base / candidate
-        if path.exists():
+        if _exists(path, value, where):
             return path
     places = ", ".join(f"'{resolved_path(b)}'" for b in looked)
     raise UserError(
@@ -99,6 +142,7 @@ def _type_and_tags(obj: dict, where: str) -> tuple[str | None, tuple[str, ...]]:
             )
         if not kind.strip():
             raise UserError(f'{where}: "type" is empty; give a group name like "counting" or leave "type" out')
+        check_text(kind, '"type"', where)
     raw = obj.get("tags")
     if raw is None:
         return kind, ()
@@ -113,9 +157,19 @@ def _type_and_tags(obj: dict, where: str) -> tuple[str | None, tuple[str, ...]]:
             raise UserError(f'{where}: "tags"[{i}] must be a string, got {_type_name(tag)}; put it in quotes')
         if not tag.strip():
             raise UserError(f'{where}: "tags"[{i}] is empty; give a non-empty label or remove it')
+        check_text(tag, f'"tags"[{i}]', where)
         if tag not in tags:
             tags.append(tag)
     return kind, tuple(tags)
+
+
+def text_line(path: Path, offset: int) -> int:
+    """The 1-based line of byte ``offset`` of the file ``path`` (for a message about a decoding error)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(offset).count(b"\n") + 1
+    except OSError:
+        return 1
 
 
 def load_prompts(path: str | Path, image_root: Path | None = None) -> list[PromptItem]:
@@ -141,7 +195,10 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
     try:
         text = prompts_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UserError(f"prompts file '{path}' is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+        line = text_line(prompts_path, exc.start)
+        raise UserError(
+            f"prompts file '{printable(path)}' is not UTF-8 text (line {line}: {exc.reason}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise UserError(f"cannot read prompts file '{path}' ({exc.strerror or exc})") from exc
 
@@ -164,7 +221,11 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
             raise UserError(
                 f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
                 f"each line must be one JSON object like {_EXAMPLE_LINE}"
-            ) from exc
+            ) from None
+        except RecursionError:
+            raise UserError(
+                f"{where}: invalid JSON (nested too deeply); write one flat object like {_EXAMPLE_LINE}"
+            ) from None
         if not isinstance(obj, dict):
             raise UserError(
                 f"{where}: expected a JSON object, got {_type_name(obj)}; write one object per line like "
@@ -172,7 +233,7 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
             )
         unknown = [k for k in obj if k not in _PROMPT_KEYS]
         if unknown:
-            names = ", ".join(f"'{k}'" for k in unknown)
+            names = ", ".join(f"'{printable(k)}'" for k in unknown)
             allowed = ", ".join(f"'{k}'" for k in _PROMPT_KEYS)
             raise UserError(f"{where}: unknown key(s) {names}; allowed keys are {allowed}")
 
@@ -185,14 +246,16 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
                 raise UserError(f'{where}: "{key}" must be a string, got {_type_name(value)}; put it in quotes')
             if not value.strip():
                 raise UserError(f'{where}: "{key}" is empty; give a non-empty string')
-            values[key] = value
+            values[key] = check_text(value, f'"{key}"', where)
 
         answer_value = obj.get("answer")
         answer: str | None
         if answer_value is None:
             answer = None
         elif isinstance(answer_value, str):
-            answer = answer_value
+            if not answer_value.strip():
+                raise UserError(f'{where}: "answer" is empty; give the expected answer, or leave "answer" out')
+            answer = check_text(answer_value, '"answer"', where)
         elif isinstance(answer_value, (int, float)) and not isinstance(answer_value, bool):
             answer = str(answer_value)
         else:

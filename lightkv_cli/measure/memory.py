@@ -1,9 +1,11 @@
 """Peak memory of a block (the CUDA caching allocator's peak on GPU, the process's peak resident set
-size on CPU) and the memory budget of a device, bytes. Measures; never prints.
+size on CPU), the memory budget of a device, bytes, and what an out-of-memory failure looks like on
+either. Measures; never prints.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import sys
@@ -160,3 +162,40 @@ def detect_memory_budget(device: torch.device | str | None) -> tuple[int, str]:
     if total is None:
         raise UserError("cannot read the size of the system memory; give it with --gpu-memory (e.g. 64GB)")
     return int(total), "system memory (CPU)"
+
+
+#: What an allocation failure says when it arrives as a plain ``RuntimeError`` (lower case): PyTorch's
+#: CPU allocator ("DefaultCPUAllocator: can't allocate memory", "not enough memory: you tried to
+#: allocate"), CUDA errors and cuBLAS/cuDNN workspace failures, the MPS backend.
+_OOM_PHRASES = ("out of memory", "can't allocate memory", "not enough memory", "alloc_failed", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure on any device: ``torch.OutOfMemoryError`` (CUDA), ``MemoryError``
+    (Python), a ``RuntimeError`` from PyTorch's CPU allocator or a CUDA/cuBLAS allocation."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(p in text for p in _OOM_PHRASES)
+    return False
+
+
+def out_of_memory_text(exc: BaseException, limit: int = 200) -> str:
+    """``"out of memory: <first line of the error>"``, shortened to about ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    # PyTorch's CPU allocator prefixes "[enforce fail at alloc_cpu.cpp:NN] ."
+    text = text.split("] . ", 1)[-1] if text.startswith("[enforce fail") else text
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text if text.lower().startswith("out of memory") else f"out of memory: {text}"
+
+
+def free_memory(device: torch.device | str | None) -> None:
+    """Give back what a failed run left: collect garbage, and on CUDA empty the allocator's cache.
+    Call it after the exception is gone (its traceback holds the failed run's tensors)."""
+    gc.collect()
+    dev = as_device(device) or torch.device("cpu")
+    if is_cuda(dev):
+        torch.cuda.empty_cache()

@@ -330,14 +330,11 @@ class SequencePress(Press):
         record = PrefillRecord(seq_len=S, vision_tokens=n_vis, num_layers=adapter.num_layers)
         vision = None
         if layouts:
-            record.input_tokens = layouts[0].input_counts()
             record.grids = list(layouts[0].grids)
             record.owners = layouts[0].owners
-            record.special_tokens = int((~layouts[0].mergeable).sum())
+            record.layout0 = layouts[0]  # input_tokens, special_tokens: computed when the record is read
         if n_vis:
-            # The last prompt token predicts the first answer token: never merge it away.
-            for lay in layouts:
-                lay.mergeable = lay.mergeable & (lay.positions.cpu() != S - 1)
+            # The last prompt token predicts the first answer token: VisionTokens never merges it away.
             vision = VisionTokens.from_layouts(layouts, input_ids.device, S)
         self._state = _ForwardState(
             phase="prefill" if n_vis else "off",
@@ -391,12 +388,9 @@ class SequencePress(Press):
         seq_in = hidden.shape[1]
         pending = {}
         if result.pairs is not None:
-            current = st.groups[-1].orig_index if st.groups else None
-            pairs = result.pairs
-            if current is not None:
-                B, m, _ = pairs.shape
-                pairs = current.gather(1, pairs.reshape(B, -1)).view(B, m, 2)
-            pending["pairs"] = pairs
+            pending["pairs"] = result.pairs  # mapped to prompt indices when the record is read
+            if st.groups:
+                pending["pairs_index"] = st.groups[-1].orig_index
         if result.guidance is not None:
             pending["guidance"] = result.guidance
         new_hidden, group = self._apply(st, layer, result, kwargs)
@@ -433,13 +427,14 @@ class SequencePress(Press):
     def _apply(self, st: _ForwardState, layer: int, result: StageOutput, kwargs):
         """Gather the survivors and start a new layer group after ``layer`` (no host synchronisation)."""
         keep, hidden = result.keep, result.hidden
-        B, S, D = hidden.shape
-        idx = compact(keep, S - result.removed)  # (B, S') in sequence order
+        S, D = hidden.shape[1:]
+        new_pos_of_old = keep.cumsum(1) - 1  # (B, S): a survivor's position in the shorter sequence
+        idx = compact(keep, S - result.removed, new_pos_of_old)  # (B, S') in sequence order
         new_hidden = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
         prev = st.groups[-1] if st.groups else None
         if prev is None:
             mask_2d = st.mask_2d
-            orig_index = torch.arange(S, device=hidden.device).unsqueeze(0).expand(B, -1)
+            orig_index = None  # the stage's input is the prompt itself
             pos_ids = kwargs.get("position_ids")
             if pos_ids is None:
                 pos_ids = torch.arange(S, device=hidden.device).unsqueeze(0)
@@ -448,7 +443,7 @@ class SequencePress(Press):
             mask_2d, orig_index, pos_ids = prev.mask_2d, prev.orig_index, prev.position_ids
             cos, sin = prev.position_embeddings
         mask_2d = mask_2d.gather(1, idx)
-        orig_index = orig_index.gather(1, idx)
+        orig_index = idx if orig_index is None else orig_index.gather(1, idx)
         removed = st.seq_len - idx.shape[1]
         if self.positions == "keep":
             # Multi-axis (M-RoPE) ids and tables are gathered on their sequence axis by the adapter.
@@ -457,7 +452,7 @@ class SequencePress(Press):
         else:
             pos_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)
             cos, sin = self._adapter.language_model.rotary_emb(new_hidden, pos_ids)
-        st.vision, _ = st.vision.select(keep, result.removed)
+        st.vision = st.vision.select(keep, result.removed, new_pos_of_old)
         group = _Group(
             first_layer=layer + 1,
             seq_len=idx.shape[1],
@@ -502,9 +497,10 @@ class SequencePress(Press):
             if g is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if st.phase == "decode" and kwargs.get("attention_mask") is None and hidden.shape[1] == 1:
-                # The model found no mask necessary (one new token, no padding anywhere: SDPA's own
-                # masking is exact); a compressed layer, with fewer keys, needs none either.
+            if kwargs.get("attention_mask") is None:
+                # The model found no mask necessary (no padding anywhere, and one new token or as many
+                # queries as keys: SDPA's own causal masking is exact); a compressed layer, whose
+                # survivors stay in sequence order, needs none either.
                 mask = None
             else:
                 mask = g.masks.get(layer_type, _MISSING)

@@ -108,46 +108,42 @@ def prompt_guidance(
 def cross_guidance_batched(
     q: torch.Tensor,
     k: torch.Tensor,
-    vision: torch.Tensor,
+    text_positions: torch.Tensor,
     real: torch.Tensor,
-    num_text: int,
     scale: float,
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> torch.Tensor:
     """:func:`cross_guidance` for every row of a batch at once, with no host synchronisation.
 
-    Keys are every row's ``num_text`` non-vision positions (the same number in every row; padding
-    keys among them carry weight 0).
+    Keys are every row's non-vision positions (the same number ``T`` in every row; padding keys
+    among them carry weight 0).
 
     Args:
         q: ``(B, H, S, d)`` float32 post-RoPE queries.
         k: ``(B, H_kv, S, d)`` float32 post-RoPE keys.
-        vision: ``(B, S)`` bool, vision-token positions.
+        text_positions: ``(B, T)`` long, the non-vision positions of every row.
         real: ``(B, S)`` bool, non-padding positions (the queries ``i``).
-        num_text: non-vision positions per row, ``S − n`` (a host int).
         scale: logit scale.
         max_chunk_bytes: memory bound for one chunk of logits.
 
     Returns:
         ``(B, S)`` float32 weights (callers read the vision positions); padding positions get 0.
     """
-    from lightkv_cli.methods.vision import compact
-
     B, H, S, d = q.shape
+    T = text_positions.shape[1]
     g = torch.zeros(B, S, dtype=torch.float32, device=q.device)
-    if num_text == 0:
+    if T == 0:
         return g
-    text_idx = compact(~vision, num_text)  # (B, T)
-    weight = real.gather(1, text_idx).float()  # padding keys count for nothing
-    keys = expand_kv(k.gather(2, text_idx.view(B, 1, -1, 1).expand(-1, k.shape[1], -1, d)), H)  # (B, H, T, d)
+    weight = real.gather(1, text_positions).float()  # padding keys count for nothing
+    keys = expand_kv(k.gather(2, text_positions.view(B, 1, T, 1).expand(-1, k.shape[1], -1, d)), H)  # (B, H, T, d)
     chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
     neg = ~real
-    for j0 in range(0, num_text, chunk):
+    for j0 in range(0, T, chunk):
         logits = torch.matmul(q, keys[:, :, j0 : j0 + chunk].transpose(-1, -2)) * scale  # (B, H, S, Tc)
         logits.masked_fill_(neg.view(B, 1, S, 1), float("-inf"))
         probs = torch.softmax(logits, dim=2) * weight[:, j0 : j0 + chunk].view(B, 1, 1, -1)
         g += probs.sum(dim=(1, 3))
-    return torch.nan_to_num(g, nan=0.0)
+    return g
 
 
 def prompt_guidance_batched(

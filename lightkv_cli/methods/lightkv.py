@@ -261,9 +261,8 @@ class LightKV(SequencePress):
         scale = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
         S = inp.hidden.shape[1]
         real = inp.attention_mask_2d.bool()
-        vision = vis.vision_mask(S)
         if self.guidance == "cross":
-            g = cross_guidance_batched(q, kk, vision, real, S - n, scale)
+            g = cross_guidance_batched(q, kk, vis.text_positions, real, scale)
         else:
-            g = prompt_guidance_batched(q, kk, vision, real, vis.after_last, scale)
+            g = prompt_guidance_batched(q, kk, vis.vision_mask(S), real, vis.after_last, scale)
         return g.gather(1, vis.positions)

@@ -197,7 +197,7 @@ class BatchPlan:
 
     Attributes:
         merge: ``(B, n)`` bool, the A tokens chosen to merge (the top ``r_w`` of their window).
-        dst: ``(B, n)`` long, the B token each A token picked (meaningful where ``merge``).
+        dst: ``(B, n)`` long, the B token each A token picked (meaningful only where ``merge``).
         score: ``(B, n)`` float32, the cosine similarity of that pick; ``-inf`` where not ``merge``.
     """
 
@@ -224,14 +224,16 @@ def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ma
     """:func:`bipartite_plan` for every row of a batch at once, with no host synchronisation.
 
     Rows never share a window: window ``w`` of row ``b`` becomes window ``b·num_windows + w`` of one
-    flat problem; tokens with ``wid < 0`` (special tokens) take part in nothing.
+    flat problem; tokens with ``wid < 0`` (special tokens) take part in nothing. Each window's tokens,
+    in sequence order, fill one row of a ``(windows, max_size)`` table whose even columns are its A
+    tokens and odd columns its B tokens.
 
     Args:
         features: ``(B, n, D)`` hidden states of the rows' vision tokens (compared in float32).
         wid: ``(B, n)`` long window of each token in its row, ``-1`` for tokens never merged.
         num_windows: window ids per row.
-        max_size: an upper bound on the tokens of one window (sizes the A/B tables; a host int, so
-            no tensor is read back to size them).
+        max_size: an upper bound on the tokens of one window (sizes the table; a host int, so no
+            tensor is read back to size it).
         ratio: ``ρ``, the fraction of each window's tokens to remove (capped at one half).
 
     Returns:
@@ -240,39 +242,35 @@ def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ma
     B, n, _ = features.shape
     device = features.device
     nw = B * num_windows
-    valid = (wid >= 0).flatten()
-    gw = torch.where(valid, (wid + torch.arange(B, device=device).unsqueeze(1) * num_windows).flatten(), nw)
-    # rank of each token in its window, in sequence order (flattened rows keep sequence order)
-    order = torch.argsort(gw, stable=True)
-    sizes = torch.zeros(nw + 1, dtype=torch.long, device=device).scatter_add_(0, gw, torch.ones_like(gw))
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.empty_like(gw)
-    rank.scatter_(0, order, torch.arange(B * n, device=device) - starts[gw[order]])
-    r_w = merges_per_window(sizes[:nw], ratio)
-    max_a, max_b = math.ceil(max_size / 2), max(1, max_size // 2)
-    is_a = valid & (rank % 2 == 0)
-    is_b = valid & (rank % 2 == 1)
-    slot = torch.div(rank, 2, rounding_mode="floor")
-    tok = torch.arange(B * n, device=device)
-    # A and B tables (window, slot) -> flat token, -1 where empty; invalid tokens go to a spare slot.
-    a_flat = torch.full((nw * max_a + 1,), -1, dtype=torch.long, device=device)
-    b_flat = torch.full((nw * max_b + 1,), -1, dtype=torch.long, device=device)
-    a_flat.scatter_(0, torch.where(is_a, gw * max_a + slot, nw * max_a), tok)
-    b_flat.scatter_(0, torch.where(is_b, gw * max_b + slot, nw * max_b), tok)
-    a_tok, b_tok = a_flat[:-1].view(nw, max_a), b_flat[:-1].view(nw, max_b)
-    f = F.normalize(features.reshape(B * n, -1).float(), dim=-1)
-    sim = torch.bmm(f[a_tok.clamp(min=0)], f[b_tok.clamp(min=0)].transpose(1, 2))  # (nw, max_a, max_b)
-    sim.masked_fill_((b_tok < 0).unsqueeze(1), float("-inf"))
+    N = B * n
+    row_base = torch.arange(0, nw, num_windows, device=device).unsqueeze(1)
+    gw = torch.where(wid >= 0, wid + row_base, nw).flatten()  # invalid tokens: a spare window ``nw``
+    order = torch.argsort(gw, stable=True)  # by window, sequence order inside (rows are in order)
+    sorted_gw = gw[order]
+    sizes = torch.zeros(nw + 1, dtype=torch.long, device=device).index_add_(0, gw, torch.ones_like(gw))
+    starts = sizes.cumsum(0) - sizes
+    rank = torch.arange(N, device=device) - starts[sorted_gw]  # rank of order[i] in its window
+    width = 2 * math.ceil(max_size / 2)
+    table = torch.full(((nw + 1) * width + 1,), N, dtype=torch.long, device=device)  # N: empty slot
+    slot = torch.where(sorted_gw < nw, sorted_gw * width + rank, (nw + 1) * width)
+    table.scatter_(0, slot, order)
+    table = table[: nw * width].view(nw, width // 2, 2)
+    a_tok, b_tok = table[..., 0], table[..., 1]  # (nw, max_a): flat token or N
+    f = torch.cat(
+        [F.normalize(features.reshape(N, -1).float(), dim=-1), features.new_zeros(1, features.shape[-1]).float()]
+    )
+    sim = torch.bmm(f[a_tok], f[b_tok].transpose(1, 2))  # (nw, max_a, max_b)
+    sim.masked_fill_((b_tok == N).unsqueeze(1), float("-inf"))
     best, best_k = sim.max(dim=-1)  # (nw, max_a)
-    best = best.masked_fill(a_tok < 0, float("-inf"))
+    best.masked_fill_(a_tok == N, float("-inf"))
     a_order = torch.argsort(best, dim=-1, descending=True, stable=True)
-    a_rank = torch.empty_like(a_order)
-    a_rank.scatter_(1, a_order, torch.arange(max_a, device=device).expand(nw, -1))
-    chosen = (a_rank < r_w.unsqueeze(1)) & (a_tok >= 0)  # (nw, max_a)
-    # back to tokens: the A table entry of every A token
-    at = torch.where(is_a, gw * max_a + slot, 0)
-    merge = is_a & chosen.flatten()[at]
-    dst_flat = b_tok.gather(1, best_k).flatten()[at]  # flat token index of the picked B
-    score = torch.where(merge, best.flatten()[at], float("-inf"))
-    dst = torch.where(merge, dst_flat - torch.arange(B, device=device).repeat_interleave(n) * n, 0)
-    return BatchPlan(merge=merge.view(B, n), dst=dst.view(B, n), score=score.view(B, n))
+    a_rank = torch.argsort(a_order, dim=-1)
+    r_w = merges_per_window(sizes[:nw], ratio)
+    chosen = (a_rank < r_w.unsqueeze(1)) & (a_tok < N)  # (nw, max_a)
+    # back to tokens (flat index N is a spare slot for empty table entries)
+    at = torch.where(chosen, a_tok, N).flatten()
+    score = torch.full((N + 1,), float("-inf"), device=device).scatter_(0, at, best.flatten())[:N]
+    dst_flat = torch.zeros(N + 1, dtype=torch.long, device=device).scatter_(0, at, b_tok.gather(1, best_k).flatten())
+    dst = dst_flat[:N].view(B, n) - torch.arange(0, N, n, device=device).unsqueeze(1)
+    score = score.view(B, n)
+    return BatchPlan(merge=score > float("-inf"), dst=dst, score=score)

@@ -89,14 +89,20 @@ class StageRecord:
     def to_host(self, owners: list[int] | None, num_grids: int) -> None:
         """Copy what the stage recorded on the device to the host fields (once; later calls do nothing).
 
-        ``pending`` may hold ``guidance`` ``(B, n)``, ``pairs`` ``(B, m, 2)`` (original-prompt indices)
-        and ``grid0`` ``(n_out,)`` (the grid of each of row 0's surviving vision tokens).
+        ``pending`` may hold ``guidance`` ``(B, n)``, ``pairs`` ``(B, m, 2)`` (positions in the stage's
+        input sequence), ``pairs_index`` ``(B, S_in)`` (that sequence's prompt indices; absent for the
+        first stage, whose input is the prompt) and ``grid0`` ``(n_out,)`` (the grid of each of row 0's
+        surviving vision tokens).
         """
         p, self.pending = self.pending, {}
         if "guidance" in p:
             self.guidance = p["guidance"].detach().float().cpu()
         if "pairs" in p:
-            self.merge_pairs = list(p["pairs"].detach().cpu().unbind(0))
+            pairs = p["pairs"].detach().cpu()  # (B, m, 2) positions in the stage's input sequence
+            if "pairs_index" in p:  # that sequence's tokens as prompt indices, (B, S_in)
+                B, m, _ = pairs.shape
+                pairs = p["pairs_index"].detach().cpu().gather(1, pairs.reshape(B, -1)).view(B, m, 2)
+            self.merge_pairs = list(pairs.unbind(0))
         if "grid0" in p:
             per_grid = torch.bincount(p["grid0"].detach().cpu(), minlength=num_grids)[:num_grids]
             owner = torch.arange(num_grids) if owners is None else torch.tensor(owners, dtype=torch.long)
@@ -139,6 +145,8 @@ class PrefillRecord:
     grids: list[tuple[int, int]] = field(default_factory=list)
     special_tokens: int = 0
     owners: list[int] | None = field(default=None, repr=False, compare=False)
+    #: row 0's layout (host), read by :meth:`to_host` for ``input_tokens`` and ``special_tokens``
+    layout0: object = field(default=None, repr=False, compare=False)
 
     def to_host(self) -> PrefillRecord:
         """Copy every tensor recorded on the model's device during prefill to the host (idempotent).
@@ -147,6 +155,10 @@ class PrefillRecord:
         device in the middle of the measured forward) and call this when the record is read
         (``press.last_prefill``).
         """
+        lay, self.layout0 = self.layout0, None
+        if lay is not None:
+            self.input_tokens = lay.input_counts()
+            self.special_tokens = int((~lay.mergeable).sum())
         for s in self.stages:
             if s.pending:
                 s.to_host(self.owners, len(self.grids))

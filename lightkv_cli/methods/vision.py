@@ -23,7 +23,7 @@ import torch
 from lightkv_cli.models.adapters import VisionLayout
 
 
-def compact(mask: torch.Tensor, count: int) -> torch.Tensor:
+def compact(mask: torch.Tensor, count: int, rank: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the True entries of every row, ascending, when every row has exactly ``count``.
 
     Equivalent to ``torch.nonzero(mask)[:, 1].view(B, count)`` without the host synchronisation
@@ -33,12 +33,15 @@ def compact(mask: torch.Tensor, count: int) -> torch.Tensor:
         mask: ``(B, N)`` bool.
         count: True entries per row (a host int; rows with fewer leave the tail of their row
             undefined, rows with more are cut: callers guarantee exactly ``count``).
+        rank: ``mask.cumsum(1) − 1`` when the caller has it already.
 
     Returns:
         ``(B, count)`` long.
     """
     B, N = mask.shape
-    slot = torch.where(mask, mask.long().cumsum(1) - 1, count)  # rank among the row's True entries
+    if rank is None:
+        rank = mask.cumsum(1) - 1
+    slot = torch.where(mask, rank, count)  # rank among the row's True entries; the rest to a spare slot
     out = torch.zeros(B, count + 1, dtype=torch.long, device=mask.device)
     out.scatter_(1, slot, torch.arange(N, device=mask.device).expand(B, -1))
     return out[:, :count]
@@ -61,6 +64,8 @@ class VisionTokens:
         layouts: the rows' original :class:`VisionLayout` (host; grids and owners for records).
         after_last: the most tokens any row has after its last vision token (host int; stages remove
             vision tokens only, so this never changes).
+        text_positions: ``(B, S − n)`` long, the positions of every other token (text and padding),
+            ascending.
 
     All tensors live on the model's device.
     """
@@ -74,10 +79,15 @@ class VisionTokens:
     mergeable_counts: list[int]
     layouts: list[VisionLayout]
     after_last: int = 0
+    text_positions: torch.Tensor | None = None
 
     @classmethod
     def from_layouts(cls, layouts: list[VisionLayout], device: torch.device, seq_len: int) -> VisionTokens:
         """Stack per-row layouts (all with the same ``count``, ``≥ 1``) of a ``seq_len`` prompt onto ``device``.
+
+        The prompt's last token (position ``seq_len − 1``) is never mergeable: it predicts the first
+        answer token. Host work is a fixed number of ops for the batch, plus one ``tolist`` read of
+        host tensors.
 
         Raises:
             ValueError: rows with different vision-token counts.
@@ -85,25 +95,30 @@ class VisionTokens:
         n = layouts[0].count
         if any(lay.count != n for lay in layouts):
             raise ValueError("internal error: rows with different vision-token counts")
+        B = len(layouts)
         G = max(1, max(len(lay.grids) for lay in layouts))
-        dims = torch.zeros(len(layouts), G, 2, dtype=torch.long)
-        for b, lay in enumerate(layouts):
-            if lay.grids:
-                dims[b, : len(lay.grids)] = torch.tensor(lay.grids, dtype=torch.long).view(-1, 2)
+        dims = torch.tensor(
+            [[list(g) for g in lay.grids] + [[0, 0]] * (G - len(lay.grids)) for lay in layouts], dtype=torch.long
+        )
 
         def stack(name: str) -> torch.Tensor:
-            return torch.stack([getattr(lay, name).cpu() for lay in layouts]).to(device)
+            return torch.stack([getattr(lay, name) for lay in layouts]).cpu()
 
+        positions = stack("positions")
+        mergeable = stack("mergeable") & (positions != seq_len - 1)
+        merge_counts, last = torch.stack([mergeable.sum(dim=1), positions.amax(dim=1)]).tolist()
+        text = torch.ones(B, seq_len, dtype=torch.bool).scatter_(1, positions, False)
         return cls(
-            positions=stack("positions").long(),
-            coords=stack("coords").long().view(len(layouts), n, 2),
-            grid=stack("image").long(),
-            mergeable=stack("mergeable").bool(),
+            text_positions=compact(text, seq_len - n).to(device),
+            positions=positions.to(device),
+            coords=stack("coords").to(device),
+            grid=stack("image").to(device),
+            mergeable=mergeable.to(device),
             grid_dims=dims.to(device),
             count=n,
-            mergeable_counts=[int(lay.mergeable.sum()) for lay in layouts],
+            mergeable_counts=merge_counts,
             layouts=layouts,
-            after_last=max(seq_len - 1 - int(lay.positions.max()) for lay in layouts),
+            after_last=seq_len - 1 - min(last),
         )
 
     @property
@@ -132,6 +147,8 @@ class VisionTokens:
         ``-1`` for tokens that are not mergeable."""
         from lightkv_cli.methods.merging import bands
 
+        if windows == 1:  # one window per grid
+            return self.grid.masked_fill(~self.mergeable, -1)
         dims = self.grid_dims.gather(1, self.grid.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2))  # (B, n, 2)
         br = bands(self.coords[..., 0].clamp(min=0), dims[..., 0], windows)
         bc = bands(self.coords[..., 1].clamp(min=0), dims[..., 1], windows)
@@ -143,27 +160,25 @@ class VisionTokens:
         mask = torch.zeros(self.batch, seq_len, dtype=torch.bool, device=self.positions.device)
         return mask.scatter_(1, self.positions, True)
 
-    def select(self, keep: torch.Tensor, removed: int) -> tuple[VisionTokens, torch.Tensor]:
+    def select(self, keep: torch.Tensor, removed: int, new_pos_of_old: torch.Tensor) -> VisionTokens:
         """The vision tokens that survive a stage, at their positions in the shorter sequence.
 
         Args:
             keep: ``(B, S)`` bool over the current sequence; every row removes ``removed`` vision
                 tokens (only mergeable ones) and no text.
             removed: tokens removed per row (host int).
+            new_pos_of_old: ``keep.cumsum(1) − 1``, ``(B, S)`` long: a survivor's new position.
 
         Returns:
-            ``(survivors, kept)``: the new :class:`VisionTokens` and ``(B, n)`` bool, which of the
-            current vision tokens survived.
+            The new :class:`VisionTokens`.
         """
         kept = keep.gather(1, self.positions)  # (B, n)
         new_n = self.count - removed
         idx = compact(kept, new_n)  # (B, n')
-        new_pos_of_old = keep.long().cumsum(1) - 1  # (B, S)
-        positions = new_pos_of_old.gather(1, self.positions.gather(1, idx))
-        coords = self.coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
-        out = VisionTokens(
-            positions=positions,
-            coords=coords,
+        old_positions = self.positions.gather(1, idx)
+        return VisionTokens(
+            positions=new_pos_of_old.gather(1, old_positions),
+            coords=self.coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2)),
             grid=self.grid.gather(1, idx),
             mergeable=self.mergeable.gather(1, idx),
             grid_dims=self.grid_dims,
@@ -171,5 +186,5 @@ class VisionTokens:
             mergeable_counts=[c - removed for c in self.mergeable_counts],
             layouts=self.layouts,
             after_last=self.after_last,
+            text_positions=None if self.text_positions is None else new_pos_of_old.gather(1, self.text_positions),
         )
-        return out, kept

@@ -17,6 +17,7 @@ import torch
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for, supported_families
+from lightkv_cli.models.checkpoints import check_checkpoint_dir, damaged_checkpoint
 
 #: Short names for published checkpoints.
 ALIASES = {
@@ -271,9 +272,11 @@ def load_model(
         return loaded
 
     # --init random: architecture from the cached or shipped config
+    if local:
+        check_checkpoint_dir(Path(source), weights=False)
     try:
         config = _load_config(source, local)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UserError(f"cannot read the config of '{name}': {exc}") from None
     if config is None:
         raise UserError(
@@ -395,16 +398,36 @@ def _fallback_processor(config):
 def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedModel:
     from transformers import AutoConfig
 
+    local = Path(source).is_dir()
+    if local:
+        check_checkpoint_dir(Path(source))
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except OSError:
+        if local:
+            raise
         raise UserError(_missing_weights_message(name, source)) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise damaged_checkpoint(source, exc) from None
     cls = _family_class(config.model_type)
     try:
         model = cls.from_pretrained(source, local_files_only=True, dtype=dt, attn_implementation="sdpa")
-        processor = _load_processor(config.model_type, source)
-    except OSError:
+    except OSError as exc:
+        if local:
+            raise damaged_checkpoint(source, exc) from None
         raise UserError(_missing_weights_message(name, source)) from None
+    except Exception as exc:  # a truncated safetensors file, a shard that does not match its index, ...
+        raise damaged_checkpoint(source, exc) from None
+    try:
+        processor = _load_processor(config.model_type, source)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError) as exc:
+        if not local:
+            raise UserError(_missing_weights_message(name, source)) from None
+        raise UserError(
+            f"cannot load the tokenizer and processor of '{source}' ({type(exc).__name__}); copy the checkpoint's "
+            "tokenizer and preprocessor files (tokenizer.json, tokenizer_config.json, preprocessor_config.json) "
+            "into it"
+        ) from None
     model = model.to(dev).eval()
     return LoadedModel(name, source, model, processor, adapter_for(model), init, weights_meaningful, dev, dt)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from lightkv_cli.report.facts import as_number, runs_of, uncompressed_run
-from lightkv_cli.scoring.fidelity import answer_correct, normalize_answer
+from lightkv_cli.scoring.fidelity import answer_correct, exact_match
 
 #: Per-input KL keys of ``per_input[].quality``, most informative first (nats).
 _KL_KEYS = ("continuation_kl", "first_token_kl")
@@ -103,7 +103,7 @@ def _correct(entry: dict | None, expected) -> bool | None:
     if acc is not None:
         return acc >= 0.5
     answer = entry.get("answer")
-    if isinstance(expected, str) and isinstance(answer, str) and normalize_answer(expected):
+    if isinstance(expected, str) and isinstance(answer, str) and expected.strip():
         return answer_correct(answer, expected) == 1.0
     return None
 
@@ -156,7 +156,7 @@ def changed_inputs(results: dict, cap: int = 24) -> dict:
             answer, ref_answer = entry.get("answer"), (ref or {}).get("answer")
             if not isinstance(answer, str) or not isinstance(ref_answer, str):
                 continue
-            if normalize_answer(answer) == normalize_answer(ref_answer):
+            if exact_match(answer, ref_answer) == 1.0:
                 continue
             record = _input_record(by_id, inputs, entry, index)
             expected = record.get("answer")

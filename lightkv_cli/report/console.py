@@ -9,31 +9,42 @@ from rich.table import Table
 from rich.text import Text
 
 from lightkv_cli.report.facts import eviction_note, fmt_bytes
+from lightkv_cli.text import printable
+
+
+def _num(x) -> float | None:
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def _fmt(x: float | None, spec: str) -> str:
+    x = _num(x)
     return "–" if x is None else format(x, spec)
 
 
 def _spread(s: dict | None, digits: int) -> str:
-    if s is None:
+    if not isinstance(s, dict) or _num(s.get("median")) is None:
         return "–"
-    return f"{s['median']:.{digits}f} ±{(s['p75'] - s['p25']) / 2:.{digits}f}"
+    p25, p75 = _num(s.get("p25")), _num(s.get("p75"))
+    if p25 is None or p75 is None:
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} ±{(p75 - p25) / 2:.{digits}f}"
 
 
 def _ci(interval) -> str:
-    if not interval or interval[0] is None:
+    if not isinstance(interval, list) or len(interval) != 2 or any(_num(v) is None for v in interval):
         return "–"
     return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def _title(results: dict, what: str) -> str:
-    on = "GPU" if results.get("environment", {}).get("cuda") else "CPU"
-    return f"lightkv · {results['model']['name']} · {len(results.get('inputs', []))} inputs · {on} · {what}"
+    """The table title (rich markup; the model name, user text, escaped)."""
+    on = "GPU" if (results.get("environment") or {}).get("cuda") else "CPU"
+    name = printable((results.get("model") or {}).get("name") or "?")
+    return f"lightkv · {escape(name)} · {len(results.get('inputs') or [])} inputs · {on} · {what}"
 
 
 def _run_column(table: Table, runs: list[dict]) -> None:
-    width = max([len(r["id"]) for r in runs] + [3])
+    width = max([len(str(r.get("id"))) for r in runs] + [3])
     table.add_column("run", no_wrap=True, min_width=width)
 
 
@@ -42,8 +53,8 @@ def cost_table(results: dict) -> Table:
 
     Times are medians ± half the interquartile range over repeats and inputs, labelled CPU or GPU.
     """
-    runs = results.get("runs", [])
-    on = "GPU" if results.get("environment", {}).get("cuda") else "CPU"
+    runs = results.get("runs") or []
+    on = "GPU" if (results.get("environment") or {}).get("cuda") else "CPU"
     peak_kind = next((r.get("peak_memory_kind") for r in runs if r.get("peak_memory_kind")), "")
     table = Table(title=_title(results, "cost"))
     _run_column(table, runs)
@@ -63,10 +74,13 @@ def cost_table(results: dict) -> Table:
         table.add_column(col, justify="right")
     rec = (results.get("recommendation") or {}).get("run")
     for r in runs:
-        name = Text(r["id"], style="bold green" if r["id"] == rec else "")
+        name = Text(printable(r["id"]), style="bold green" if r["id"] == rec else "")
         if r.get("status") != "ok":
             table.add_row(
-                name, _fmt(r.get("target_retention"), ".2f"), Text(r.get("status", "?"), style="red"), *[""] * 9
+                name,
+                _fmt(r.get("target_retention"), ".2f"),
+                Text(printable(r.get("status", "?")), style="red"),
+                *[""] * 9,
             )
             continue
         cap = r.get("capacity") or {}
@@ -75,37 +89,37 @@ def cost_table(results: dict) -> Table:
         table.add_row(
             name,
             _fmt(r.get("target_retention"), ".2f"),
-            f"{r['vision_retention']:.3f}",
-            fmt_bytes(r["kv_bytes"]),
-            fmt_bytes(r["kv_bytes_vision"]),
-            _spread(r["prefill_ms"], 1),
+            _fmt(r.get("vision_retention"), ".3f"),
+            fmt_bytes(r.get("kv_bytes")),
+            fmt_bytes(r.get("kv_bytes_vision")),
+            _spread(r.get("prefill_ms"), 1),
             _spread(r.get("time_to_first_token_ms") if isinstance(r.get("time_to_first_token_ms"), dict) else None, 1),
             _spread(r.get("decode_ms_per_token"), 2),
             _fmt(r.get("tokens_per_s"), ".1f"),
             _fmt(r.get("flops_ratio"), ".0%"),
             fmt_bytes(r.get("peak_memory_bytes")),
-            "–" if fits is None else (f"{fits} ({ratio:.2f}×)" if ratio is not None else f"{fits}"),
+            "–" if _num(fits) is None else (f"{fits} ({ratio:.2f}×)" if _num(ratio) is not None else f"{fits}"),
         )
     return table
 
 
 def quality_table(results: dict) -> Table:
     """One row per run: quality against the uncompressed run of the same inputs (means over inputs)."""
-    runs = results.get("runs", [])
+    runs = results.get("runs") or []
     table = Table(title=_title(results, "quality vs. uncompressed"))
     _run_column(table, runs)
     for col in ("answer match", "token F1", "top-1 agree", "KL mean", "KL max", "accuracy", "answer match 95% CI"):
         table.add_column(col, justify="right")
     for r in runs:
         if r.get("status") != "ok":
-            table.add_row(r["id"], Text(r.get("status", "?"), style="red"), *[""] * 6)
+            table.add_row(Text(printable(r["id"])), Text(printable(r.get("status", "?")), style="red"), *[""] * 6)
             continue
-        q = r["quality"]
+        q = r.get("quality") or {}
         table.add_row(
-            r["id"],
-            f"{q['answer_match']:.2f}",
-            f"{q['token_f1']:.2f}",
-            f"{q['top1_agreement']:.2f}",
+            Text(printable(r["id"])),
+            _fmt(q.get("answer_match"), ".2f"),
+            _fmt(q.get("token_f1"), ".2f"),
+            _fmt(q.get("top1_agreement"), ".2f"),
             _fmt(q.get("first_token_kl_mean"), ".2e"),
             _fmt(q.get("first_token_kl_max"), ".2e"),
             _fmt(q.get("accuracy"), ".2f"),
@@ -117,26 +131,29 @@ def quality_table(results: dict) -> Table:
 def recommendation_line(results: dict) -> str:
     """The recommended operating point and why, or which threshold failed and by how much (rich markup)."""
     rec = results.get("recommendation") or {}
-    if not rec.get("run"):
-        lines = [f"[yellow]no recommendation: {escape(rec.get('reason', 'no run finished'))}[/]"]
+    runs = results.get("runs") or []
+    run = next((r for r in runs if r.get("id") == rec.get("run")), None) if rec.get("run") else None
+    if run is None:
+        lines = [f"[yellow]no recommendation: {escape(printable(rec.get('reason') or 'no run finished'))}[/]"]
     else:
-        run = next(r for r in results["runs"] if r["id"] == rec["run"])
-        base = next((r for r in results["runs"] if r["method"] == "uncompressed" and r.get("status") == "ok"), run)
-        saved = 1 - run["kv_bytes"] / base["kv_bytes"] if base.get("kv_bytes") else 0.0
+        base = next((r for r in runs if r.get("method") == "uncompressed" and r.get("status") == "ok"), run)
+        kv, base_kv = _num(run.get("kv_bytes")), _num(base.get("kv_bytes"))
+        saved = 1 - kv / base_kv if kv is not None and base_kv else 0.0
         lines = [
-            f"[bold]recommended:[/] {escape(rec['run'])} — measured vision retention {run['vision_retention']:.3f}, "
-            f"KV cache {fmt_bytes(run['kv_bytes'])} per request ({saved:.0%} less than uncompressed); "
-            f"{escape(rec['reason'])}"
+            f"[bold]recommended:[/] {escape(printable(rec['run']))} — measured vision retention "
+            f"{_fmt(run.get('vision_retention'), '.3f')}, "
+            f"KV cache {fmt_bytes(kv)} per request ({saved:.0%} less than uncompressed); "
+            f"{escape(printable(rec.get('reason') or ''))}"
         ]
-    env = results.get("environment", {}).get("nvml") or {}
+    env = (results.get("environment") or {}).get("nvml") or {}
     if env and not env.get("available") and env.get("note"):
-        lines.append(f"[dim]{escape(env['note'])}[/]")
-    if not results.get("model", {}).get("weights_meaningful", True):
+        lines.append(f"[dim]{escape(printable(env['note']))}[/]")
+    if not (results.get("model") or {}).get("weights_meaningful", True):
         lines.append("[yellow]note: random weights — quality figures and this recommendation are not meaningful[/]")
 
     note = eviction_note(results)
     if note:
-        lines.append(f"[dim]note: {escape(note)}[/]")
+        lines.append(f"[dim]note: {escape(printable(note))}[/]")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from lightkv_cli.files import write_text_atomic
 from lightkv_cli.report.html import render_html
 from lightkv_cli.report.markdown import render_markdown
+from lightkv_cli.text import printable
 
 
 def write_reports(results: dict, out_dir: Path, image_root: Path | None = None) -> tuple[Path, Path]:
@@ -20,8 +21,9 @@ def write_reports(results: dict, out_dir: Path, image_root: Path | None = None) 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_text = render_html(results, image_root=image_root)
-    md_text = render_markdown(results)
+    # A file name that is not UTF-8 (read with surrogateescape) is shown escaped, never stops a report.
+    html_text = printable(render_html(results, image_root=image_root))
+    md_text = printable(render_markdown(results))
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     write_text_atomic(html_path, html_text)
     write_text_atomic(md_path, md_text)

@@ -66,8 +66,21 @@ def normalize_answer(text: str) -> str:
     return " ".join(no_articles.split())
 
 
+def _literal(text: str) -> str:
+    """An answer as written, for answers that normalise to nothing (``"A"``, ``"the"``, ``"?"``):
+    case-folded, surrounding whitespace removed, and surrounding punctuation too unless nothing else is
+    left (so ``"A."`` is ``"a"`` and ``"?"`` stays ``"?"``)."""
+    folded = text.strip().casefold()
+    bare = folded.strip("".join(_ASCII_PUNCTUATION) + " ")
+    return bare or folded
+
+
 def exact_match(prediction: str, reference: str) -> float:
     """SQuAD exact match: 1.0 if the normalized strings are equal, else 0.0.
+
+    When both answers normalise to nothing (``"A"``, ``"the"``, ``"?"``, ``""``), they are compared as
+    written instead (case-insensitive, stripped; see :func:`_literal`), so multiple-choice letters
+    ``"A"`` and ``"B"`` do not count as a match.
 
     Args:
         prediction: the answer being scored.
@@ -76,7 +89,10 @@ def exact_match(prediction: str, reference: str) -> float:
     Returns:
         1.0 or 0.0.
     """
-    return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not pred and not ref:  # "A" and "B" both normalise to nothing: compare them as written
+        return 1.0 if _literal(prediction) == _literal(reference) else 0.0
+    return 1.0 if pred == ref else 0.0
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -91,12 +107,15 @@ def token_f1(prediction: str, reference: str) -> float:
         reference: the answer it is compared with.
 
     Returns:
-        F1 in [0, 1]. Both normalized answers empty → 1.0; exactly one empty → 0.0.
+        F1 in [0, 1]. Both normalized answers empty → 1.0 when they are equal as written (:func:`_literal`),
+        else 0.0; exactly one empty → 0.0.
     """
     pred_tokens = normalize_answer(prediction).split()
     ref_tokens = normalize_answer(reference).split()
+    if not pred_tokens and not ref_tokens:  # both normalise to nothing: compare them as written
+        return 1.0 if _literal(prediction) == _literal(reference) else 0.0
     if not pred_tokens or not ref_tokens:
-        return 1.0 if pred_tokens == ref_tokens else 0.0
+        return 0.0
     overlap = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
     if overlap == 0:
         return 0.0
@@ -121,12 +140,14 @@ def answer_correct(prediction: str, answer: str) -> float:
     Returns:
         1.0 or 0.0.
 
-    Raises:
-        ValueError: if the answer is empty after normalization (nothing to look for).
+    An answer that normalises to nothing (a multiple-choice letter ``"A"``, ``"the"``, ``"?"``) is matched
+    as written instead: the prediction is correct when it equals the answer case-insensitively, after
+    stripping whitespace and surrounding punctuation (``"a."`` is correct for ``"A"``, ``"A cat"`` is not;
+    :func:`_literal`). Never raises for any pair of strings.
     """
     answer_norm = normalize_answer(answer)
     if not answer_norm:
-        raise ValueError(f"answer {answer!r} is empty after normalization; cannot score against it")
+        return 1.0 if _literal(prediction) == _literal(answer) else 0.0
     prediction_norm = normalize_answer(prediction)
     if prediction_norm == answer_norm:
         return 1.0
@@ -255,8 +276,7 @@ def score_input(
         An ``InputQuality``.
 
     Raises:
-        ValueError: on a logits shape mismatch, or if ``expected`` is given but empty after
-            normalization.
+        ValueError: on a logits shape mismatch.
     """
     return InputQuality(
         exact_match=exact_match(answer, reference_answer),

@@ -195,10 +195,10 @@ def test_resume_skips_finished_runs(runner, swept, tmp_path, monkeypatch):
     final = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in final["runs"]] == [r["id"] for r in swept["results"]["runs"]]
     assert final["complete"] is True
-    # Another sweep without --resume keeps the old file aside.
+    # Another sweep without --resume keeps the old files aside, as numbered backups.
     result = _sweep(runner, *args, "--retentions", "0.8")  # the last --retentions wins
     assert result.exit_code == 0, _all_text(result)
-    assert (out / "results.json.bak").is_file()
+    assert (out / "results.json.1.bak").is_file() and (out / "report.html.1.bak").is_file()
 
 
 def test_sweep_config_file_and_command_line_override(runner, two_images, tmp_path):

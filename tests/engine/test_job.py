@@ -106,13 +106,13 @@ def test_events_in_order_and_old_results_moved_aside(tiny, loads_tiny, one_image
         ("loaded", tiny.name),
         *[("note", n) for n in tiny.notes],
         ("note", schedule_note),
-        ("ready", ids, out / "results.json.bak"),
+        ("ready", ids, out / "results.json.1.bak"),
         ("running", 2),
         ("progress", ids[0], "skimage_chelsea.png"),
         ("progress", ids[1], "skimage_chelsea.png"),
     ]
     assert loads_tiny == [("tiny", {"init": "pretrained", "device": "cpu", "dtype": "auto"})]
-    assert (out / "results.json.bak").read_text() == "{}"
+    assert (out / "results.json.1.bak").read_text() == "{}"
     on_disk = json.loads((out / "results.json").read_text())
     assert [r["id"] for r in on_disk["runs"]] == [r["id"] for r in results["runs"]] == ids
     assert on_disk["complete"] is True and on_disk["command"] == "x"
@@ -125,7 +125,7 @@ def test_no_backup_when_asked_and_nothing_written_without_output(tiny, loads_tin
     (out / "results.json").write_text("{}")
     settings = SweepSettings(retentions=[], schedules=[SCHED], **FAST)
     run_sweep(SweepRequest(settings, model="tiny", images=[one_image], output=out, backup=False))
-    assert not (out / "results.json.bak").exists()
+    assert not (out / "results.json.1.bak").exists()
     assert json.loads((out / "results.json").read_text())["complete"] is True
     results = run_sweep(SweepRequest(settings, model="tiny", images=[one_image]))
     assert results["complete"] is True and sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]

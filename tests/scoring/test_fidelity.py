@@ -51,7 +51,8 @@ def test_token_f1_known_values() -> None:
     assert token_f1("cat cat", "cat") == pytest.approx(2 / 3, abs=1e-12)  # multiset overlap is 1
     assert token_f1("dog", "cat") == 0.0
     assert token_f1("", "") == 1.0
-    assert token_f1("the", "") == 1.0  # both empty after normalization
+    assert token_f1("the", "") == 0.0  # both empty after normalization: compared as written
+    assert token_f1("The.", "the") == 1.0
     assert token_f1("", "cat") == 0.0
     assert token_f1("cat", "") == 0.0
 
@@ -73,10 +74,25 @@ def test_answer_correct(prediction: str, answer: str, expected: float) -> None:
     assert answer_correct(prediction, answer) == expected
 
 
-@pytest.mark.parametrize("answer", ["", "  ", "the", "?!"])
-def test_answer_correct_empty_answer_raises(answer: str) -> None:
-    with pytest.raises(ValueError):
-        answer_correct("anything", answer)
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        ("A", "A", 1.0),  # a multiple-choice letter normalises to nothing: matched as written
+        ("a.", "A", 1.0),
+        (" (A) ", "A", 1.0),
+        ("B", "A", 0.0),
+        ("A cat", "A", 0.0),
+        ("The", "the", 1.0),
+        ("?", "?", 1.0),
+        ("!", "?", 0.0),
+        ("anything", "", 0.0),
+        ("", "  ", 1.0),
+    ],
+)
+def test_answer_correct_answers_that_normalise_to_nothing(prediction: str, answer: str, expected: float) -> None:
+    assert answer_correct(prediction, answer) == expected
+    # answer match between two such answers compares them as written too
+    assert exact_match("A", "B") == 0.0 and exact_match("A", "a") == 1.0
 
 
 def test_first_token_kl_identical_is_exactly_zero() -> None:

@@ -52,43 +52,63 @@ class LlavaAdapter(FamilyAdapter):
         return rows * cols + (1 if self._has_cls() else 0)
 
     def check_prompt(self, input_ids: torch.Tensor) -> None:
-        self.vision_layouts(input_ids)  # every image has a fixed token count: checkable from the ids
+        # every image has a fixed token count: checkable from the ids (one host read for the batch)
+        self._checked = (input_ids, self._row_counts(input_ids))
 
-    def vision_layouts(self, input_ids, inputs_embeds=None, position_ids=None) -> list[VisionLayout]:
+    def _row_counts(self, input_ids: torch.Tensor) -> list[int]:
+        """Image placeholder tokens of every row (one host read; reused after :meth:`check_prompt` of
+        the same ids); raises on a partial image."""
+        checked = getattr(self, "_checked", None)
+        if checked is not None and checked[0] is input_ids:
+            return checked[1]
         per_image = self.vision_tokens_per_image()
-        rows, cols = self.image_grid()
-        has_cls = self._has_cls()
-        tid = self.image_token_id()
-        layouts = []
-        for b in range(input_ids.shape[0]):
-            is_vis = input_ids[b] == tid
-            pos = torch.nonzero(is_vis, as_tuple=False).flatten().cpu()
-            n = pos.numel()
+        counts = (input_ids == self.image_token_id()).sum(dim=1).tolist()
+        for b, n in enumerate(counts):
             if n % per_image:
                 raise UnsupportedInputError(
                     f"row {b} has {n} image placeholder tokens, not a multiple of the {per_image} tokens "
                     "one image becomes: an image is split across forward calls (chunked prefill) or the "
                     "prompt was built for another model; pass the whole prompt in one prefill"
                 )
-            k = torch.arange(n)
-            image = k // per_image
-            within = k % per_image
-            mergeable = torch.ones(n, dtype=torch.bool)
-            if has_cls:
-                mergeable = within != 0
-                within = (within - 1).clamp(min=0)
-            coords = torch.stack([within // cols, within % cols], dim=1)
-            coords[~mergeable] = -1
-            n_images = n // per_image
+        return counts
+
+    def vision_layouts(self, input_ids, inputs_embeds=None, position_ids=None) -> list[VisionLayout]:
+        """One :class:`VisionLayout` per row (see :meth:`FamilyAdapter.vision_layouts`).
+
+        Two host reads for the whole batch (the rows' counts, then every placeholder position); the
+        grid facts of ``k`` images are the same for every row with ``k`` images and are built once.
+        """
+        per_image = self.vision_tokens_per_image()
+        rows, cols = self.image_grid()
+        has_cls = self._has_cls()
+        counts = self._row_counts(input_ids)
+        flat = torch.nonzero(input_ids == self.image_token_id(), as_tuple=False)[:, 1].cpu()
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        layouts = []
+        start = 0
+        for n in counts:
+            if n not in shared:
+                k = torch.arange(n)
+                image = k // per_image
+                within = k % per_image
+                mergeable = torch.ones(n, dtype=torch.bool)
+                if has_cls:
+                    mergeable = within != 0
+                    within = (within - 1).clamp(min=0)
+                coords = torch.stack([within // cols, within % cols], dim=1)
+                coords[~mergeable] = -1
+                shared[n] = (coords, image, mergeable)
+            coords, image, mergeable = shared[n]
             layouts.append(
                 VisionLayout(
-                    positions=pos,
+                    positions=flat[start : start + n],
                     coords=coords,
                     image=image,
                     mergeable=mergeable,
-                    grids=[(rows, cols)] * n_images,
+                    grids=[(rows, cols)] * (n // per_image),
                 )
             )
+            start += n
         return layouts
 
     def format_prompt(self, question: str, num_images: int = 1, num_videos: int = 0) -> str:
