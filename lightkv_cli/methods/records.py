@@ -194,7 +194,6 @@ class PrefillRecord:
         return out
 
 
-@dataclass
 class EvictionRecord:
     """What a post-prefill eviction did to the last prefill.
 
@@ -208,18 +207,65 @@ class EvictionRecord:
         kept_index: per layer, ``(B, H_kv, k_l)`` long indices into the prompt of the kept entries,
             ascending (on CPU).
         details: method-specific statistics (VL-Cache: per-layer density and β).
+
+    A press records without reading the device: ``layer_vision_tokens`` may be given as an ``(L,)``
+    tensor and ``kept_index`` as one ``(B, H_kv, Σ k_l)`` tensor (the layers' indices concatenated along
+    the last axis) or a list of tensors, on any device. Each is copied to the host once, when first read
+    (one transfer for all layers), and kept there.
     """
 
     #: eviction removes text entries as well (see :class:`CompressionRecord`)
     evicts_text: ClassVar[bool] = True
 
-    seq_len: int
-    vision_tokens: int
-    num_layers: int
-    budgets: list[int]
-    layer_vision_tokens: list[float]
-    kept_index: list[torch.Tensor] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
+    def __init__(
+        self,
+        seq_len: int,
+        vision_tokens: int,
+        num_layers: int,
+        budgets: list[int],
+        layer_vision_tokens: list[float] | torch.Tensor,
+        kept_index: list[torch.Tensor] | torch.Tensor | None = None,
+        details: dict | None = None,
+    ) -> None:
+        self.seq_len = int(seq_len)
+        self.vision_tokens = int(vision_tokens)
+        self.num_layers = int(num_layers)
+        self.budgets = [int(b) for b in budgets]
+        self.details = {} if details is None else details
+        self._layer_vision_tokens = layer_vision_tokens
+        self._kept_index = [] if kept_index is None else kept_index
+
+    def __repr__(self) -> str:
+        return (
+            f"EvictionRecord(seq_len={self.seq_len}, vision_tokens={self.vision_tokens}, "
+            f"num_layers={self.num_layers}, budgets={self.budgets}, details={self.details})"
+        )
+
+    @property
+    def layer_vision_tokens(self) -> list[float]:
+        """Vision tokens each layer keeps (mean over rows and KV heads), ``L`` floats."""
+        if isinstance(self._layer_vision_tokens, torch.Tensor):
+            self._layer_vision_tokens = [float(x) for x in self._layer_vision_tokens.tolist()]
+        return self._layer_vision_tokens
+
+    @property
+    def kept_index(self) -> list[torch.Tensor]:
+        """Per layer ``(B, H_kv, k_l)`` long kept prompt indices, ascending, on CPU (copied once, when first read)."""
+        kept = self._kept_index
+        if isinstance(kept, torch.Tensor):
+            self._kept_index = [t.contiguous() for t in kept.cpu().split(self.budgets, dim=-1)]
+        elif any(t.device.type != "cpu" for t in kept):
+            host = torch.cat([t.reshape(-1) for t in kept]).cpu()
+            parts = host.split([t.numel() for t in kept])
+            self._kept_index = [p.view(t.shape) for p, t in zip(parts, kept)]
+        return self._kept_index
+
+    def to_host(self) -> EvictionRecord:
+        """Copy the tensors recorded on the device to the host now (idempotent; reading the fields does it
+        lazily otherwise)."""
+        self.layer_vision_tokens  # noqa: B018 - the properties convert on first read
+        self.kept_index  # noqa: B018
+        return self
 
     @property
     def layer_seq_lens(self) -> list[int]:

@@ -12,12 +12,11 @@ import torch
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.eviction import (
+    EvictionPlan,
     EvictionPress,
     avg_pool_1d,
     check_fraction,
-    group_mean,
     keep_budget,
-    select_per_head,
 )
 
 
@@ -67,27 +66,30 @@ class SnapKV(EvictionPress):
             "schedule_note": self.schedule_note,
         }
 
-    def observation(self, seq_len: int, vision: torch.Tensor) -> torch.Tensor:
+    def observation_start(self, seq_len: int, last_vision: int) -> int:
         """The last ``window`` prompt positions."""
-        return torch.arange(max(0, seq_len - self.window), seq_len)
+        return max(0, seq_len - self.window)
 
-    def layer_statistics(self, layer: int, chunks, kv_heads: int) -> torch.Tensor:
-        """``(B, H_kv, S)`` float32 pooled mean attention of the window to each key."""
+    def layer_statistics(self, chunks, kv_heads: int) -> torch.Tensor:
+        """``(R, B, H_kv, S)`` float32 pooled mean attention of the window to each key, for ``R`` layers."""
         total, n = None, 0
-        for probs, _ in chunks:
-            s = probs.sum(dim=2)
+        for probs, _, _ in chunks:  # probs: (B, R, H, c, S)
+            s = probs.sum(dim=3)
             total = s if total is None else total + s
-            n += probs.shape[2]
-        scores = group_mean(total / n, kv_heads)
-        S = scores.shape[-1]
+            n += probs.shape[3]
+        B, R, H, S = total.shape
+        scores = (total / n).view(B, R, kv_heads, H // kv_heads, S).mean(dim=3)  # (B, R, H_kv, S)
         w = min(self.window, S)
-        out = scores.clone()
-        out[..., : S - w] = avg_pool_1d(scores[..., : S - w], self.kernel)
-        return out
+        scores = torch.cat([avg_pool_1d(scores[..., : S - w], self.kernel), scores[..., S - w :]], dim=-1)
+        return scores.transpose(0, 1)
 
-    def plan(self, stats: list[torch.Tensor], seq_len: int, vision_tokens: int) -> tuple[list[torch.Tensor], dict]:
+    def plan(self, stats: list[torch.Tensor], seq_len: int, vision_tokens: int) -> EvictionPlan:
         """The same budget in every layer: the window plus the top pooled scores per KV head."""
         alpha = keep_budget(self.budget, self.match_retention, seq_len, vision_tokens)
         k = max(1, min(seq_len, int(round(alpha * seq_len))))
-        recent = min(self.window, k)
-        return [select_per_head(s, k, recent) for s in stats], {"alpha": alpha}
+        return EvictionPlan(
+            scores=stats,
+            budgets=[k] * sum(s.shape[0] for s in stats),
+            recent=min(self.window, k),
+            details={"alpha": alpha},
+        )

@@ -14,18 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_cli.errors import UserError
-from lightkv_cli.methods.eviction import EvictionPress, check_fraction, group_mean, keep_budget, select_per_head
+from lightkv_cli.methods.eviction import EvictionPlan, EvictionPress, check_fraction, keep_budget
 
 
 def layer_budgets(
     density: Sequence[float], alpha: float, seq_len: int, min_fraction: float = 0.01
 ) -> tuple[list[int], list[float]]:
-    """Sparsity-aware per-layer budgets that sum exactly to the global budget.
+    """Sparsity-aware per-layer budgets that sum exactly to the global budget (host values).
 
-    ``β_l = clip(α·L·d_l / Σ d, min_fraction, 1)`` and layer ``l`` keeps ``k_l = β_l·S`` tokens. When
-    clipping moves the sum away from ``α·L·S``, the common factor ``α·L / Σ d`` is re-solved so that
-    the clipped budgets sum to it again (denser layers still get more); the real-valued budgets are
-    then rounded by largest remainder so that ``Σ k_l = round(α·L·S)`` exactly.
+    :func:`layer_budget_tensor` on a list of densities: see there for the rule.
 
     Args:
         density: ``d_l = 1 − γ_l`` per layer (``L`` floats ≥ 0).
@@ -40,48 +37,74 @@ def layer_budgets(
     Raises:
         UserError: ``alpha`` outside ``(0, 1]``.
     """
+    d = torch.tensor([max(0.0, float(x)) for x in density], dtype=torch.float64)
+    budgets = [int(k) for k in layer_budget_tensor(d, alpha, seq_len, min_fraction).tolist()]
+    return budgets, [b / int(seq_len) for b in budgets]
+
+
+def layer_budget_tensor(density: torch.Tensor, alpha: float, seq_len: int, min_fraction: float = 0.01) -> torch.Tensor:
+    """Sparsity-aware per-layer budgets that sum exactly to the global budget, on the densities' device.
+
+    ``β_l = clip(α·L·d_l / Σ d, min_fraction, 1)`` and layer ``l`` keeps ``k_l = β_l·S`` tokens. When
+    clipping moves the sum away from ``α·L·S``, the common factor ``c`` of ``k_l = clip(c·d_l·S, lo, S)``
+    is re-solved so that the clipped budgets sum to it again (denser layers still get more): the sum is
+    piecewise linear in ``c`` with breakpoints where a layer reaches ``lo`` or ``S``, so ``c`` is found in
+    closed form on the segment that contains the total. The real-valued budgets are then rounded by
+    largest remainder (ties to the lower layer index) so that ``Σ k_l = round(α·L·S)`` exactly. A fixed
+    number of tensor ops, no host read.
+
+    Args:
+        density: ``(L,)`` float densities ``d_l = 1 − γ_l`` (negative values count as 0; all 0: equal shares).
+        alpha: global keep fraction ``α`` in ``(0, 1]``.
+        seq_len: prompt length ``S``.
+        min_fraction: smallest ``β_l`` (0.01 in the paper); at least one token is always kept.
+
+    Returns:
+        ``(L,)`` long ``k_l`` on ``density``'s device, in ``[lo, S]`` with ``lo = max(1, ⌈min_fraction·S⌉)``,
+        summing to ``min(max(round(α·L·S), L·lo), L·S)``.
+
+    Raises:
+        UserError: ``alpha`` outside ``(0, 1]``.
+    """
     check_fraction("budget", alpha)
-    L, S = len(density), int(seq_len)
+    L, S = density.numel(), int(seq_len)
     lo = max(1, math.ceil(min_fraction * S - 1e-9))
     total = min(max(int(round(alpha * L * S)), L * lo), L * S)
-    d = torch.tensor([max(0.0, float(x)) for x in density], dtype=torch.float64)
-    if float(d.sum()) <= 0:
-        d = torch.ones(L, dtype=torch.float64)
+    d = density.reshape(-1).to(torch.float64).clamp(min=0.0)
+    d = torch.where(d.sum() > 0, d, torch.ones_like(d))
     # a layer of density 0 still gets a share once every denser layer is full (keeps the total reachable)
-    d = d.clamp(min=1e-9 * float(d.max()))
+    d = torch.maximum(d, 1e-9 * d.max())
 
-    def real(c: float) -> torch.Tensor:
+    def real(c: torch.Tensor) -> torch.Tensor:  # (..., 1) factors -> (..., L) real budgets
         return (c * d * S).clamp(min=lo, max=S)
 
-    c = alpha * L / float(d.sum())  # the paper's factor; exact when nothing is clipped
-    if abs(float(real(c).sum()) - total) > 1e-6:
-        low, high = 0.0, 1.0
-        for _ in range(200):
-            if float(real(high).sum()) >= total:
-                break
-            high *= 2
-        for _ in range(200):
-            c = (low + high) / 2
-            if float(real(c).sum()) < total:
-                low = c
-            else:
-                high = c
-        c = high
+    c0 = alpha * L / d.sum()  # the paper's factor; exact when nothing is clipped
+    # Σ_l real(c) is continuous, non-decreasing, linear between the breakpoints lo/(d·S) and 1/d
+    bp = torch.cat([lo / (d * S), 1.0 / d])  # (2L,)
+    f = real(bp.unsqueeze(-1)).sum(-1)
+    low = torch.where(f <= total, bp, torch.zeros_like(bp)).max()  # f(0) = L·lo ≤ total
+    above = f > total
+    high = torch.where(above, bp, torch.full_like(bp, math.inf)).min()
+    mid = torch.where(above.any(), (low + high) / 2, 2 * low + 1)
+    x = mid * d * S
+    at_lo, at_hi = x <= lo, x >= S
+    free = ~(at_lo | at_hi)
+    den = (d * free).sum() * S
+    num = total - lo * at_lo.sum() - S * at_hi.sum()
+    c_solved = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), low)
+    c = torch.where((real(c0).sum() - total).abs() <= 1e-6, c0, c_solved)
     k_real = real(c)
     k = torch.floor(k_real + 1e-9).long().clamp(min=lo, max=S)
     frac = k_real - k.double()
-    while int(k.sum()) < total:  # largest remainder first, among layers below S
-        cand = torch.where(k < S, frac, torch.full_like(frac, -math.inf))
-        i = int(torch.argmax(cand))
-        k[i] += 1
-        frac[i] -= 1
-    while int(k.sum()) > total:  # (only after bisection rounding) smallest remainder gives back
-        cand = torch.where(k > lo, frac, torch.full_like(frac, math.inf))
-        i = int(torch.argmin(cand))
-        k[i] -= 1
-        frac[i] += 1
-    budgets = [int(x) for x in k]
-    return budgets, [b / S for b in budgets]
+    short = total - k.sum()  # > 0: give to the largest remainders (below S); < 0: take from the smallest
+    ranks = torch.arange(L, device=d.device)
+    give = torch.where(k < S, frac, torch.full_like(frac, -math.inf))
+    order = torch.sort(give, descending=True, stable=True).indices
+    up = torch.zeros_like(k).scatter_(0, order, (ranks < short).long())
+    take = torch.where(k > lo, frac, torch.full_like(frac, math.inf))
+    order = torch.sort(take, stable=True).indices
+    down = torch.zeros_like(k).scatter_(0, order, (ranks < -short).long())
+    return k + up - down
 
 
 @dataclass
@@ -145,33 +168,35 @@ class VLCache(EvictionPress):
             "schedule_note": self.schedule_note,
         }
 
-    def observation(self, seq_len: int, vision: torch.Tensor) -> torch.Tensor | None:
-        """The post-vision prompt tokens (after the last vision token)."""
-        pos = torch.nonzero(vision).flatten()
-        if pos.numel() == 0:
-            return None
-        return torch.arange(int(pos.max()) + 1, seq_len)
+    def observation_start(self, seq_len: int, last_vision: int) -> int | None:
+        """The post-vision prompt tokens: from the one after the last vision token (None without vision)."""
+        return None if last_vision < 0 else last_vision + 1
 
-    def layer_statistics(self, layer: int, chunks, kv_heads: int) -> dict:
-        """``{"density": d_l, "scores": (B, H_kv, S) float32}`` of one layer."""
-        zero_sum, rows, scores = 0.0, 0, None
-        for probs, visible in chunks:
+    def layer_statistics(self, chunks, kv_heads: int) -> dict:
+        """``{"density": (R,) float64 d_l, "scores": (R, B, H_kv, S) float32}`` of ``R`` layers, on the device."""
+        zero_sum, rows, scores = None, 0, None
+        for probs, visible, counts in chunks:  # probs: (B, R, H, c, S)
+            B, R = probs.shape[:2]
             row_max = probs.amax(dim=-1, keepdim=True)
             zeroed = (probs < self.sparsity_threshold * row_max) & visible
-            frac = zeroed.sum(-1).float() / visible.sum(-1).float()  # (B, H, c)
-            zero_sum += float(frac.sum())
-            rows += frac.numel()
-            s = probs.sum(dim=2)
+            frac = zeroed.sum(-1).float() / counts  # (B, R, H, c)
+            z = frac.transpose(0, 1).reshape(R, -1).sum(-1).double()  # per layer, over rows, heads, queries
+            zero_sum = z if zero_sum is None else zero_sum + z
+            rows += frac.numel() // R
+            s = probs.sum(dim=3)
             scores = s if scores is None else scores + s
-        return {"density": 1.0 - zero_sum / rows, "scores": group_mean(scores, kv_heads)}
+        scores = scores.view(B, R, kv_heads, -1, scores.shape[-1]).mean(dim=3)  # (B, R, H_kv, S)
+        return {"density": 1.0 - zero_sum / rows, "scores": scores.transpose(0, 1)}
 
-    def plan(self, stats: list[dict], seq_len: int, vision_tokens: int) -> tuple[list[torch.Tensor], dict]:
-        """Per-layer budgets from the densities, then recent window + top scores per KV head."""
+    def plan(self, stats: list[dict], seq_len: int, vision_tokens: int) -> EvictionPlan:
+        """Per-layer budgets from the densities, then recent window + top scores per KV head (on the device)."""
         alpha = keep_budget(self.budget, self.match_retention, seq_len, vision_tokens)
-        density = [s["density"] for s in stats]
-        budgets, betas = layer_budgets(density, alpha, seq_len, self.min_layer_fraction)
-        kept = [
-            select_per_head(s["scores"], k, int(math.floor(self.recent_fraction * k + 1e-9)))
-            for s, k in zip(stats, budgets)
-        ]
-        return kept, {"alpha": alpha, "density": density, "beta": betas}
+        density = torch.cat([s["density"] for s in stats]) if len(stats) > 1 else stats[0]["density"]
+        budgets = layer_budget_tensor(density, alpha, seq_len, self.min_layer_fraction)
+        recent = torch.floor(self.recent_fraction * budgets.double() + 1e-9).long()
+        return EvictionPlan(
+            scores=[s["scores"] for s in stats],
+            budgets=budgets,
+            recent=recent,
+            details={"alpha": alpha, "density": density, "beta": budgets.double() / seq_len},
+        )
