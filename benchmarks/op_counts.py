@@ -31,9 +31,37 @@ from torch.profiler import ProfilerActivity, profile
 SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::unique", "aten::_unique2", "aten::masked_select")
 
 
-def _count(fn) -> tuple[int, int, float, float]:
-    """(aten ops, sync ops, CPU ms of top-level lightkv ranges, CPU ms of everything) of ``fn()``."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+_READS = ("tolist", "item", "cpu", "__bool__", "__int__", "__float__", "numpy")
+
+
+@contextlib.contextmanager
+def _host_reads(counter: list[int]):
+    """Count calls of the tensor methods that read a tensor on the host (``.tolist()``, ``.item()``,
+    ``.cpu()``, ``bool()``/``int()``/``float()``, ``.numpy()``): on a GPU each one on a device tensor is a
+    synchronisation, and ``.tolist()``/``.cpu()`` do not show as an aten sync op. On CPU host tensors are
+    counted too, so this is an upper bound."""
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def wrap(fn):
+        def inner(self, *a, **k):
+            counter[0] += 1
+            return fn(self, *a, **k)
+
+        return inner
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _count(fn) -> tuple[int, int, float, float, int]:
+    """(aten ops, sync ops, CPU ms of top-level lightkv ranges, CPU ms of everything, host reads) of ``fn()``."""
+    reads = [0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _host_reads(reads):
         t0 = time.perf_counter()
         fn()
         total_ms = (time.perf_counter() - t0) * 1e3
@@ -41,7 +69,7 @@ def _count(fn) -> tuple[int, int, float, float]:
     aten = [e for e in events if e.name.startswith("aten::")]
     ranges = [e for e in events if e.name.startswith("lightkv::") and not _inside_lightkv(e)]
     step_ms = sum(e.cpu_time_total for e in ranges) / 1e3
-    return len(aten), sum(1 for e in aten if e.name in SYNC_OPS), step_ms, total_ms
+    return len(aten), sum(1 for e in aten if e.name in SYNC_OPS), step_ms, total_ms, reads[0]
 
 
 def _inside_lightkv(e) -> bool:
@@ -132,21 +160,23 @@ def main() -> None:
         torch.cuda.set_sync_debug_mode("warn")
     print(f"{args.arch}, {args.dtype}, {args.device}; every method at target 0.55; counts from torch.profiler\n")
     print(
-        "| method | batch | prefill aten ops (+ vs none, % of none) | prefill syncs (+) "
-        "| decode-step ops (+, % of none) | decode syncs (+) | compression step CPU ms (% of prefill) |"
+        "| method | batch | prefill aten ops (+ vs none, % of none) | prefill sync ops (+) | prefill host reads (+) "
+        "| decode-step ops (+, % of none) | decode sync ops (+) | decode host reads (+) "
+        "| compression step CPU ms (% of prefill) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batches.split(",")]:
         inputs = synthetic_inputs(bm, batch, 1)
         rows = {}
         for name in [None, *names]:
             press = None if name is None else make_press(name, model, target=0.55)
             rows[name] = _measure(model, inputs, press, cache_kwarg)
-        (bpo, bps, _, bpt), (bdo, bds, _, _) = rows[None]
-        for name, ((po, ps, step, _), (do, ds, _, _)) in rows.items():
+        (bpo, bps, _, bpt, bpr), (bdo, bds, _, _, bdr) = rows[None]
+        for name, ((po, ps, step, _, pr), (do, ds, _, _, dr)) in rows.items():
             print(
                 f"| {name or 'uncompressed'} | {batch} | {po} ({po - bpo:+d}, {100 * (po - bpo) / bpo:+.1f}%) "
-                f"| {ps} ({ps - bps:+d}) | {do} ({do - bdo:+d}, {100 * (do - bdo) / bdo:+.1f}%) | {ds} ({ds - bds:+d}) "
+                f"| {ps} ({ps - bps:+d}) | {pr} ({pr - bpr:+d}) "
+                f"| {do} ({do - bdo:+d}, {100 * (do - bdo) / bdo:+.1f}%) | {ds} ({ds - bds:+d}) | {dr} ({dr - bdr:+d}) "
                 f"| {step:.1f} ({100 * step / bpt:.1f}%) |"
             )
     if args.timing_repeats:
