@@ -71,6 +71,12 @@ def shown(text: object) -> str:
     return escape(printable(text))
 
 
+def print_error(message: object) -> None:
+    """Print one red ``error:`` line on standard error, the message (plain text, one line) printed literally."""
+    text = " ".join(printable(message).split("\n"))
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def friendly(fn):
     """Turn lightkv's own errors into one red line and exit status 2 (the message printed literally)."""
 
@@ -79,8 +85,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LightKVError as exc:
-            message = " ".join(printable(exc).split("\n"))
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -43,6 +43,7 @@ from lightkv_cli.cli.common import (
     friendly,
     parse_retentions,
     parse_schedules,
+    print_error,
     shown,
     threshold_overrides,
     write_reports_or_warn,
@@ -86,11 +87,9 @@ def _execute_sweep(request: SweepRequest, *, resume: bool, save_profile: str | N
         from lightkv_cli.files import describe_os_error
 
         where = stdout.target or "standard output"
-        err_console.print(
-            f"[bold red]error:[/] {shown(describe_os_error(stdout.error, 'write the console output to', where))}; "
-            f"the console output stopped there, the files in {shown(output)} were written",
-            highlight=False,
-            soft_wrap=True,
+        print_error(
+            f"{describe_os_error(stdout.error, 'write the console output to', where)}; "
+            f"the console output stopped there, the files in {output} were written"
         )
         code = code or 1
     if code:
@@ -126,10 +125,10 @@ def _sweep_and_report(request: SweepRequest, resume: bool, save_profile: str | N
         )
         return 128 + signum
     except SweepFailed as exc:
-        err_console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
+        print_error(exc)
         return 1
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {shown(describe_os_error(exc))}", highlight=False, soft_wrap=True)
+        print_error(describe_os_error(exc))
         return 1
     try:
         _report(results, output, results_path, save_profile, profiles_dir)
@@ -143,11 +142,7 @@ def _sweep_and_report(request: SweepRequest, resume: bool, save_profile: str | N
         )
         return 128 + signum
     except OSError as exc:
-        err_console.print(
-            f"[bold red]error:[/] {shown(describe_os_error(exc))}; {shown(results_path)} is complete",
-            highlight=False,
-            soft_wrap=True,
-        )
+        print_error(f"{describe_os_error(exc)}; {results_path} is complete")
         return 1
     return 0
 

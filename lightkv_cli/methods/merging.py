@@ -220,6 +220,35 @@ class BatchPlan:
         return src, self.dst.gather(1, src)
 
 
+def batch_window_ranks(wid: torch.Tensor, num_windows: int, draws: torch.Tensor | None = None):
+    """Windows of a whole batch as one flat problem, and every token's rank inside its window.
+
+    Window ``w`` of row ``b`` becomes ``b·num_windows + w``; tokens with ``wid < 0`` go to one spare
+    window, ``B·num_windows``. Inside a window tokens are ranked in sequence order, or by ``draws``
+    (values in ``[0, 1)``) when given.
+
+    Args:
+        wid: ``(B, n)`` long window of each token in its row, ``-1`` for tokens that take no part.
+        num_windows: window ids per row.
+        draws: optional ``(B, n)`` float64 keys that order tokens inside a window.
+
+    Returns:
+        ``(gw, sizes, order, rank)``: ``(B·n,)`` flat window ids; ``(B·num_windows + 1,)`` tokens per
+        window (the spare last); ``(B·n,)`` the tokens sorted by window (then key); ``(B·n,)`` the rank
+        of ``order[i]`` in its window.
+    """
+    B, n = wid.shape
+    nw = B * num_windows
+    row_base = torch.arange(0, nw, num_windows, device=wid.device).unsqueeze(1)
+    gw = torch.where(wid >= 0, wid + row_base, nw).flatten()
+    # inside a window: sequence order (rows are in order), or the draws
+    order = torch.argsort(gw, stable=True) if draws is None else torch.argsort(gw.double() + draws.flatten())
+    sizes = torch.zeros(nw + 1, dtype=torch.long, device=wid.device).index_add_(0, gw, torch.ones_like(gw))
+    starts = sizes.cumsum(0) - sizes
+    rank = torch.arange(B * n, device=wid.device) - starts[gw[order]]
+    return gw, sizes, order, rank
+
+
 def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, max_size: int, ratio: float) -> BatchPlan:
     """:func:`bipartite_plan` for every row of a batch at once, with no host synchronisation.
 
@@ -243,13 +272,8 @@ def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ma
     device = features.device
     nw = B * num_windows
     N = B * n
-    row_base = torch.arange(0, nw, num_windows, device=device).unsqueeze(1)
-    gw = torch.where(wid >= 0, wid + row_base, nw).flatten()  # invalid tokens: a spare window ``nw``
-    order = torch.argsort(gw, stable=True)  # by window, sequence order inside (rows are in order)
+    gw, sizes, order, rank = batch_window_ranks(wid, num_windows)
     sorted_gw = gw[order]
-    sizes = torch.zeros(nw + 1, dtype=torch.long, device=device).index_add_(0, gw, torch.ones_like(gw))
-    starts = sizes.cumsum(0) - sizes
-    rank = torch.arange(N, device=device) - starts[sorted_gw]  # rank of order[i] in its window
     width = 2 * math.ceil(max_size / 2)
     table = torch.full(((nw + 1) * width + 1,), N, dtype=torch.long, device=device)  # N: empty slot
     slot = torch.where(sorted_gw < nw, sorted_gw * width + rank, (nw + 1) * width)

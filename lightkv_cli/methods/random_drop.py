@@ -16,7 +16,7 @@ from torch import nn
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods import schedule
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
-from lightkv_cli.methods.merging import merges_per_window
+from lightkv_cli.methods.merging import batch_window_ranks, merges_per_window
 from lightkv_cli.models.adapters import FamilyAdapter
 
 
@@ -108,17 +108,8 @@ class RandomDrop(SequencePress):
         device = inp.hidden.device
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919)
         r = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
-        num_windows = vis.num_windows(windows)
-        wid = vis.window_ids(windows)
-        valid = (wid >= 0).flatten()
-        row_base = torch.arange(B, device=device).unsqueeze(1) * num_windows
-        gw = torch.where(valid, (wid + row_base).flatten(), B * num_windows)
-        nw = B * num_windows + 1
-        sizes = torch.zeros(nw, dtype=torch.long, device=device).scatter_add_(0, gw, torch.ones_like(gw))
-        order = torch.argsort(gw.double() + r.flatten())  # by window, then by the random draw
-        starts = torch.cumsum(sizes, 0) - sizes
-        rank = torch.empty_like(gw)
-        rank.scatter_(0, order, torch.arange(B * n, device=device) - starts[gw[order]])
+        gw, sizes, order, sorted_rank = batch_window_ranks(vis.window_ids(windows), vis.num_windows(windows), r)
+        rank = torch.empty_like(gw).scatter_(0, order, sorted_rank)  # by window, then by the random draw
         r_w = merges_per_window(sizes, ratio)
         r_w[-1] = 0  # special tokens
         drop = (rank < r_w[gw]).view(B, n)

@@ -57,6 +57,16 @@ def _assert_clean(text: str, out: Path) -> None:
     assert not (out / ".lightkv.lock").exists()
 
 
+def _one_error_line(result, out: Path) -> str:
+    """Assert exit 1 with exactly one ``error:`` line, no traceback and nothing stray in ``out``; the flat text."""
+    text = _all_text(result)
+    assert result.exit_code == 1, text
+    _assert_clean(text, out)
+    errors = [ln for ln in _stderr(result).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, text
+    return _flat(text)
+
+
 def _fail_generation(monkeypatch, exc_factory, when):
     import lightkv_cli.engine.sweep as engine_sweep
 
@@ -94,12 +104,7 @@ def test_oom_in_the_reference_is_one_line_and_recorded(runner, uses_tiny, two_im
     _fail_generation(monkeypatch, OOMS[kind], lambda press: press is None)
     out = tmp_path / "out"
     result = _profile(runner, out, two_images, "--retentions", "1.0,0.5")
-    text = _all_text(result)
-    assert result.exit_code == 1, text
-    _assert_clean(text, out)
-    errors = [ln for ln in _stderr(result).splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, text
-    flat = _flat(text)
+    flat = _one_error_line(result, out)
     assert "the uncompressed reference run on cpu ran out of memory" in flat and "--init random" in flat
     assert f"recorded in {out / 'results.json'}" in flat
     saved = json.loads((out / "results.json").read_text())
@@ -235,12 +240,7 @@ def test_a_results_write_that_fails_is_one_line_and_keeps_the_runs(
     monkeypatch.setattr(os, "replace", failing)
     out = tmp_path / "out"
     result = _profile(runner, out, two_images, "--retentions", "1.0,0.5")
-    text = _all_text(result)
-    assert result.exit_code == 1, text
-    _assert_clean(text, out)
-    errors = [ln for ln in _stderr(result).splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, text
-    flat = _flat(text)
+    flat = _one_error_line(result, out)
     assert f"cannot write '{out / 'results.json'}': {meaning}" in flat
     assert "it keeps the 1 run(s) written before" in flat and "--resume" in flat
     assert [r["id"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["uncompressed"]
