@@ -233,9 +233,9 @@ def batch_window_ranks(wid: torch.Tensor, num_windows: int, draws: torch.Tensor 
         draws: optional ``(B, n)`` float64 keys that order tokens inside a window.
 
     Returns:
-        ``(gw, sizes, order, rank)``: ``(B·n,)`` flat window ids; ``(B·num_windows + 1,)`` tokens per
-        window (the spare last); ``(B·n,)`` the tokens sorted by window (then key); ``(B·n,)`` the rank
-        of ``order[i]`` in its window.
+        ``(gw, sizes, order, sorted_gw, rank)``: ``(B·n,)`` flat window ids; ``(B·num_windows + 1,)``
+        tokens per window (the spare last); ``(B·n,)`` the tokens sorted by window (then key), their
+        windows ``gw[order]``, and the rank of ``order[i]`` in its window.
     """
     B, n = wid.shape
     nw = B * num_windows
@@ -245,8 +245,9 @@ def batch_window_ranks(wid: torch.Tensor, num_windows: int, draws: torch.Tensor 
     order = torch.argsort(gw, stable=True) if draws is None else torch.argsort(gw.double() + draws.flatten())
     sizes = torch.zeros(nw + 1, dtype=torch.long, device=wid.device).index_add_(0, gw, torch.ones_like(gw))
     starts = sizes.cumsum(0) - sizes
-    rank = torch.arange(B * n, device=wid.device) - starts[gw[order]]
-    return gw, sizes, order, rank
+    sorted_gw = gw[order]
+    rank = torch.arange(B * n, device=wid.device) - starts[sorted_gw]
+    return gw, sizes, order, sorted_gw, rank
 
 
 def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, max_size: int, ratio: float) -> BatchPlan:
@@ -272,8 +273,7 @@ def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ma
     device = features.device
     nw = B * num_windows
     N = B * n
-    gw, sizes, order, rank = batch_window_ranks(wid, num_windows)
-    sorted_gw = gw[order]
+    _, sizes, order, sorted_gw, rank = batch_window_ranks(wid, num_windows)
     width = 2 * math.ceil(max_size / 2)
     table = torch.full(((nw + 1) * width + 1,), N, dtype=torch.long, device=device)  # N: empty slot
     slot = torch.where(sorted_gw < nw, sorted_gw * width + rank, (nw + 1) * width)

@@ -108,7 +108,7 @@ class RandomDrop(SequencePress):
         device = inp.hidden.device
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919)
         r = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
-        gw, sizes, order, sorted_rank = batch_window_ranks(vis.window_ids(windows), vis.num_windows(windows), r)
+        gw, sizes, order, _, sorted_rank = batch_window_ranks(vis.window_ids(windows), vis.num_windows(windows), r)
         rank = torch.empty_like(gw).scatter_(0, order, sorted_rank)  # by window, then by the random draw
         r_w = merges_per_window(sizes, ratio)
         r_w[-1] = 0  # special tokens
