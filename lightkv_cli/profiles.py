@@ -16,7 +16,7 @@ import datetime as _dt
 import re
 import sys
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -174,6 +174,9 @@ class SweepConfig(_Strict):
     schedules: list[ScheduleTable] | None = None
     positions: Literal["keep", "renumber"] | None = None
     max_new_tokens: int | None = Field(default=None, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    timing_inputs: Annotated[int, Field(ge=1)] | Literal["all"] | None = None
+    timing_batch: list[Annotated[int, Field(ge=1)]] | None = None
     repeats: int | None = Field(default=None, ge=1)
     warmup: int | None = Field(default=None, ge=0)
     nvml_interval_ms: float | None = Field(default=None, gt=0)
@@ -193,9 +196,12 @@ class SweepConfig(_Strict):
         lists of methods and retentions joined with commas, images as a list of paths; without the
         ``[thresholds]`` and ``[[schedules]]`` tables (:attr:`TABLES`)."""
         values = self.model_dump(exclude_none=True, exclude=set(self.TABLES))
-        for key in ("methods", "retentions"):
+        for key in ("methods", "retentions", "timing_batch"):
             if key in values:
                 values[key] = ",".join(str(v) for v in values[key])
+        for key in ("batch_size", "timing_inputs"):  # options that take a number or a word
+            if key in values:
+                values[key] = str(values[key])
         return values
 
 

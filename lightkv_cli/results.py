@@ -1,4 +1,4 @@
-"""The results file (``results.json``, schema ``lightkv.results/1``, fields in docs/results-schema.md):
+"""The results file (``results.json``, schema ``lightkv.results/2``, fields in docs/results-schema.md):
 its pydantic model, validate, load, write atomically. No torch: ``lightkv report`` and ``lightkv check
 results.json`` read results through this module alone.
 
@@ -6,8 +6,13 @@ The model (:class:`ResultsFile`) is what a reader may rely on: ``schema`` names 
 ``runs`` is a list of runs with an ``id``, a ``method`` and a ``status``, and the ``thresholds``
 section is a :class:`~lightkv_cli.scoring.thresholds.Thresholds`. Everything else may be missing
 (older files) or null (a non-finite number, or not measured), and keys this version does not know
-are kept (``extra="allow"``), so a file written by a later 1.x lightkv still reads. Readers get
+are kept (``extra="allow"``), so a file written by a later 1.x lightkv still reads. Version 1 files
+(one blocked, unpaired timing per run; no ``quality_pass``, ``timing_pass`` or ``runs[].timing``) still
+read: every field version 2 added is optional. Readers get
 the plain dictionary back (:func:`load_results`), not the model.
+
+Longer than most modules, and one cohesive thing: the schema of one file format (one pydantic model per
+section), with the only code that reads, checks for resume and writes that format.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from lightkv_cli.scoring.thresholds import ThresholdsSection
 SCHEMA_NAME = "lightkv.results"
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-#: The ``schema`` value this version writes: ``lightkv.results/1``.
+#: The ``schema`` value this version writes: ``lightkv.results/2``.
 SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
 
 
@@ -117,8 +122,12 @@ class Settings(_Open):
     schedules: list[ScheduleRecord] | None = None
     positions: str | None = None
     max_new_tokens: Count = None
+    batch_size: Count = None
+    timing_inputs: Count = None
+    timing_batches: list[int] | None = None
     repeats: Count = None
     warmup: Count = None
+    seed: Count = None
     nvml_interval_ms: Num = None
 
 
@@ -201,7 +210,8 @@ class RunCapacity(_Open):
 
 class Quality(_Open):
     """``run.quality``: fidelity to the uncompressed run, accuracy
-    (fractions in [0, 1]; KL in nats), and 95% bootstrap intervals ``ci``."""
+    (fractions in [0, 1]; KL in nats), and 95% intervals ``ci`` (Wilson score intervals for the 0/1
+    metrics, percentile bootstrap for token F1 and KL; older files: bootstrap for all)."""
 
     answer_match: Num = None
     token_f1: Num = None
@@ -240,6 +250,48 @@ class PerInput(_Open):
     per_image_retention: list[Num] | None = None
 
 
+class PairedRatioRecord(_Open):
+    """A paired timing ratio to the uncompressed run: the median of per-(input, round) ratios and its 95%
+    bootstrap interval ``[low, high]`` over ``n`` pairs (unitless)."""
+
+    median: Num = None
+    low: Num = None
+    high: Num = None
+    n: Count = None
+
+
+class TimingRatios(_Open):
+    """``ratio`` of a timing batch: paired ratios of prefill, time to first token and decode ms/token."""
+
+    prefill: PairedRatioRecord | None = None
+    time_to_first_token: PairedRatioRecord | None = None
+    decode_ms_per_token: PairedRatioRecord | None = None
+
+
+class TimingBatch(_Open):
+    """``runs[].timing.batches[]``: the timing pass of one run at one batch size (ms, bytes)."""
+
+    batch_size: int
+    status: str | None = None
+    error: str | None = None
+    units: list[list[str]] | None = None
+    samples: dict[str, list[list[Num]]] | None = None
+    prefill_ms: SpreadField = None
+    time_to_first_token_ms: SpreadField = None
+    decode_ms_per_token: SpreadField = None
+    tokens_per_s: Num = None
+    peak_memory_bytes: Num = None
+    peak_memory_kind: str | None = None
+    nvml: RunNvml | None = None
+    ratio: TimingRatios | None = None
+
+
+class RunTiming(_Open):
+    """``runs[].timing``: the timing pass of one run, one entry per timing batch size."""
+
+    batches: list[TimingBatch] | None = None
+
+
 class Run(_Open):
     """One run: a method at a target retention or schedule, or the uncompressed reference.
 
@@ -268,6 +320,10 @@ class Run(_Open):
     time_to_first_token_ms: SpreadField = None
     decode_ms_per_token: SpreadField = None
     tokens_per_s: Num = None
+    timing_ratio: TimingRatios | None = None
+    timing_batch_size: Count = None
+    quality_batch_size: Count = None
+    timing: RunTiming | None = None
     peak_memory_bytes: Num = None
     peak_memory_kind: str | None = None
     nvml: RunNvml | None = None
@@ -285,7 +341,9 @@ class Run(_Open):
 
 
 class Failure(_Open):
-    """One threshold the closest run missed: ``required``, ``measured`` and the shortfall ``short_by``."""
+    """One threshold the closest run missed: ``required``, ``measured`` (the value compared) and the shortfall
+    ``short_by``; ``basis`` says which value was compared (``lower-bound``, ``upper-bound``, ``mean``,
+    ``measured``) and ``estimate`` is the mean (absent in older files)."""
 
     run: str | None = None
     threshold: str | None = None
@@ -293,6 +351,8 @@ class Failure(_Open):
     measured: Num = None
     short_by: Num = None
     text: str | None = None
+    basis: str | None = None
+    estimate: Num = None
 
 
 class Recommendation(_Open):
@@ -316,6 +376,26 @@ def _schema_version(schema: object) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+class QualityPass(_Open):
+    """``quality_pass``: the batch size the quality pass used, how it was chosen, and its notes."""
+
+    batch_size: Count = None
+    batch_size_source: str | None = None
+    notes: list[str] | None = None
+
+
+class TimingPass(_Open):
+    """``timing_pass``: the inputs, batch sizes and rounds of the timing pass, and each round's run order."""
+
+    inputs: list[str] | None = None
+    batch_sizes: list[int] | None = None
+    rounds: Count = None
+    rounds_done: Count = None
+    warmup: Count = None
+    seed: Count = None
+    order: list[list[str]] | None = None
+
+
 class ResultsFile(_Open):
     """A whole ``results.json`` (docs/results-schema.md) that this version reads.
 
@@ -337,6 +417,8 @@ class ResultsFile(_Open):
     inputs: list[InputRecord] | None = None
     inputs_fingerprint: str | None = None
     skipped: list[SkippedInput] | None = None
+    quality_pass: QualityPass | None = None
+    timing_pass: TimingPass | None = None
     runs: list[Run]
     recommendation: Recommendation | None = None
     complete: bool | None = None
@@ -428,7 +510,18 @@ def load_results(path: Path) -> dict:
 
 #: The recorded settings a resumed sweep must share with the command that resumes it (changing any of
 #: them would mix runs measured one way with runs measured another under one set of settings).
-RESUME_SETTINGS = ("methods", "retentions", "schedules", "positions", "max_new_tokens", "repeats", "warmup")
+RESUME_SETTINGS = (
+    "methods",
+    "retentions",
+    "schedules",
+    "positions",
+    "max_new_tokens",
+    "timing_inputs",
+    "timing_batches",
+    "repeats",
+    "warmup",
+    "seed",
+)
 
 
 def _comparable(key: str, value: object) -> object:

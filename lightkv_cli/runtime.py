@@ -117,6 +117,69 @@ def cache_stats(cache, vision_tokens: int, record: CompressionRecord | None = No
     )
 
 
+def cache_stats_rows(
+    cache, vision_tokens: int, pads: Sequence[int], record: CompressionRecord | None = None
+) -> list[CacheStats]:
+    """:func:`cache_stats` for each row of a left-padded batch, counting only the row's real entries.
+
+    A layer's keys are ``(B, H_kv, S_l, d)`` for every row; row ``b`` has ``pads[b]`` padding entries among
+    them (in-prefill methods never remove text, padding included), so it holds ``S_l − pads[b]`` real
+    entries. After post-prefill eviction the record says how many real entries each row kept per KV head
+    (``row_budgets``, ``row_layer_vision_tokens``); slots beyond them hold masked filler. Bytes are the
+    row's real entries times the layer's bytes per cached token, so a row's figures equal what the same
+    prompt measures alone at batch 1.
+
+    Args:
+        cache: the ``DynamicCache`` filled by the batch's prefill.
+        vision_tokens: vision tokens of every row (a batch shares its vision-token count).
+        pads: left pads of each row (``B`` ints).
+        record: the press's ``last_prefill``, or None.
+
+    Returns:
+        One :class:`CacheStats` per row.
+    """
+    per_token, lens = [], []
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        B, S_l = k.shape[0], int(k.shape[-2])
+        lens.append(S_l)
+        total = k.numel() * k.element_size() + v.numel() * v.element_size()
+        per_token.append(total // (B * S_l) if S_l else 0)
+    out = []
+    evicted = record is not None and record.evicts_text
+    row_budgets = getattr(record, "row_budgets", None) if evicted else None
+    row_vision = getattr(record, "row_layer_vision_tokens", None) if evicted else None
+    for b, pad in enumerate(pads):
+        if evicted:
+            held = list(row_budgets[b]) if row_budgets is not None else list(record.budgets)
+            vis = list(row_vision[b]) if row_vision is not None else list(record.layer_vision_tokens)
+            real = record.seq_len - pad
+            out.append(
+                CacheStats(
+                    layer_seq_lens=[int(h) for h in held],
+                    layer_bytes=[int(h) * t for h, t in zip(held, per_token)],
+                    vision_tokens=vision_tokens,
+                    text_tokens=real - vision_tokens,
+                    layer_vision_tokens=vis,
+                    processed_seq_lens=[real] * len(held),
+                )
+            )
+            continue
+        held = [n - pad for n in lens]
+        text = held[0] - vision_tokens
+        out.append(
+            CacheStats(
+                layer_seq_lens=held,
+                layer_bytes=[h * t for h, t in zip(held, per_token)],
+                vision_tokens=vision_tokens,
+                text_tokens=text,
+                layer_vision_tokens=[h - text for h in held],
+                processed_seq_lens=list(held),
+            )
+        )
+    return out
+
+
 @dataclass
 class GenerationResult:
     """One measured greedy generation.
@@ -126,9 +189,10 @@ class GenerationResult:
         first_logits: ``(B, V)`` float32 logits of the first generated token (on CPU).
         prefill_ms: wall time of the prefill forward (vision encoder included) = time to first token.
         decode_ms: wall time of each decode step (one token per row each), in ms.
-        cache: what the KV cache held after prefill.
+        cache: what the KV cache held after prefill, per request of the batch (padding included).
         peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
         peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
+        row_caches: what the cache held for each row, its real entries only (:func:`cache_stats_rows`).
 
     ``cache.processed_seq_lens`` are the tokens each decoder layer processed in prefill (what the
     FLOPs estimate needs).
@@ -141,6 +205,7 @@ class GenerationResult:
     cache: CacheStats
     peak_memory_bytes: int
     peak_memory_kind: str
+    row_caches: list[CacheStats] = field(default_factory=list)
 
 
 def greedy_generate(
@@ -151,6 +216,7 @@ def greedy_generate(
     eos_token_id: int | list[int] | None,
     press=None,
     suppress_token_ids: Sequence[int] = (),
+    pads: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Prefill ``inputs`` and decode greedily, timing prefill and each decode step.
 
@@ -165,6 +231,8 @@ def greedy_generate(
         suppress_token_ids: tokens never generated (their logits are set to ``-inf`` before the
             argmax), e.g. the image placeholder token, which a model with random weights may
             otherwise emit; ``first_logits`` are recorded before suppression.
+        pads: left pads of each row of a left-padded batch (:mod:`lightkv_cli.engine.batching`), for the
+            per-row cache figures (``row_caches``); None: no padding.
 
     Returns:
         :class:`GenerationResult`.
@@ -206,7 +274,9 @@ def greedy_generate(
             next_tok = _suppressed(logits, suppress).argmax(-1)
         prefill_ms = sw.ms
         first_logits = logits.float().cpu()
-        stats = cache_stats(cache, vision_tokens, getattr(press, "last_prefill", None))
+        record = getattr(press, "last_prefill", None)
+        stats = cache_stats(cache, vision_tokens, record)
+        rows = cache_stats_rows(cache, vision_tokens, list(pads) if pads is not None else [0] * batch, record)
         last_pos = adapter.next_position_ids(position_ids) - 1
         for step in range(max_new_tokens):
             ids = next_tok.cpu()
@@ -240,6 +310,7 @@ def greedy_generate(
         cache=stats,
         peak_memory_bytes=int(peak.peak_bytes or 0),
         peak_memory_kind=peak.kind or "",
+        row_caches=rows,
     )
 
 

@@ -60,7 +60,7 @@ def bench(
     """Benchmark LightKV against the uncompressed model on this device: time, KV bytes, peak memory, largest batch."""
     from rich.markdown import Markdown
 
-    from lightkv_cli.engine.bench import build_model, run_benchmark
+    from lightkv_cli.engine.bench import build_model, run_benchmark, time_vs_flops
     from lightkv_cli.report.console import bench_markdown
 
     b_list = parse_int_list(batches, "--batches")
@@ -97,4 +97,25 @@ def bench(
 
     md_path = write_text_atomic(path.with_suffix(".md"), md)
     console.print(Markdown(md))
+    _print_time_vs_flops(time_vs_flops(res))
     console.print(f"results: {path}, {md_path}", highlight=False)
+
+
+def _print_time_vs_flops(rows: list[dict]) -> None:
+    """The published schedule's prefill time ratio beside its FLOPs ratio, one line per cell."""
+    if not rows:
+        return
+    from rich.table import Table
+
+    table = Table(title="lightkv-published: prefill time ratio vs FLOPs ratio (× uncompressed, same cell)")
+    for col in ("batch", "images", "prefill time ratio", "FLOPs ratio", "time − FLOPs"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["batch"]),
+            str(r["images"]),
+            f"{r['prefill_ratio']:.3f}",
+            f"{r['flops_ratio']:.3f}",
+            f"{r['difference']:+.3f}",
+        )
+    console.print(table)

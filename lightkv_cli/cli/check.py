@@ -1,4 +1,10 @@
-"""``lightkv check``: the CI gate on an existing results file or a re-run of a saved profile."""
+"""``lightkv check``: the CI gate on an existing results file or a re-run of a saved profile.
+
+Two kinds of gate: thresholds (:func:`~lightkv_cli.scoring.thresholds.evaluate`; quality compared on the
+lower 95% bound or the mean, as ``decide_on`` says) and, with ``--max-drop``, a paired test against the
+uncompressed run on the same inputs (:func:`~lightkv_cli.scoring.paired.paired_tests`): it fails when a
+0/1 metric dropped *significantly* more than the margin (one-sided, 95%).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import typer
 
 from lightkv_cli.cli.common import (
     ConsoleEvents,
+    DecideOnOpt,
     DeviceOpt,
     DtypeOpt,
     ImagesOpt,
@@ -72,6 +79,17 @@ def check(
     max_retention: MaxRetOpt = None,
     max_kv_bytes: MaxKvOpt = None,
     max_prefill_ms: MaxPrefillOpt = None,
+    decide_on: DecideOnOpt = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Paired test against the uncompressed run on the same inputs: fail when answer match, top-1 "
+            "agreement or accuracy dropped significantly more than this (a fraction of inputs; one-sided 95%: exact "
+            "binomial, Tango score test for accuracy, with the McNemar p-value).",
+        ),
+    ] = None,
     repeats: RepeatsOpt = 1,
     warmup: WarmupOpt = 1,
     device: DeviceOpt = "auto",
@@ -87,6 +105,8 @@ def check(
     """CI gate: exit 0 when the operating point meets every threshold, 1 when one fails, 2 on a usage error."""
     from lightkv_cli.scoring.thresholds import Thresholds, evaluate
 
+    if max_drop is not None and max_drop >= 1.0:
+        raise UserError(f"--max-drop must be below 1 (a fraction of inputs), got {max_drop:g}")
     if results is None and profile_path is None:
         raise UserError(
             "give a results file (lightkv check results.json) or --profile profiles/NAME.toml with --images or "
@@ -100,7 +120,7 @@ def check(
 
         prof = load_profile(profile_path)
     overrides = threshold_overrides(
-        min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms
+        min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on
     )
     if results is not None:
         from lightkv_cli.results import load_results
@@ -128,9 +148,10 @@ def check(
         base = prof.thresholds
         source = str(profile_path)
     thresholds = base.merged(**overrides)
-    if not thresholds.set_items():
+    if not thresholds.set_items() and max_drop is None:
         raise UserError(
-            "no thresholds to check: give e.g. --min-answer-match 0.95 or a profile with a [thresholds] table"
+            "no thresholds to check: give e.g. --min-answer-match 0.95, --max-drop 0.02 or a profile with a "
+            "[thresholds] table"
         )
     target = next(r for r in data["runs"] if r["id"] == run_id)
     if target.get("status") == "ok":
@@ -144,12 +165,36 @@ def check(
             )
     else:
         checks = None
-    _print_check(run_id, source, target, thresholds, checks)
+    paired = _paired(data, target, max_drop, source) if max_drop is not None and checks is not None else []
+    _print_check(run_id, source, target, thresholds, checks, paired)
     if junit is not None:
-        _write_junit(junit, run_id, target, thresholds, checks)
+        _write_junit(junit, run_id, target, thresholds, checks, paired)
         console.print(f"junit: {shown(junit)}", highlight=False)
-    failed = checks is None or any(not c.passed for c in checks)
+    failed = checks is None or any(not c.passed for c in checks) or any(not p.passed for p in paired)
     raise typer.Exit(1 if failed else 0)
+
+
+def _paired(data: dict, target: dict, max_drop: float, source: str) -> list:
+    """The paired tests of ``target`` against the uncompressed run of ``data`` (empty when ``target`` is it).
+
+    Raises:
+        UserError: no finished uncompressed run, or no per-input scores to pair.
+    """
+    from lightkv_cli.scoring.paired import paired_tests
+
+    base = next((r for r in data["runs"] if r.get("method") == "uncompressed" and r.get("status") == "ok"), None)
+    if base is None:
+        raise UserError(f"--max-drop compares with the uncompressed run, but {source} has none that finished")
+    if base is target:
+        console.print("[dim]--max-drop: the checked run is the uncompressed run itself; nothing dropped[/]")
+        return []
+    paired = paired_tests(target, base, max_drop)
+    if not paired:
+        raise UserError(
+            f"--max-drop needs per-input scores (runs[].per_input[].quality) of {target.get('id')} and the "
+            f"uncompressed run on the same inputs; {source} has none: re-run the sweep with this lightkv"
+        )
+    return paired
 
 
 def _profile_run(prof, runs: list[dict]) -> str | None:
@@ -255,14 +300,54 @@ def _rerun_profile(
     return data, (run_id(m.name, schedule=sched) if sched else run_id(m.name, target=m.target_retention))
 
 
-def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> None:
+def _basis(c) -> str:
+    """What the check table's ``compared`` column says about a threshold check."""
+    if c.basis in ("lower-bound", "upper-bound"):
+        side = "lower" if c.basis == "lower-bound" else "upper"
+        n = f", {c.n_inputs} inputs" if c.n_inputs else ""
+        return f"{side} 95% bound (mean {c.estimate:.4g}{n})"
+    if c.basis == "mean":
+        return "mean" + (" (no interval recorded)" if c.note and "no interval" in c.note else "")
+    return "measured"
+
+
+def _p(v) -> str:
+    return "–" if v is None else f"{v:.3g}"
+
+
+def _print_paired(paired: list, run_id: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"paired test · {shown(run_id)} vs uncompressed · one-sided 95%")
+    cols = ("metric", "test", "inputs", "uncompressed", "this run", "drop", "95% lower bound", "p", "McNemar p")
+    for col in (*cols, "result"):
+        table.add_column(col, justify="left" if col in ("metric", "test") else "right")
+    for p in paired:
+        result = ("[green]pass[/]" if p.passed else "[red]FAIL[/]") if p.gated else "[dim]info[/]"
+        bound = f"{p.lower:.4g}" + (f" {'≤' if p.passed else '>'} {p.margin:g}" if p.gated else "")
+        table.add_row(
+            p.label,
+            p.test,
+            str(p.n),
+            f"{p.reference:.4g}",
+            f"{p.value:.4g}",
+            f"{p.drop:+.4g}",
+            bound,
+            _p(p.p_value),
+            _p(p.mcnemar_p),
+            result,
+        )
+    console.print(table)
+
+
+def _print_check(run_id: str, source: str, run: dict, thresholds, checks, paired=()) -> None:
     from rich.table import Table
 
     table = Table(title=f"lightkv check · {shown(run_id)} · {shown(source)}")
-    for col in ("threshold", "required", "measured", "margin", "result"):
-        table.add_column(col, justify="left" if col == "threshold" else "right")
+    for col in ("threshold", "compared", "required", "measured", "margin", "result"):
+        table.add_column(col, justify="left" if col in ("threshold", "compared") else "right")
     if checks is None:
-        table.add_row("run status", "ok", shown(run.get("status", "?")), "", "[red]FAIL[/]")
+        table.add_row("run status", "", "ok", shown(run.get("status", "?")), "", "[red]FAIL[/]")
         console.print(table)
         console.print(
             f"[bold red]FAIL[/]: {shown(run_id)} did not finish ({shown(run.get('status'))}: "
@@ -279,40 +364,85 @@ def _print_check(run_id: str, source: str, run: dict, thresholds, checks) -> Non
             else f"{(c.measured - c.required) if c.kind == 'min' else (c.required - c.measured):+.4g}"
         )
         table.add_row(
-            c.label, f"{op} {c.required:.4g}", measured, margin, "[green]pass[/]" if c.passed else "[red]FAIL[/]"
+            c.label,
+            _basis(c),
+            f"{op} {c.required:.4g}",
+            measured,
+            margin,
+            "[green]pass[/]" if c.passed else "[red]FAIL[/]",
         )
-    console.print(table)
-    failed = [c for c in checks if not c.passed]
+    if checks:
+        console.print(table)
+    if paired:
+        _print_paired(paired, run_id)
+    failed = [c.describe() for c in checks if not c.passed]
+    gated = [p for p in paired if p.gated]
+    failed += [p.describe() for p in gated if not p.passed]
+    total = len(checks) + len(gated)
+    what = "thresholds" if not gated else ("paired tests" if not checks else "thresholds and paired tests")
     if failed:
         console.print(
-            f"[bold red]FAIL[/]: {len(failed)} of {len(checks)} thresholds failed: "
-            + "; ".join(shown(c.describe()) for c in failed),
+            f"[bold red]FAIL[/]: {len(failed)} of {total} {what} failed: " + "; ".join(shown(f) for f in failed),
             highlight=False,
         )
     else:
-        console.print(f"[bold green]PASS[/]: {shown(run_id)} meets all {len(checks)} thresholds", highlight=False)
+        console.print(f"[bold green]PASS[/]: {shown(run_id)} meets all {total} {what}", highlight=False)
 
 
-def _write_junit(path: Path, run_id: str, run: dict, thresholds, checks) -> None:
-    """JUnit XML: one test suite, one test case per threshold (or one for a run that did not finish)."""
+def _junit_number(v) -> str:
+    return "" if v is None else repr(float(v))
+
+
+def _write_junit(path: Path, run_id: str, run: dict, thresholds, checks, paired=()) -> None:
+    """JUnit XML: one test suite, one test case per threshold (or one for a run that did not finish) and per
+    metric of the paired test (``max_drop.<metric>``); each case carries ``<properties>``: for a threshold
+    ``compared`` (lower-bound, upper-bound, mean, measured), ``value``, ``estimate``; for the paired test
+    ``p_value`` (one-sided, at the margin), ``mcnemar_p``, ``drop``, ``lower_bound``, ``margin``, ``test``, ``n``.
+    The paired test's message holds its p-value too."""
     import xml.etree.ElementTree as ET
 
-    cases = []
+    cases = []  # (name, failure text or None, properties)
     if checks is None:
-        cases.append(("run status", f"{run_id} did not finish: {run.get('status')}: {run.get('error', '')}"))
+        cases.append(("run status", f"{run_id} did not finish: {run.get('status')}: {run.get('error', '')}", {}))
     else:
-        cases += [(c.threshold, None if c.passed else c.describe()) for c in checks]
+        cases += [
+            (
+                c.threshold,
+                None if c.passed else c.describe(),
+                {"compared": c.basis, "value": _junit_number(c.measured), "estimate": _junit_number(c.estimate)},
+            )
+            for c in checks
+        ]
+    for p in paired:
+        props = {
+            "test": p.test,
+            "n": str(p.n),
+            "drop": _junit_number(p.drop),
+            "lower_bound": _junit_number(p.lower),
+            "margin": _junit_number(p.margin) if p.gated else "",
+            "p_value": _junit_number(p.p_value),
+            "mcnemar_p": _junit_number(p.mcnemar_p),
+        }
+        cases.append((f"max_drop.{p.metric}", None if p.passed else p.describe(), props))
     suite = ET.Element(
         "testsuite",
         name="lightkv check",
         tests=str(len(cases)),
-        failures=str(sum(1 for _, f in cases if f)),
+        failures=str(sum(1 for _, f, _ in cases if f)),
         errors="0",
     )
-    for name, failure in cases:
+    for name, failure, props in cases:
         case = ET.SubElement(suite, "testcase", classname=f"lightkv.check.{run_id}", name=name)
+        if props:
+            properties = ET.SubElement(case, "properties")
+            for key, value in props.items():
+                ET.SubElement(properties, "property", name=key, value=value)
         if failure:
-            ET.SubElement(case, "failure", message=failure, type="threshold").text = failure
+            kind = "paired-test" if name.startswith("max_drop.") else "threshold"
+            ET.SubElement(case, "failure", message=failure, type=kind).text = failure
+        elif name.startswith("max_drop."):
+            text = next(p.describe() for p in paired if name == f"max_drop.{p.metric}")
+            ET.SubElement(case, "system-out").text = text
     root = ET.Element("testsuites")
     root.append(suite)
     try:

@@ -20,11 +20,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from lightkv_cli import __version__
 from lightkv_cli.demo_model import DEMO_NAME
@@ -193,10 +195,19 @@ PositionsOpt = Annotated[str, typer.Option(help="Position ids of merged tokens: 
 MaxNewOpt = Annotated[int, typer.Option(min=1, help="Greedy decode length bound.")]
 
 
-RepeatsOpt = Annotated[int, typer.Option(min=1, help="Timed generations per run and input (median reported).")]
+RepeatsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Rounds of the timing pass: every run is visited once per round, in a seeded shuffled order, so drift "
+        "hits every run alike (medians and paired ratios to uncompressed over rounds × timing inputs).",
+    ),
+]
 
 
-WarmupOpt = Annotated[int, typer.Option(min=0, help="Untimed generations per run before timing.")]
+WarmupOpt = Annotated[
+    int, typer.Option(min=0, help="Untimed generations per run and timing batch size before the timing rounds.")
+]
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -280,14 +291,29 @@ MaxKvOpt = Annotated[str | None, typer.Option(help="Threshold: KV bytes per requ
 MaxPrefillOpt = Annotated[float | None, typer.Option(min=0.0, help="Threshold: median prefill time (ms) at most this.")]
 
 
+DecideOnOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="lower-bound|mean",
+        help="Compare quality thresholds with the lower 95% bound over inputs (Wilson score; default of profile and "
+        "sweep) or the mean. check: default the file's or profile's (mean when not recorded).",
+    ),
+]
+
+
 def threshold_overrides(
-    min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms
+    min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on=None
 ) -> dict:
-    """Threshold values given on the command line (``None`` = not given)."""
+    """Threshold values given on the command line (``None`` = not given), and ``decide_on``; a ``UserError``
+    for a ``--max-kv-bytes`` that is not a size or a ``--decide-on`` other than ``lower-bound`` or ``mean``."""
+    from lightkv_cli.scoring.thresholds import DECIDE_ON
     from lightkv_cli.units import parse_memory_size
 
+    if decide_on is not None and decide_on not in DECIDE_ON:
+        raise UserError(f"--decide-on must be {' or '.join(DECIDE_ON)}, got '{decide_on}'")
     kv = float(parse_memory_size(max_kv_bytes, option="--max-kv-bytes")) if max_kv_bytes is not None else None
     return {
+        "decide_on": decide_on,
         "min_answer_match": min_answer_match,
         "min_top1_agreement": min_top1,
         "min_accuracy": min_accuracy,
@@ -352,13 +378,22 @@ def parse_schedules(layers: list[str], windows: list[str], ratios: list[str]):
     return out
 
 
+class InputsPerSecond(ProgressColumn):
+    """The rate of a progress task in inputs per second (blank until rich has measured one)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.1f} inputs/s", style="progress.data.speed")
+
+
 def progress_bar() -> Progress:
-    """A progress bar on the console: spinner, description, bar, done/total, elapsed time, eta."""
+    """A progress bar on the console: spinner, description, bar, done/total, inputs/s, elapsed time, eta."""
     columns = [
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        InputsPerSecond(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -379,7 +414,8 @@ class ConsoleEvents(SweepEvents):
     def __init__(self, show_notes: bool = True, model_label: str | None = None):
         self.show_notes = show_notes
         self.model_label = model_label
-        self._advance = None
+        self._bar: Progress | None = None
+        self._tasks: dict[str, int] = {}
 
     def inputs_read(self, inputs) -> None:
         from lightkv_cli.inputs import describe_skipped
@@ -415,18 +451,30 @@ class ConsoleEvents(SweepEvents):
             )
 
     @contextmanager
-    def running(self, total_steps: int) -> Iterator[None]:
+    def running(self) -> Iterator[None]:
         with progress_bar() as progress:
-            task = progress.add_task("planning", total=total_steps)
-            self._advance = lambda description: progress.update(task, advance=1, description=description)
+            self._bar = progress
             try:
                 yield
             finally:
-                self._advance = None
+                self._bar = None
+                self._tasks = {}
 
-    def progress(self, run_id: str, input_id: str) -> None:
-        if self._advance is not None:
-            self._advance(shown(f"{run_id} · {input_id}"))
+    def phase(self, name: str, total: int) -> None:
+        if self._bar is None or total <= 0:
+            return
+        label = PHASE_LABELS.get(name, name)
+        self._tasks[name] = self._bar.add_task(label, total=total, label=label)
+
+    def progress(self, phase: str, run_id: str, inputs: int) -> None:
+        task = self._tasks.get(phase)
+        if self._bar is not None and task is not None:
+            label = PHASE_LABELS.get(phase, phase)
+            self._bar.update(task, advance=inputs, description=shown(f"{label} · {run_id}"))
+
+
+#: How the two passes of a sweep are named on the progress bars.
+PHASE_LABELS = {"quality": "quality pass", "timing": "timing pass"}
 
 
 def write_reports_or_warn(results: dict, output: Path) -> tuple[Path, Path] | None:

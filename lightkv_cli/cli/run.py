@@ -10,6 +10,7 @@ import typer
 
 from lightkv_cli.cli.common import (
     ConsoleEvents,
+    DecideOnOpt,
     DeviceOpt,
     DtypeOpt,
     GpuMemoryOpt,
@@ -48,6 +49,7 @@ from lightkv_cli.cli.common import (
     threshold_overrides,
     write_reports_or_warn,
 )
+from lightkv_cli.cli.passes import BatchSizeOpt, TimingBatchOpt, TimingInputsOpt, pass_settings
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 
@@ -255,6 +257,9 @@ def profile(
     ] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
+    batch_size: BatchSizeOpt = "auto",
+    timing_inputs: TimingInputsOpt = "8",
+    timing_batch: TimingBatchOpt = "1",
     repeats: RepeatsOpt = 3,
     warmup: WarmupOpt = 1,
     min_fidelity: Annotated[
@@ -265,6 +270,7 @@ def profile(
             help="Recommend the lowest retention whose answer match and top-1 agreement are at least this.",
         ),
     ] = 0.95,
+    decide_on: DecideOnOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -293,7 +299,10 @@ def profile(
         max_new_tokens=max_new_tokens,
         repeats=repeats,
         warmup=warmup,
-        thresholds=Thresholds(min_answer_match=min_fidelity, min_top1_agreement=min_fidelity),
+        **pass_settings(batch_size, timing_inputs, timing_batch),
+        thresholds=Thresholds(min_answer_match=min_fidelity, min_top1_agreement=min_fidelity).merged(
+            **threshold_overrides(None, None, None, None, None, None, None, decide_on)
+        ),
         **_memory_budget(gpu_memory),
     )
     request = SweepRequest(
@@ -378,6 +387,9 @@ def sweep(
     ] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
+    batch_size: BatchSizeOpt = "auto",
+    timing_inputs: TimingInputsOpt = "8",
+    timing_batch: TimingBatchOpt = "1",
     repeats: RepeatsOpt = 3,
     warmup: WarmupOpt = 1,
     min_answer_match: MinAnswerOpt = None,
@@ -387,6 +399,7 @@ def sweep(
     max_retention: MaxRetOpt = None,
     max_kv_bytes: MaxKvOpt = None,
     max_prefill_ms: MaxPrefillOpt = None,
+    decide_on: DecideOnOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     nvml_interval_ms: NvmlOpt = 20.0,
     device: DeviceOpt = "auto",
@@ -406,11 +419,11 @@ def sweep(
 
     cfg = ctx.meta.get(_CONFIG_KEY)  # the --config file's tables; its options are in the defaults already
     thresholds = Thresholds()
-    if cfg is not None and cfg.thresholds is not None:
-        thresholds = thresholds.merged(**cfg.thresholds.set_items())
+    if cfg is not None and cfg.thresholds is not None:  # decide_on left out of the table keeps the default
+        thresholds = thresholds.merged(**cfg.thresholds.set_items(), decide_on=cfg.thresholds.decide_on)
     thresholds = thresholds.merged(
         **threshold_overrides(
-            min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms
+            min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on
         )
     )
     config_schedules = []
@@ -428,6 +441,7 @@ def sweep(
         max_new_tokens=max_new_tokens,
         repeats=repeats,
         warmup=warmup,
+        **pass_settings(batch_size, timing_inputs, timing_batch),
         nvml_interval_ms=nvml_interval_ms,
         thresholds=thresholds,
         **_memory_budget(gpu_memory),

@@ -7,6 +7,8 @@ and LightKV at other target retentions, and measures:
 * time to first token / prefill time and decode ms/token over ``new_tokens`` greedy tokens with EOS
   disabled (medians over repeats after warm-up; ratios to the uncompressed run of the same cell);
 * KV bytes after prefill for the whole batch (total and vision) and the measured vision retention;
+* the analytic prefill FLOPs of the decoder (:func:`~lightkv_cli.measure.costs.prefill_flops`, from
+  the tokens each layer processed), so that the prefill time ratio can be read beside the FLOPs ratio;
 * the allocator peak (``torch.cuda.max_memory_allocated``, reset per generation) and the NVML peak;
 * the largest batch that fits in device memory, found by doubling then bisection with
   ``torch.OutOfMemoryError`` caught (GPU only: a CPU has no device-memory limit to find);
@@ -159,8 +161,9 @@ def measure(
 
     Returns:
         ``{"status": "ok", "prefill_ms", "decode_ms_per_token" (Spreads), "kv_bytes",
-        "kv_bytes_vision" (whole batch, after prefill), "vision_retention", "peak_memory_bytes",
-        "peak_memory_kind", "nvml_peak_used_bytes"}``, or ``{"status": "oom", "error"}``.
+        "kv_bytes_vision" (whole batch, after prefill), "vision_retention", "flops_prefill" (analytic
+        decoder FLOPs of the whole batch's prefill), "peak_memory_bytes", "peak_memory_kind",
+        "nvml_peak_used_bytes"}``, or ``{"status": "oom", "error"}``.
     """
     inputs = synthetic_inputs(bm, batch, images)
     n_vis = images * bm.vision_tokens_per_image
@@ -186,6 +189,8 @@ def measure(
         del inputs
         _free(bm.device)
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    from lightkv_cli.measure.costs import prefill_flops
+
     nv = sampler.to_dict()
     c = res.cache
     out = {
@@ -196,6 +201,7 @@ def measure(
         "kv_bytes_vision": c.vision_bytes * batch,
         "vision_retention": c.vision_retention,
         "layer_seq_lens": list(c.layer_seq_lens),
+        "flops_prefill": prefill_flops(bm.model.config, c.processed_seq_lens or c.layer_seq_lens, batch),
         "peak_memory_bytes": max(peaks),
         "peak_memory_kind": res.peak_memory_kind,
         "nvml_peak_used_bytes": nv.get("peak_used_bytes") if nv.get("available") else None,
@@ -356,6 +362,7 @@ def run_benchmark(
                     base = row if m["status"] == "ok" else None
                 if base is not None and m["status"] == "ok":
                     row["prefill_ratio"] = m["prefill_ms"]["median"] / base["prefill_ms"]["median"]
+                    row["flops_ratio"] = m["flops_prefill"] / base["flops_prefill"]
                     row["decode_ratio"] = (
                         m["decode_ms_per_token"]["median"] / base["decode_ms_per_token"]["median"]
                         if m["decode_ms_per_token"] and base["decode_ms_per_token"]
@@ -412,6 +419,38 @@ def run_benchmark(
     return out
 
 
+def time_vs_flops(bench: dict, method: str = "lightkv-published") -> list[dict]:
+    """Prefill time ratio beside prefill FLOPs ratio (both against uncompressed) of ``method``, per cell.
+
+    The issue-16 check: on a device where the compression step costs what it should, the prefill time
+    ratio is close to the FLOPs ratio. Time includes the vision encoder, which no method shortens and
+    the decoder FLOPs estimate leaves out, so it sits slightly above the FLOPs ratio even for a free
+    compression step.
+
+    Args:
+        bench: a :func:`run_benchmark` result (or its JSON).
+        method: the cells' method name.
+
+    Returns:
+        One ``{"batch", "images", "prefill_ratio", "flops_ratio", "difference"}`` per finished cell of
+        ``method`` (``difference`` = time ratio − FLOPs ratio), in the result's order.
+    """
+    rows = []
+    for c in bench.get("cells", []):
+        if c.get("method") != method or c.get("status") != "ok" or c.get("flops_ratio") is None:
+            continue
+        rows.append(
+            {
+                "batch": c["batch"],
+                "images": c["images"],
+                "prefill_ratio": c["prefill_ratio"],
+                "flops_ratio": c["flops_ratio"],
+                "difference": c["prefill_ratio"] - c["flops_ratio"],
+            }
+        )
+    return rows
+
+
 __all__ = [
     "ARCHITECTURES",
     "BenchModel",
@@ -422,4 +461,5 @@ __all__ = [
     "method_grid",
     "run_benchmark",
     "synthetic_inputs",
+    "time_vs_flops",
 ]

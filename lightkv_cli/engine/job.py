@@ -131,12 +131,17 @@ class SweepEvents:
         numbered backup the previous results file was moved to (or, with no results file, the first
         report moved), if any."""
 
-    def running(self, total_steps: int) -> AbstractContextManager:
-        """Entered while the runs run; ``total_steps`` (run, input) pairs will be reported to :meth:`progress`."""
+    def running(self) -> AbstractContextManager:
+        """Entered while the runs run (both passes); :meth:`phase` and :meth:`progress` are called inside."""
         return nullcontext()
 
-    def progress(self, run_id: str, input_id: str) -> None:
-        """Input ``input_id`` of run ``run_id`` is done."""
+    def phase(self, name: str, total: int) -> None:
+        """Pass ``name`` starts (``"quality"``: every run generates every input once, in batches;
+        ``"timing"``: the interleaved timing rounds); ``total`` generations of inputs will be reported to
+        :meth:`progress` for it (warm-up included)."""
+
+    def progress(self, phase: str, run_id: str, inputs: int) -> None:
+        """Run ``run_id`` generated ``inputs`` more inputs (one batch) in pass ``phase``."""
 
     def input_skipped(self, reason: str) -> None:
         """An input was left out once the model was loaded (it does not fit the model), with the reason."""
@@ -255,6 +260,7 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
         raise
     for s in unfit:
         events.input_skipped(f"skipped {s.path.name}: {s.reason}")
+    _flag_out_of_vocabulary(lm, inputs, events)
     results_path = request.results_path
     sweep = Sweep(
         lm,
@@ -276,11 +282,26 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
             ) from None
     events.ready(sweep, moved[0] if moved else None)
     sweep.on_progress = events.progress
+    sweep.on_phase = events.phase
+    sweep.on_note = events.note
     try:
-        with events.running(sweep.total_steps):
+        with events.running():
             return sweep.run()
     except KeyboardInterrupt as exc:
         raise SweepInterrupted(sweep.results, getattr(exc, "signum", 2), moved) from None
+
+
+def _flag_out_of_vocabulary(lm: LoadedModel, inputs: list, events: SweepEvents) -> None:
+    """Record on each input the words of its question the tokenizer maps to its unknown token
+    (``oov_words``), and say once how many questions have any (their answers are not meaningful)."""
+    from lightkv_cli.inputs.vocabulary import describe_out_of_vocabulary, scan_out_of_vocabulary
+
+    found = scan_out_of_vocabulary(lm.processor, [inp.question for inp in inputs])
+    for inp, words in zip(inputs, found):
+        inp.oov_words = tuple(words)
+    text = describe_out_of_vocabulary(found)
+    if text:
+        events.note(text)
 
 
 def _load_model(loader, request: SweepRequest) -> LoadedModel:

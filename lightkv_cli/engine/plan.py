@@ -19,6 +19,9 @@ from lightkv_cli.scoring.thresholds import Thresholds
 #: Target retentions of ``lightkv profile`` (1.0 = the uncompressed reference).
 DEFAULT_RETENTIONS = (1.0, 0.9, 0.75, 0.55, 0.4)
 
+#: Inputs the timing pass measures by default (``--timing-inputs``).
+DEFAULT_TIMING_INPUTS = 8
+
 
 @dataclass
 class SweepSettings:
@@ -32,15 +35,22 @@ class SweepSettings:
         schedules: explicit LightKV schedules, run for every method besides the targets.
         positions: position ids of merged tokens (``keep`` or ``renumber``).
         max_new_tokens: greedy decode length bound.
-        repeats: timed generations per (run, input); the first also gives the answer.
-        warmup: untimed generations per run before measuring.
+        batch_size: rows per batch of the quality pass (None: chosen per device, see
+            :class:`~lightkv_cli.engine.sweep.Sweep`); 1 runs every input alone.
+        timing_inputs: inputs the timing pass measures (None: all of them), spread over the
+            vision-token groups (:func:`~lightkv_cli.engine.batching.timing_sample`).
+        timing_batches: batch sizes the timing pass measures (the first one gives the headline times).
+        repeats: rounds of the timing pass (every run visited once per round, in a shuffled order).
+        warmup: untimed generations per run and timing batch size before the timing rounds.
+        seed: seed of the timing pass's run order and of its bootstrap intervals.
         nvml_interval_ms: NVML sampling interval, milliseconds.
         thresholds: what the recommended operating point must meet.
         memory_budget: memory for capacity planning, bytes (default: the detected device's).
         memory_source: where ``memory_budget`` came from (for the report).
 
     Raises:
-        UserError: ``positions`` other than ``keep`` or ``renumber``.
+        UserError: ``positions`` other than ``keep`` or ``renumber``; a batch size, timing inputs or timing
+            batch size below 1.
     """
 
     methods: Sequence[str] = ("lightkv",)
@@ -48,8 +58,12 @@ class SweepSettings:
     schedules: Sequence[Schedule] = ()
     positions: str = "keep"
     max_new_tokens: int = 32
+    batch_size: int | None = None
+    timing_inputs: int | None = DEFAULT_TIMING_INPUTS
+    timing_batches: Sequence[int] = (1,)
     repeats: int = 3
     warmup: int = 1
+    seed: int = 0
     nvml_interval_ms: float = 20.0
     thresholds: Thresholds = field(default_factory=Thresholds)
     memory_budget: int | None = None
@@ -58,6 +72,15 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if self.positions not in ("keep", "renumber"):
             raise UserError(f"--positions must be keep or renumber, got '{self.positions}'")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.timing_inputs is not None and self.timing_inputs < 1:
+            raise UserError(f"--timing-inputs must be at least 1 or 'all', got {self.timing_inputs}")
+        if not self.timing_batches or any(b < 1 for b in self.timing_batches):
+            raise UserError(
+                f"--timing-batch takes batch sizes of at least 1, e.g. 1,8; got {list(self.timing_batches)}"
+            )
+        self.timing_batches = list(dict.fromkeys(int(b) for b in self.timing_batches))
 
     def to_dict(self) -> dict:
         """The ``settings`` section of the results file."""
@@ -67,8 +90,12 @@ class SweepSettings:
             "schedules": [s.to_dict() for s in self.schedules],
             "positions": self.positions,
             "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+            "timing_inputs": self.timing_inputs,
+            "timing_batches": list(self.timing_batches),
             "repeats": self.repeats,
             "warmup": self.warmup,
+            "seed": self.seed,
             "nvml_interval_ms": self.nvml_interval_ms,
         }
 

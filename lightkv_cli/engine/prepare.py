@@ -27,6 +27,8 @@ class ProfileInput:
         type, tags: the prompts line's group and labels (:class:`~lightkv_cli.inputs.PromptItem`);
             None and ``()`` when it gives none.
         line: the prompts file line it came from (0: not from a prompts file).
+        oov_words: words of the question the tokenizer maps to its unknown token (recorded in the results
+            as ``oov_words`` when any; the model's answer to such a question is not meaningful).
     """
 
     id: str
@@ -40,6 +42,8 @@ class ProfileInput:
     type: str | None = None
     tags: tuple[str, ...] = ()
     line: int = 0
+    #: words of the question the tokenizer maps to its unknown token (set by the sweep job)
+    oov_words: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """One entry of the ``inputs`` section of the results file; ``type`` and ``tags`` only when given."""
@@ -60,6 +64,8 @@ class ProfileInput:
             out["type"] = self.type
         if self.tags:
             out["tags"] = list(self.tags)
+        if self.oov_words:
+            out["oov_words"] = list(self.oov_words)
         return out
 
 

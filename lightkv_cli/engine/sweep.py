@@ -1,29 +1,44 @@
 """Sweeps and profiles: the uncompressed model and each method at each target retention or explicit
-schedule, on the user's inputs.
+schedule, on the user's inputs, in two passes.
 
-Data flows one way: prepared inputs → one measured greedy generation per (run, input, repeat), with
-an NVML sampler running beside each run → per-run aggregates (retention, bytes, times, FLOPs,
-capacity, quality against the uncompressed run) → a results dictionary following
-``docs/results-schema.md``. Nothing here prints; the caller passes ``on_progress`` to show progress
-and ``results_path`` to have every finished run written to disk at once (atomically), so an
-interrupted sweep loses nothing and can be resumed.
+- **Quality pass.** Every run generates every input once (greedy), in left-padded batches of inputs that
+  share their vision-token count (:mod:`lightkv_cli.engine.batching`, ``settings.batch_size``). What a run
+  keeps, its KV bytes, FLOPs and every answer come from this pass, and every answer is scored against the
+  uncompressed run's on the same input (computed once per input). A method that cannot run a batch
+  (:class:`~lightkv_cli.errors.UnsupportedInputError` on a batch of more than one row) runs at batch 1,
+  and a batch that runs out of memory is split in halves; each is said once (``quality_pass.notes``).
+- **Timing pass.** On ``settings.timing_inputs`` inputs (spread over the vision-token groups), after
+  ``warmup`` untimed generations per run, ``repeats`` rounds in which every run is visited once in a seeded
+  shuffled order, at every ``settings.timing_batches`` batch size. Times of a run are paired with the
+  uncompressed run's on the same input (batch) and round: the ratios' median and bootstrap interval
+  (:mod:`lightkv_cli.measure.paired`) are what the report compares, so drift on a shared machine hits
+  every run alike. Peak allocator memory and NVML samples per run and timing batch come from this pass.
 
-A run that runs out of memory (on GPU or CPU: :func:`~lightkv_cli.measure.memory.is_out_of_memory`)
-is recorded with ``status: "oom"``; when that run is the uncompressed reference, it is recorded and the
-sweep stops (:class:`~lightkv_cli.engine.job.SweepFailed`), since nothing can be scored without it.
+Nothing here prints; the caller passes ``on_phase`` / ``on_progress`` to show progress and
+``results_path`` to have the results written to disk (atomically) after every finished run of the quality
+pass and every round of the timing pass, so an interrupted sweep loses nothing and can be resumed (a
+resumed timing pass continues with its next round).
+
+A run that runs out of memory (on GPU or CPU: :func:`~lightkv_cli.measure.memory.is_out_of_memory`) at
+batch 1 is recorded with ``status: "oom"``; when that run is the uncompressed reference, it is recorded and
+the sweep stops (:class:`~lightkv_cli.engine.job.SweepFailed`), since nothing can be scored without it. A
+timing batch that runs out of memory is recorded as ``oom`` for that run and batch size, and the pass goes on.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightkv_cli import __version__
+from lightkv_cli.engine.batching import Batch, collate, pad_token_id, plan_batches, timing_sample, timing_units
 from lightkv_cli.engine.job import OOM_ADVICE, SweepFailed
 from lightkv_cli.engine.plan import RunSpec, SweepSettings, plan_runs
 from lightkv_cli.engine.prepare import ProfileInput, inputs_fingerprint
+from lightkv_cli.engine.resume import Resume
+from lightkv_cli.engine.timing_pass import TimingPass, _Timing
 from lightkv_cli.engine.token_maps import (
     CHANGED_INPUTS,
     FIRST_INPUTS,
@@ -34,34 +49,41 @@ from lightkv_cli.engine.token_maps import (
     prompt_fates,
     token_map,
 )
-from lightkv_cli.errors import UserError
+from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.files import describe_os_error, os_error_hint
 from lightkv_cli.inputs import VideoInput
 from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_requests, prefill_flops
 from lightkv_cli.measure.environment import environment_info
 from lightkv_cli.measure.memory import detect_memory_budget, free_memory, is_out_of_memory, out_of_memory_text
-from lightkv_cli.measure.nvml import NvmlSampler, nvml_environment
+from lightkv_cli.measure.nvml import nvml_environment
 from lightkv_cli.models.loader import LoadedModel
-from lightkv_cli.results import SCHEMA, check_schema, write_json_atomic
-from lightkv_cli.runtime import GenerationResult, greedy_generate
+from lightkv_cli.results import SCHEMA, write_json_atomic
+from lightkv_cli.runtime import CacheStats, GenerationResult, greedy_generate
 from lightkv_cli.scoring.fidelity import InputQuality, exact_match, score_input, summarize
 from lightkv_cli.scoring.recommend import recommend
-from lightkv_cli.scoring.stats import Spread
+
+#: Quality-pass batch size when ``settings.batch_size`` is None, on a CPU.
+CPU_BATCH_SIZE = 8
+#: The largest automatic quality-pass batch size on a GPU.
+MAX_AUTO_BATCH_SIZE = 32
+#: Inputs of a run whose prompt fates are kept for token maps, besides the first ones (bounded memory).
+MAX_FATES = FIRST_INPUTS + 16 * CHANGED_INPUTS
 
 
 @dataclass
 class _InputOutcome:
+    """What the quality pass measured for one input of one run."""
+
     answer: str
-    result: GenerationResult
-    prefill_ms: list[float]
-    decode_ms: list[float]
-    peak: int
+    tokens: list[int]
+    first_logits: object  # (V,) float32 CPU tensor
+    cache: CacheStats
     per_image_retention: list[float] | None = None
     #: what the press did to the prompt, for a token map (only inputs that may get one)
     fates: PromptFates | None = None
 
 
-class Sweep:
+class Sweep(Resume, TimingPass):
     """Runs a sweep (or a profile, a sweep of one method) and builds its results (module docstring).
 
     The uncompressed reference runs first; its answers and first-token logits are kept in memory
@@ -73,11 +95,14 @@ class Sweep:
         settings: the grid and measurement knobs.
         command: the command line, recorded in the results.
         skipped: ``{"path", "reason"}`` of inputs that could not be used, recorded in the results.
-        results_path: when given, the results are written there after every finished run.
-        on_progress: called as ``on_progress(run_id, input_id)`` after every (run, input).
+        results_path: when given, the results are written there after every finished run and round.
+        on_progress: called as ``on_progress(phase, run_id, inputs)`` after every batch of ``inputs``
+            generations of run ``run_id`` in pass ``phase`` (``"quality"`` or ``"timing"``).
+        on_phase: called as ``on_phase(phase, total)`` when a pass starts, ``total`` the generations of
+            inputs it will report (warm-up included).
         previous: the results of an interrupted sweep to resume (``--resume``): its runs with status
             ``ok`` or ``oom`` are kept and not run again; runs that ended in ``error``, and an
-            uncompressed reference that ran out of memory, run again.
+            uncompressed reference that ran out of memory, run again; its finished timing rounds are kept.
 
     Raises:
         UserError: ``previous`` was made with another model, other inputs or other decode settings.
@@ -91,19 +116,24 @@ class Sweep:
         command: str = "",
         skipped: list[dict] | None = None,
         results_path: Path | None = None,
-        on_progress: Callable[[str, str], None] | None = None,
+        on_progress: Callable[[str, str, int], None] | None = None,
         previous: dict | None = None,
+        on_phase: Callable[[str, int], None] | None = None,
     ):
         self.loaded = loaded
         self.inputs = inputs
         self.settings = settings
         self.results_path = results_path
-        self.on_progress = on_progress or (lambda run, inp: None)
+        self.on_progress = on_progress or (lambda phase, run, n: None)
+        self.on_phase = on_phase or (lambda phase, total: None)
         self.runs = plan_runs(loaded, settings)
         budget, source = settings.memory_budget, settings.memory_source
         if budget is None:
             budget, source = detect_memory_budget(loaded.device)
         model_info = loaded.info()
+        self.batch_size, batch_source = self._choose_batch_size()
+        self.timed = timing_sample(inputs, settings.timing_inputs)
+        self.units = {b: timing_units(inputs, self.timed, b) for b in settings.timing_batches}
         self.results = {
             "schema": SCHEMA,
             "tool_version": __version__,
@@ -121,11 +151,22 @@ class Sweep:
             "inputs": [i.to_dict() for i in inputs],
             "inputs_fingerprint": inputs_fingerprint(inputs),
             "skipped": list(skipped or []),
+            "quality_pass": {"batch_size": self.batch_size, "batch_size_source": batch_source, "notes": []},
+            "timing_pass": {
+                "inputs": [inputs[i].id for i in self.timed],
+                "batch_sizes": list(settings.timing_batches),
+                "rounds": settings.repeats,
+                "rounds_done": 0,
+                "warmup": settings.warmup,
+                "seed": settings.seed,
+                "order": [],
+            },
             "runs": [],
             "recommendation": None,
             "complete": False,
         }
         self.resumed: list[str] = []
+        self._timings: dict[str, list[_Timing]] = {}
         if previous is not None:
             self._adopt(previous)
         done = {r["id"] for r in self.results["runs"]}
@@ -133,69 +174,67 @@ class Sweep:
         self._reference: dict[str, _InputOutcome] = {}
         self._written_runs: int | None = None  # runs in the results file as of its last write
         self._grids: dict[str, GridCells | None] = {}  # input id -> its first image grid (token maps)
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        self._tokenizer = tokenizer
+        self._pad_id = pad_token_id(tokenizer, loaded.adapter.vision_token_ids())
+        self._said: set[str] = set()
+        self._batch1: set[str] = set()  # methods whose quality pass runs at batch 1
+        #: called with each note of the quality pass (a method run at batch 1, a batch split for memory)
+        self.on_note: Callable[[str], None] = lambda text: None
 
-    def _adopt(self, previous: dict) -> None:
-        """Take the finished runs of an interrupted sweep, after checking it measured the same thing."""
-        check_schema(previous, "the results file to resume")
-        mine = self.results
-        problems = []
-        if (
-            previous.get("model", {}).get("name") != mine["model"]["name"]
-            or previous.get("model", {}).get("init") != mine["model"]["init"]
-        ):
-            problems.append(
-                f"model {previous.get('model', {}).get('name')!r} ({previous.get('model', {}).get('init')})"
-            )
-        if previous.get("inputs_fingerprint") != mine["inputs_fingerprint"]:
-            problems.append("other images or prompts")
-        for key in ("max_new_tokens", "positions"):
-            if previous.get("settings", {}).get(key) != mine["settings"][key]:
-                problems.append(f"{key} = {previous.get('settings', {}).get(key)!r}")
-        if (
-            previous.get("model", {}).get("dtype") != mine["model"]["dtype"]
-            or previous.get("model", {}).get("device") != mine["model"]["device"]
-        ):
-            problems.append(f"{previous.get('model', {}).get('dtype')} on {previous.get('model', {}).get('device')}")
-        if problems:
-            raise UserError(
-                "cannot resume: the results file was made with "
-                + ", ".join(problems)
-                + "; run without --resume (the old files are kept as numbered backups, results.json.N.bak) or "
-                "use another --output"
-            )
-        # An uncompressed reference that ran out of memory runs again (the sweep stopped there).
-        kept = [
-            r
-            for r in previous["runs"]
-            if r.get("status") == "ok" or (r.get("status") == "oom" and r.get("method") != "uncompressed")
-        ]
-        mine["runs"] = kept
-        mine["created"] = previous.get("created", mine["created"])
-        self.resumed = [r["id"] for r in kept]
+    def _choose_batch_size(self) -> tuple[int, str]:
+        """The quality pass's batch size and how it was chosen (``settings.batch_size``, else per device)."""
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size, "--batch-size"
+        device = self.loaded.device
+        if getattr(device, "type", str(device)) != "cuda":
+            return CPU_BATCH_SIZE, f"automatic: {CPU_BATCH_SIZE} on a CPU"
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        cfg = self.loaded.adapter.text_config
+        longest = max(i.prompt_tokens for i in self.inputs) + self.settings.max_new_tokens
+        kv = kv_bytes_per_token(cfg, self.loaded.dtype) * self.loaded.adapter.num_layers * longest
+        width = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        activations = longest * (width + 4 * cfg.hidden_size) * 4  # float32 upper bound of one layer's
+        fits = int(0.5 * free // max(1, kv + activations))
+        size = max(1, min(MAX_AUTO_BATCH_SIZE, fits))
+        return size, f"automatic: half the free GPU memory ({free / 2**30:.1f} GiB) over one request's cache"
+
+    def _note(self, text: str, key: str | None = None) -> None:
+        """Say ``text`` once (per ``key``): recorded in ``quality_pass.notes`` and passed to ``on_note``."""
+        key = key or text
+        if key in self._said:
+            return
+        self._said.add(key)
+        self.results["quality_pass"]["notes"].append(text)
+        self.on_note(text)
 
     @property
     def total_steps(self) -> int:
-        """(run, input) pairs still to process, for a progress bar (the reference counts when it
-        must be recomputed for a resumed sweep)."""
+        """Generations of inputs the quality pass still has to do (the reference counts when it must be
+        recomputed for a resumed sweep), for a progress bar."""
         extra = 1 if self.pending and self.pending[0].press is not None else 0
         return (len(self.pending) + extra) * len(self.inputs)
 
     def run(self) -> dict:
-        """Run every pending run in order and return the results dictionary.
+        """Run the quality pass of every pending run in order, then the timing pass, and return the results
+        dictionary.
 
         Raises:
-            SweepFailed: the uncompressed reference ran out of memory (recorded with ``status:
-                "oom"`` and written, then the sweep stops: nothing can be compared without it), or
-                the results file cannot be written (it keeps what its last write held).
+            SweepFailed: the uncompressed reference ran out of memory at batch 1 (recorded with ``status:
+                "oom"`` and written, then the sweep stops: nothing can be compared without it), or the
+                results file cannot be written (it keeps what its last write held).
             RuntimeError: the uncompressed reference failed otherwise. Any other run that fails is
                 recorded with ``status: "oom"`` or ``"error"`` and the sweep goes on.
-            KeyboardInterrupt: propagated after the finished runs are on disk.
+            KeyboardInterrupt: propagated after the finished runs (and timing rounds) are on disk.
         """
+        self.on_phase("quality", self.total_steps)
         if self.pending and self.pending[0].press is not None:
             # Resumed after the reference finished: recompute its answers and logits (not recorded again).
             oom = None
             try:
-                self._reference = self._measure(self.runs[0], repeats=1, warmup=0)[0]
+                self._reference = self._quality(self.runs[0])
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -209,6 +248,7 @@ class Sweep:
             self._finish_run()
             if spec.press is None and run["status"] == "oom":
                 raise SweepFailed(self._reference_oom(run["error"]), self.results)
+        self._timing_pass()
         self.results["complete"] = True
         self._finish_run()
         return self.results
@@ -248,59 +288,98 @@ class Sweep:
             ) from None
         self._written_runs = len(runs)
 
-    def _generate(self, spec: RunSpec, inp: ProfileInput) -> GenerationResult:
-        return greedy_generate(
+    def _generate(self, spec: RunSpec, indices: Sequence[int]) -> tuple[GenerationResult, Batch]:
+        """One greedy generation of the left-padded batch of ``self.inputs[i]`` for ``i`` in ``indices``."""
+        batch = collate(self.inputs, indices, self._pad_id)
+        result = greedy_generate(
             self.loaded.model,
-            inp.tensors,
-            vision_tokens=inp.vision_tokens,
+            batch.tensors,
+            vision_tokens=self.inputs[indices[0]].vision_tokens,
             max_new_tokens=self.settings.max_new_tokens,
             eos_token_id=self.loaded.model.generation_config.eos_token_id,
             press=spec.press,
             suppress_token_ids=self.loaded.adapter.vision_token_ids(),
+            pads=batch.pads,
         )
+        return result, batch
 
-    def _measure(self, spec: RunSpec, repeats: int, warmup: int) -> tuple[dict[str, _InputOutcome], dict]:
-        tokenizer = getattr(self.loaded.processor, "tokenizer", self.loaded.processor)
+    def _quality(self, spec: RunSpec) -> dict[str, _InputOutcome]:
+        """The quality pass of one run: every input once, in batches (module docstring).
+
+        Raises:
+            Exception: what a batch of one row raised (out of memory included), for :meth:`_run_one` to record.
+        """
+        size = 1 if spec.method in self._batch1 else self.batch_size
+        queue = plan_batches(self.inputs, size)
         outcomes: dict[str, _InputOutcome] = {}
-        with NvmlSampler(self.loaded.device, interval_ms=self.settings.nvml_interval_ms) as sampler:
-            for _ in range(warmup):
-                self._generate(spec, self.inputs[0])
-            images_seen = changed_kept = 0
-            for inp in self.inputs:
-                results = [self._generate(spec, inp)]
-                record = getattr(spec.press, "last_prefill", None)  # of the first generation
-                results += [self._generate(spec, inp) for _ in range(max(1, repeats) - 1)]
-                first = results[0]
-                answer = tokenizer.decode(first.tokens[0], skip_special_tokens=True).strip()
+        images = [i for i, inp in enumerate(self.inputs) if _kind(inp) == "image"]
+        first = set(images[:FIRST_INPUTS])
+        fates_kept = 0
+        while queue:
+            idx = queue.pop(0)
+            failure = None
+            try:
+                result, batch = self._generate(spec, idx)
+            except UnsupportedInputError as exc:
+                if len(idx) == 1:
+                    raise
+                failure = ("unsupported", str(exc))
+            except Exception as exc:
+                if len(idx) == 1 or not is_out_of_memory(exc):
+                    raise
+                failure = ("oom", out_of_memory_text(exc))
+            if failure is not None:  # after the except block: its traceback held the batch's tensors
+                kind, text = failure
+                if kind == "oom":
+                    free_memory(self.loaded.device)
+                    size = max(1, len(idx) // 2)
+                    self.batch_size = min(self.batch_size, size)
+                    self._note(f"a quality-pass batch of {len(idx)} ran {text}; continuing in batches of {size}")
+                else:
+                    size = 1
+                    self._batch1.add(spec.method)
+                    self._note(f"{spec.method} runs its quality pass at batch 1: {text}", key=f"batch1:{spec.method}")
+                queue = [b[i : i + size] for b in [idx, *queue] for i in range(0, len(b), size)]
+                continue
+            record = getattr(spec.press, "last_prefill", None)
+            per_image_rows = getattr(record, "per_image_retention_rows", None) if record is not None else None
+            for j, i in enumerate(idx):
+                inp = self.inputs[i]
+                answer = self._tokenizer.decode(result.tokens[j], skip_special_tokens=True).strip()
                 fates = None
                 if record is not None and _kind(inp) == "image":
-                    # The inputs token maps may be drawn for (see token_maps.map_inputs), chosen with the
-                    # same exact match the scores use; reduced on the host, outside the timed generations.
-                    images_seen += 1
+                    # Inputs a token map may be drawn for (token_maps.map_inputs): the first image inputs and
+                    # those whose answer changed, chosen with the same exact match the scores use.
                     ref = self._reference.get(inp.id)
                     changed = ref is not None and exact_match(answer, ref.answer) == 0
-                    if images_seen <= FIRST_INPUTS:
-                        fates = prompt_fates(record)
-                    elif changed and changed_kept < CHANGED_INPUTS:
-                        changed_kept += 1
-                        fates = prompt_fates(record)
+                    if i in first or (changed and fates_kept < MAX_FATES):
+                        fates = prompt_fates(record, row=j, pad=batch.pads[j])
+                        fates_kept += int(changed)
+                if per_image_rows is not None:
+                    per_image = list(per_image_rows[j])
+                elif len(idx) == 1:
+                    per_image = getattr(record, "per_image_retention", None)
+                elif len(getattr(record, "per_image_retention", None) or []) == 1:
+                    per_image = [result.row_caches[j].vision_retention]  # one visual input: the row's retention
+                else:
+                    per_image = None  # a record without per-row figures, several visual inputs
                 outcomes[inp.id] = _InputOutcome(
                     answer=answer,
-                    result=first,
-                    prefill_ms=[r.prefill_ms for r in results],
-                    decode_ms=[ms for r in results for ms in r.decode_ms],
-                    peak=max(r.peak_memory_bytes for r in results),
-                    per_image_retention=getattr(record, "per_image_retention", None),
+                    tokens=list(result.tokens[j]),
+                    first_logits=result.first_logits[j],
+                    cache=result.row_caches[j],
+                    per_image_retention=per_image,
                     fates=fates,
                 )
-                self.on_progress(spec.id, inp.id)
-        return outcomes, sampler.to_dict()
+            del result
+            self.on_progress("quality", spec.id, len(idx))
+        return outcomes
 
     def _run_one(self, spec: RunSpec) -> dict:
-        status, error, nvml = "ok", None, None
+        status, error = "ok", None
         outcomes: dict[str, _InputOutcome] = {}
         try:
-            outcomes, nvml = self._measure(spec, self.settings.repeats, self.settings.warmup)
+            outcomes = self._quality(spec)
         except Exception as exc:  # recorded, so that one failing run does not lose the sweep
             if is_out_of_memory(exc):  # torch.OutOfMemoryError, a CPU allocator failure, MemoryError
                 status, error = "oom", out_of_memory_text(exc)
@@ -313,11 +392,11 @@ class Sweep:
             free_memory(self.loaded.device)
         if spec.press is None:
             self._reference = outcomes
-        return self._summarise(spec, outcomes, status, error, nvml)
+        return self._summarise(spec, outcomes, status, error)
 
-    def _summarise(
-        self, spec: RunSpec, outcomes: dict[str, _InputOutcome], status: str, error: str | None, nvml: dict | None
-    ) -> dict:
+    # -- summaries -----------------------------------------------------------------------------------
+
+    def _summarise(self, spec: RunSpec, outcomes: dict[str, _InputOutcome], status: str, error: str | None) -> dict:
         run = {
             "id": spec.id,
             "method": spec.method,
@@ -331,8 +410,7 @@ class Sweep:
         if status != "ok" or not outcomes:
             return run
         text_config = self.loaded.adapter.text_config
-        per_input, qualities = [], []
-        prefill_all, ttft_all, decode_all, flops, peaks = [], [], [], [], []
+        per_input, qualities, flops = [], [], []
         n_layers = self.loaded.adapter.num_layers
         n = len(self.inputs)
         layer_bytes = [0.0] * n_layers
@@ -341,17 +419,11 @@ class Sweep:
         for inp in self.inputs:
             o = outcomes[inp.id]
             ref = self._reference[inp.id]
-            q: InputQuality = score_input(
-                ref.answer, o.answer, ref.result.first_logits[0], o.result.first_logits[0], inp.answer
-            )
+            q: InputQuality = score_input(ref.answer, o.answer, ref.first_logits, o.first_logits, inp.answer)
             qualities.append(q)
-            c = o.result.cache
+            c = o.cache
             f = prefill_flops(text_config, c.processed_seq_lens)
             flops.append(f)
-            prefill_all += o.prefill_ms
-            ttft_all += [inp.preprocess_ms + ms for ms in o.prefill_ms]
-            decode_all += o.decode_ms
-            peaks.append(o.peak)
             for i in range(n_layers):
                 layer_bytes[i] += c.layer_bytes[i] / n
                 layer_vis[i] += c.layer_vision_tokens[i] / n
@@ -360,12 +432,12 @@ class Sweep:
                 {
                     "input": inp.id,
                     "answer": o.answer,
-                    "generated_tokens": len(o.result.tokens[0]),
+                    "generated_tokens": len(o.tokens),
                     "vision_retention": c.vision_retention,
                     "kv_bytes": c.total_bytes,
                     "kv_bytes_vision": c.vision_bytes,
-                    "prefill_ms": Spread.of(o.prefill_ms).median,
-                    "decode_ms_per_token": Spread.of(o.decode_ms).median if o.decode_ms else None,
+                    "prefill_ms": None,
+                    "decode_ms_per_token": None,
                     "flops_prefill": f,
                     "quality": q.to_dict(),
                 }
@@ -374,8 +446,6 @@ class Sweep:
                 per_input[-1]["per_image_retention"] = o.per_image_retention
         self._add_token_maps(outcomes, per_input, qualities)
         kv_total = sum(p["kv_bytes"] for p in per_input) / n
-        decode = Spread.of(decode_all) if decode_all else None
-        peak_kind = outcomes[self.inputs[0].id].result.peak_memory_kind
         run.update(
             {
                 "vision_retention": sum(p["vision_retention"] for p in per_input) / n,
@@ -384,15 +454,17 @@ class Sweep:
                 "kv_bytes_per_layer": layer_bytes,
                 "cached_tokens_per_layer": layer_seq,
                 "vision_tokens_per_layer": layer_vis,
-                "prefill_ms": Spread.of(prefill_all).to_dict(),
-                "time_to_first_token_ms": Spread.of(ttft_all).to_dict(),
-                "decode_ms_per_token": decode.to_dict() if decode else None,
-                "tokens_per_s": (1000.0 / decode.median) if decode and decode.median > 0 else None,
-                "peak_memory_bytes": max(peaks),
-                "peak_memory_kind": peak_kind,
-                "nvml": nvml,
+                "quality_batch_size": 1 if spec.method in self._batch1 else self.batch_size,
+                "prefill_ms": None,
+                "time_to_first_token_ms": None,
+                "decode_ms_per_token": None,
+                "tokens_per_s": None,
+                "timing_ratio": None,
+                "peak_memory_bytes": None,
+                "peak_memory_kind": None,
+                "nvml": None,
                 "flops_prefill": sum(flops) / n,
-                "capacity": self._capacity(kv_total, max(peaks), peak_kind),
+                "capacity": self._capacity(kv_total, 0, "", 1),
                 "quality": summarize(qualities).to_dict(),
                 "per_input": per_input,
             }
@@ -421,16 +493,22 @@ class Sweep:
             if tmap is not None:
                 per_input[j]["token_map"] = tmap
 
-    def _capacity(self, kv_prefill: float, peak: int, peak_kind: str) -> dict:
-        """Concurrent requests fitting in the memory budget next to the weights (see ``capacity``)."""
+    def _capacity(self, kv_prefill: float, peak: int, peak_kind: str, batch: int) -> dict:
+        """Concurrent requests fitting in the memory budget next to the weights (see ``capacity``).
+
+        ``peak`` is the allocator peak of a timed generation of ``batch`` requests (0: not measured yet)."""
         cap = self.results["capacity"]
         per_token = (
             kv_bytes_per_token(self.loaded.adapter.text_config, self.loaded.dtype) * self.loaded.adapter.num_layers
         )
         per_request = kv_prefill + self.settings.max_new_tokens * per_token
-        # On GPU the allocator peak of one request minus weights and its cache is the activation
-        # memory prefill needs once; on CPU the process RSS says nothing about it.
-        reserve = max(0, peak - cap["weight_bytes"] - int(per_request)) if peak_kind == "cuda_allocator" else 0
+        # On GPU the allocator peak of a timed batch minus weights and its caches is the activation memory
+        # its prefill needs, per request; on CPU the process RSS says nothing about it.
+        reserve = (
+            max(0, peak - cap["weight_bytes"] - int(per_request * batch)) // max(1, batch)
+            if peak_kind == "cuda_allocator"
+            else 0
+        )
         fits = (
             max_concurrent_requests(cap["memory_bytes"], cap["weight_bytes"], per_request, reserve)
             if cap["memory_bytes"]

@@ -70,8 +70,12 @@ class GridCells:
     positions: torch.Tensor
 
 
-def prompt_fates(record) -> PromptFates | None:
-    """Reduce a ``press.last_prefill`` record to :class:`PromptFates` of row 0, or None.
+def prompt_fates(record, row: int = 0, pad: int = 0) -> PromptFates | None:
+    """Reduce a ``press.last_prefill`` record to :class:`PromptFates` of one batch row, or None.
+
+    ``row`` is the row of the batch and ``pad`` its left pads: the fates are over the row's own prompt
+    positions (``S − pad`` of them, the positions it has alone at batch 1); padding and the filler slots of
+    an eviction of a padded batch (kept indices below ``pad``) are left out.
 
     Read through the record protocol: a record with ``stages`` (each possibly with ``merge_pairs``, original
     prompt indices ``(merged, into)`` per row) and one ``kept_index`` ``(B, S_k)`` per stage is an in-prefill
@@ -85,29 +89,30 @@ def prompt_fates(record) -> PromptFates | None:
         kept = list(getattr(record, "kept_index", None) or [])
         stages = getattr(record, "stages", None)
         if stages is not None:
-            return _sequence_fates(S, list(stages), kept)
-        return _eviction_fates(record, S, kept)
+            return _sequence_fates(S, list(stages), kept, row, pad)
+        return _eviction_fates(record, S, kept, row, pad)
     except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
         return None
 
 
-def _sequence_fates(S: int, stages: list, kept: list[torch.Tensor]) -> PromptFates | None:
+def _sequence_fates(S: int, stages: list, kept: list[torch.Tensor], row: int, pad: int) -> PromptFates | None:
     if len(kept) != len(stages):
         return None
+    S -= pad
     stage = torch.zeros(S, dtype=torch.int32)
     dest = torch.arange(S)
     alive = torch.ones(S, dtype=torch.bool)
     merged = False
     for s, (st, idx) in enumerate(zip(stages, kept), start=1):
-        row = torch.as_tensor(idx)[0].long().cpu()
+        ids = torch.as_tensor(idx)[row].long().cpu() - pad
         survive = torch.zeros(S, dtype=torch.bool)
-        survive[row] = True
+        survive[ids[ids >= 0]] = True
         stage[alive & ~survive] = s
         alive &= survive
         pairs = getattr(st, "merge_pairs", None)
         if pairs is not None:
             merged = True
-            p = torch.as_tensor(pairs[0]).long().cpu().reshape(-1, 2)
+            p = torch.as_tensor(pairs[row]).long().cpu().reshape(-1, 2) - pad
             dest[p[:, 0]] = p[:, 1]
     # follow merge chains (a → b at one stage, b → c at a later one) to their end
     for _ in range(max(1, len(stages)).bit_length() + 1):
@@ -117,10 +122,11 @@ def _sequence_fates(S: int, stages: list, kept: list[torch.Tensor]) -> PromptFat
     )
 
 
-def _eviction_fates(record, S: int, kept: list[torch.Tensor]) -> PromptFates | None:
+def _eviction_fates(record, S: int, kept: list[torch.Tensor], row: int, pad: int) -> PromptFates | None:
+    S -= pad
     if not kept:
         # nothing evicted (e.g. a prompt without vision tokens): every layer kept the whole prompt
-        if all(int(n) == S for n in record.layer_seq_lens):
+        if all(int(n) == S + pad for n in record.layer_seq_lens):
             return PromptFates(kind="evict", kept_share=torch.ones(S))
         return None
     share = torch.zeros(S, dtype=torch.float64)
@@ -129,7 +135,8 @@ def _eviction_fates(record, S: int, kept: list[torch.Tensor]) -> PromptFates | N
         if idx.ndim != 3:
             return None
         heads = idx.shape[1]
-        share += torch.bincount(idx[0].reshape(-1).long(), minlength=S)[:S].double() / heads
+        ids = idx[row].reshape(-1).long() - pad
+        share += torch.bincount(ids[ids >= 0], minlength=S)[:S].double() / heads
     return PromptFates(kind="evict", kept_share=(share / len(kept)).float())
 
 

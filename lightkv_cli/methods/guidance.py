@@ -105,6 +105,20 @@ def prompt_guidance(
     return g / (H * qpos.numel())
 
 
+def _scalar(value: float) -> torch.Tensor:
+    """A 0-dim float32 host tensor: multiplying a device tensor by it is one op (a Python float
+    costs a dtype conversion of the wrapped scalar each time) and never synchronises."""
+    return torch.scalar_tensor(value, dtype=torch.float32)
+
+
+def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(B, H, c, d)`` → ``(B·H_kv, G·c, d)``: the ``G = H / H_kv`` query heads that share a key head
+    side by side, so one ``bmm`` against the un-repeated keys gives every head's logits (head ``h``
+    uses key head ``h // G``, as :func:`~lightkv_cli.methods.attention.expand_kv`)."""
+    B, H, c, d = x.shape
+    return x.reshape(B * num_kv_heads, (H // num_kv_heads) * c, d)
+
+
 def cross_guidance_batched(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,7 +130,8 @@ def cross_guidance_batched(
     """:func:`cross_guidance` for every row of a batch at once, with no host synchronisation.
 
     Keys are every row's non-vision positions (the same number ``T`` in every row; padding keys
-    among them carry weight 0).
+    among them carry weight 0). Grouped-query heads share their key head without repeating it.
+    A fixed number of ops per chunk of keys, whatever ``B``.
 
     Args:
         q: ``(B, H, S, d)`` float32 post-RoPE queries.
@@ -130,26 +145,30 @@ def cross_guidance_batched(
         ``(B, S)`` float32 weights (callers read the vision positions); padding positions get 0.
     """
     B, H, S, d = q.shape
+    H_kv = k.shape[1]
     T = text_positions.shape[1]
-    g = torch.zeros(B, S, dtype=torch.float32, device=q.device)
     if T == 0:
-        return g
-    weight = real.gather(1, text_positions).float()  # padding keys count for nothing
-    keys = expand_kv(k.gather(2, text_positions.view(B, 1, T, 1).expand(-1, k.shape[1], -1, d)), H)  # (B, H, T, d)
+        return torch.zeros(B, S, dtype=torch.float32, device=q.device)
+    weight = real.gather(1, text_positions).to(torch.float32)  # padding keys count for nothing
+    keys = k.gather(2, text_positions.view(B, 1, T, 1).expand(-1, H_kv, -1, d))  # (B, H_kv, T, d)
+    keys_t = keys.view(B * H_kv, T, d).transpose(1, 2)  # (B·H_kv, d, T)
+    queries = _grouped(q, H_kv)  # (B·H_kv, G·S, d)
+    scale_t = _scalar(scale)
+    pad = (~real).view(B, 1, S, 1)
     chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
-    neg = ~real
+    g = None
     for j0 in range(0, T, chunk):
-        logits = torch.matmul(q, keys[:, :, j0 : j0 + chunk].transpose(-1, -2)) * scale  # (B, H, S, Tc)
-        logits.masked_fill_(neg.view(B, 1, S, 1), float("-inf"))
-        probs = torch.softmax(logits, dim=2) * weight[:, j0 : j0 + chunk].view(B, 1, 1, -1)
-        g += probs.sum(dim=(1, 3))
+        logits = torch.bmm(queries, keys_t[:, :, j0 : j0 + chunk]).view(B, H, S, -1) * scale_t  # (B, H, S, Tc)
+        logits.masked_fill_(pad, float("-inf"))
+        part = (torch.softmax(logits, dim=2) * weight[:, j0 : j0 + chunk].view(B, 1, 1, -1)).sum(dim=(1, 3))
+        g = part if g is None else g + part
     return g
 
 
 def prompt_guidance_batched(
     q: torch.Tensor,
     k: torch.Tensor,
-    vision: torch.Tensor,
+    last_vision: torch.Tensor,
     real: torch.Tensor,
     num_after: int,
     scale: float,
@@ -158,38 +177,49 @@ def prompt_guidance_batched(
     """:func:`prompt_guidance` for every row of a batch at once, with no host synchronisation.
 
     Queries are each row's non-padding tokens after its last vision token, found among the last
-    ``num_after`` positions of every row.
+    ``num_after`` positions of every row; only those queries' logits are computed. Grouped-query
+    heads share their key head without repeating it. A fixed number of ops per chunk of queries,
+    whatever ``B``.
 
     Args:
         q: ``(B, H, S, d)`` float32 post-RoPE queries.
         k: ``(B, H_kv, S, d)`` float32 post-RoPE keys.
-        vision: ``(B, S)`` bool, vision-token positions (every row has at least one).
+        last_vision: ``(B,)`` long, the position of each row's last vision token.
         real: ``(B, S)`` bool, non-padding positions.
         num_after: an upper bound on any row's tokens after its last vision token (a host int).
         scale: logit scale.
+        max_chunk_bytes: memory bound for one chunk of logits.
 
     Returns:
         ``(B, S)`` float32 weights; a row with no text after its images gets 1 everywhere (the
         uniform weights :func:`prompt_guidance`'s callers fall back to).
     """
-    B, H, S, _ = q.shape
-    pos = torch.arange(S, device=q.device)
-    last_vis = torch.where(vision, pos, -1).amax(dim=1)  # (B,)
+    B, H, S, d = q.shape
+    H_kv = k.shape[1]
     T = max(0, min(num_after, S))
-    ones = torch.ones(B, S, dtype=torch.float32, device=q.device)
     if T == 0:
-        return ones
+        return torch.ones(B, S, dtype=torch.float32, device=q.device)
+    pos = torch.arange(S, device=q.device)
     qpos = pos[S - T :]  # (T,) the same candidate positions in every row
-    is_query = (qpos.view(1, -1) > last_vis.view(-1, 1)) & real[:, S - T :]  # (B, T)
-    keys = expand_kv(k, H)  # (B, H, S, d)
-    g = torch.zeros(B, S, dtype=torch.float32, device=q.device)
+    # (B, T) 1 for the row's queries: after its last vision token and not padding
+    is_query = ((qpos.view(1, -1) > last_vision.view(-1, 1)) & real[:, S - T :]).to(torch.float32)
+    keys_t = k.reshape(B * H_kv, S, d).transpose(1, 2)  # (B·H_kv, d, S)
+    scale_t = _scalar(scale)
+    pad = (~real).view(B, 1, 1, S)
     chunk = max(1, int(max_chunk_bytes // (4 * B * H * S)))
+    g = None
     for i0 in range(0, T, chunk):
-        qi = qpos[i0 : i0 + chunk]
-        logits = torch.matmul(q[:, :, S - T + i0 : S - T + i0 + chunk], keys.transpose(-1, -2)) * scale  # (B, H, c, S)
-        visible = (pos.view(1, 1, -1) <= qi.view(1, -1, 1)) & real.view(B, 1, S)  # (B, c, S)
-        logits.masked_fill_(~visible.unsqueeze(1), float("-inf"))
-        probs = torch.softmax(logits, dim=-1) * is_query[:, i0 : i0 + chunk].view(B, 1, -1, 1)
-        g += torch.nan_to_num(probs, nan=0.0).sum(dim=(1, 2))
+        c = min(chunk, T - i0)
+        qc = _grouped(q[:, :, S - T + i0 : S - T + i0 + c], H_kv)  # (B·H_kv, G·c, d)
+        logits = torch.bmm(qc, keys_t).view(B, H, c, S) * scale_t  # (B, H, c, S)
+        logits.masked_fill_(pos.view(1, -1) > qpos[i0 : i0 + c].view(-1, 1), _NEG)  # causal
+        logits.masked_fill_(pad, _NEG)
+        # _NEG, not -inf: a padding query that sees no key gets finite (uniform) probabilities,
+        # zeroed by its is_query weight; a row with a visible key gets exactly the -inf result.
+        part = (torch.softmax(logits, dim=-1) * is_query[:, i0 : i0 + c].view(B, 1, c, 1)).sum(dim=(1, 2))
+        g = part if g is None else g + part
     n_q = is_query.sum(dim=1, keepdim=True)  # (B, 1)
-    return torch.where(n_q > 0, g / (H * n_q.clamp(min=1)), ones)
+    return torch.where(n_q > 0, g / (n_q * _scalar(H)), 1.0)
+
+
+_NEG = torch.finfo(torch.float32).min

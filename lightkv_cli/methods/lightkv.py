@@ -203,7 +203,7 @@ class LightKV(SequencePress):
             plan = batched_plan(
                 feats, vis.window_ids(windows), vis.num_windows(windows), vis.max_window_size(windows), ratio
             )
-            m = int(plan.counts().min())  # the stage's host synchronisation: sizes the shorter sequence
+            m = int(plan.counts().amin())  # the stage's host synchronisation: sizes the shorter sequence
         if m == 0:
             return None
         src, dst = plan.top(m)
@@ -217,25 +217,24 @@ class LightKV(SequencePress):
     ) -> StageOutput:
         """Guidance-weighted mean of each merged A token into its B token (float32); survivors mask.
 
+        Only the B tokens that receive a merge are written; every other token keeps its hidden
+        state bit for bit.
+
         Args:
             x_in: ``(B, n, D)`` the vision tokens' hidden states; ``src``, ``dst``: ``(B, m)`` merged
                 tokens and the tokens they merge into; ``g``: ``(B, n)`` float32 guidance.
         """
         hidden = inp.hidden
-        B, n, D = x_in.shape
+        D = x_in.shape[-1]
         pos = inp.vision.positions
-        x = x_in.float()
-        num = x * g.unsqueeze(-1)
-        den = g.clone()
-        g_src = g.gather(1, src)
-        x_src = x.gather(1, src.unsqueeze(-1).expand(-1, -1, D))
-        num.scatter_add_(1, dst.unsqueeze(-1).expand(-1, -1, D), x_src * g_src.unsqueeze(-1))
-        den.scatter_add_(1, dst, g_src)
-        receiver = torch.zeros(B, n, dtype=torch.bool, device=hidden.device).scatter_(1, dst, True)
+        num = x_in.float() * g.unsqueeze(-1)  # g·x of every token
+        dst_e = dst.unsqueeze(-1).expand(-1, -1, D)
+        num.scatter_add_(1, dst_e, num.gather(1, src.unsqueeze(-1).expand(-1, -1, D)))  # + Σ g_a·x_a
+        den = g.scatter_add(1, dst, g.gather(1, src))  # g_b + Σ g_a
         merged = num / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-        values = torch.where(receiver.unsqueeze(-1), merged.to(hidden.dtype), x_in)
-        out = hidden.scatter(1, pos.unsqueeze(-1).expand(-1, -1, D), values)
         src_pos, dst_pos = pos.gather(1, src), pos.gather(1, dst)
+        # several A tokens may share a B token: they write the same value
+        out = hidden.scatter(1, dst_pos.unsqueeze(-1).expand(-1, -1, D), merged.gather(1, dst_e).to(hidden.dtype))
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device).scatter_(1, src_pos, False)
         return StageOutput(
             keep=keep, removed=src.shape[1], hidden=out, guidance=g, pairs=torch.stack([src_pos, dst_pos], dim=-1)
@@ -259,10 +258,9 @@ class LightKV(SequencePress):
         q, kk = post_rope_qk(inp, self._adapter)
         attn = inp.module.self_attn
         scale = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
-        S = inp.hidden.shape[1]
-        real = inp.attention_mask_2d.bool()
+        real = inp.attention_mask_2d != 0
         if self.guidance == "cross":
             g = cross_guidance_batched(q, kk, vis.text_positions, real, scale)
-        else:
-            g = prompt_guidance_batched(q, kk, vis.vision_mask(S), real, vis.after_last, scale)
+        else:  # positions ascend: a row's last vision token is its last entry
+            g = prompt_guidance_batched(q, kk, vis.positions[:, -1], real, vis.after_last, scale)
         return g.gather(1, vis.positions)

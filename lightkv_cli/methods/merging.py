@@ -33,12 +33,12 @@ def bands(index: torch.Tensor, size: torch.Tensor | int, num_bands: int) -> torc
     size = torch.as_tensor(size, device=index.device)
     small = torch.div(size, num_bands, rounding_mode="floor")
     extra = size - small * num_bands
-    big = small + 1
-    cut = extra * big
-    return torch.where(
-        index < cut,
-        torch.div(index, big, rounding_mode="floor"),
-        extra + torch.div(index - cut, small.clamp(min=1), rounding_mode="floor"),
+    # The first `extra` bands have `small + 1` rows, the rest `small`: band = max(i // (small + 1),
+    # (i − extra) // small), which equals the piecewise form (i < extra·(small+1) ? i // (small+1) :
+    # extra + (i − extra·(small+1)) // small) for every i, and gives i when small = 0 (size < W).
+    return torch.maximum(
+        torch.div(index, small + 1, rounding_mode="floor"),
+        torch.div(index - extra, small.clamp(min=1), rounding_mode="floor"),
     )
 
 
@@ -197,7 +197,8 @@ class BatchPlan:
 
     Attributes:
         merge: ``(B, n)`` bool, the A tokens chosen to merge (the top ``r_w`` of their window).
-        dst: ``(B, n)`` long, the B token each A token picked (meaningful only where ``merge``).
+        dst: ``(B, n)`` long, the B token each A token picked (meaningful only where ``merge``; 0
+            elsewhere).
         score: ``(B, n)`` float32, the cosine similarity of that pick; ``-inf`` where not ``merge``.
     """
 
@@ -215,7 +216,7 @@ class BatchPlan:
         The same choice as :meth:`MergePlan.top` per row: highest similarity first, ties to the
         earlier token. ``m`` must not exceed any row's :meth:`counts`.
         """
-        order = torch.argsort(self.score, dim=1, descending=True, stable=True)[:, :m]
+        order = torch.sort(self.score, dim=1, descending=True, stable=True).indices[:, :m]
         src = order.sort(dim=1).values
         return src, self.dst.gather(1, src)
 
@@ -240,13 +241,16 @@ def batch_window_ranks(wid: torch.Tensor, num_windows: int, draws: torch.Tensor 
     B, n = wid.shape
     nw = B * num_windows
     row_base = torch.arange(0, nw, num_windows, device=wid.device).unsqueeze(1)
-    gw = torch.where(wid >= 0, wid + row_base, nw).flatten()
+    gw = (wid + row_base).masked_fill_(wid < 0, nw).flatten()
     # inside a window: sequence order (rows are in order), or the draws
-    order = torch.argsort(gw, stable=True) if draws is None else torch.argsort(gw.double() + draws.flatten())
+    if draws is None:
+        sorted_gw, order = torch.sort(gw, stable=True)
+    else:
+        order = torch.argsort(gw.double() + draws.flatten())
+        sorted_gw = gw.gather(0, order)
     sizes = torch.zeros(nw + 1, dtype=torch.long, device=wid.device).index_add_(0, gw, torch.ones_like(gw))
     starts = sizes.cumsum(0) - sizes
-    sorted_gw = gw[order]
-    rank = torch.arange(B * n, device=wid.device) - starts[sorted_gw]
+    rank = torch.arange(B * n, device=wid.device) - starts.gather(0, sorted_gw)
     return gw, sizes, order, sorted_gw, rank
 
 
@@ -275,26 +279,27 @@ def batched_plan(features: torch.Tensor, wid: torch.Tensor, num_windows: int, ma
     N = B * n
     _, sizes, order, sorted_gw, rank = batch_window_ranks(wid, num_windows)
     width = 2 * math.ceil(max_size / 2)
-    table = torch.full(((nw + 1) * width + 1,), N, dtype=torch.long, device=device)  # N: empty slot
-    slot = torch.where(sorted_gw < nw, sorted_gw * width + rank, (nw + 1) * width)
+    table = torch.full(((nw + 1) * width,), N, dtype=torch.long, device=device)  # N: empty slot
+    # a real window never holds more than max_size ≤ width tokens; the spare window's tokens pile up
+    # on its last slot, which is never read
+    slot = sorted_gw * width + rank.clamp(max=width - 1)
     table.scatter_(0, slot, order)
     table = table[: nw * width].view(nw, width // 2, 2)
     a_tok, b_tok = table[..., 0], table[..., 1]  # (nw, max_a): flat token or N
-    f = torch.cat(
-        [F.normalize(features.reshape(N, -1).float(), dim=-1), features.new_zeros(1, features.shape[-1]).float()]
-    )
-    sim = torch.bmm(f[a_tok], f[b_tok].transpose(1, 2))  # (nw, max_a, max_b)
-    sim.masked_fill_((b_tok == N).unsqueeze(1), float("-inf"))
-    best, best_k = sim.max(dim=-1)  # (nw, max_a)
-    best.masked_fill_(a_tok == N, float("-inf"))
-    a_order = torch.argsort(best, dim=-1, descending=True, stable=True)
-    a_rank = torch.argsort(a_order, dim=-1)
+    a_empty, b_empty = a_tok == N, b_tok == N
+    f = F.normalize(features.reshape(N, -1).float(), dim=-1)
+    # empty slots read token N−1; their similarities are masked right after
+    sim = torch.bmm(f[a_tok.clamp(max=N - 1)], f[b_tok.clamp(max=N - 1)].transpose(1, 2))  # (nw, max_a, max_b)
+    sim.masked_fill_(b_empty.unsqueeze(1), float("-inf"))
+    best, best_k = sim.amax(dim=-1), sim.argmax(dim=-1)  # (nw, max_a); argmax: the first maximum, as max()
+    best.masked_fill_(a_empty, float("-inf"))
+    a_order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    a_rank = torch.sort(a_order, dim=-1).indices  # inverse permutation
     r_w = merges_per_window(sizes[:nw], ratio)
-    chosen = (a_rank < r_w.unsqueeze(1)) & (a_tok < N)  # (nw, max_a)
+    chosen = (a_rank < r_w.unsqueeze(1)) & ~a_empty  # (nw, max_a)
     # back to tokens (flat index N is a spare slot for empty table entries)
     at = torch.where(chosen, a_tok, N).flatten()
-    score = torch.full((N + 1,), float("-inf"), device=device).scatter_(0, at, best.flatten())[:N]
+    score = torch.full((N + 1,), float("-inf"), device=device).scatter_(0, at, best.flatten())[:N].view(B, n)
     dst_flat = torch.zeros(N + 1, dtype=torch.long, device=device).scatter_(0, at, b_tok.gather(1, best_k).flatten())
-    dst = dst_flat[:N].view(B, n) - torch.arange(0, N, n, device=device).unsqueeze(1)
-    score = score.view(B, n)
-    return BatchPlan(merge=score > float("-inf"), dst=dst, score=score)
+    dst = dst_flat[:N].view(B, n) % n  # flat index b·n + j → j (rows never share a window)
+    return BatchPlan(merge=score > torch.scalar_tensor(float("-inf")), dst=dst, score=score)

@@ -25,8 +25,9 @@ class RandomDrop(SequencePress):
     """Random dropping on a LightKV schedule (same ``layers``, ``windows``, ``ratios``).
 
     Inside each window, ``r_w`` uniformly random vision tokens are removed (special tokens never).
-    The draw depends only on ``seed``, the stage and the batch row, so the same prompt always loses
-    the same tokens. Layer counts, retention and schedules (:meth:`for_retention`) are exactly
+    The draw depends only on ``seed`` and the stage (every row of a batch gets the same draws, one per
+    vision token), so the same prompt always loses the same tokens, alone or in any batch.
+    Layer counts, retention and schedules (:meth:`for_retention`) are exactly
     LightKV's: both run :mod:`lightkv_cli.methods.schedule`.
 
     Args:
@@ -96,8 +97,9 @@ class RandomDrop(SequencePress):
     def reduce(self, inp: StageInput) -> StageOutput | None:
         """Drop ``r_w`` random tokens per window, every row at once (rows equalised to the smallest total).
 
-        Row ``b`` draws from the numbers ``[b·n, (b+1)·n)`` of one generator seeded by ``seed`` and the
-        stage (on the host, so draws are the same on every device), one per current vision token.
+        Every row takes the same ``n`` numbers of one generator seeded by ``seed`` and the stage (on the
+        host, so draws are the same on every device), one per current vision token: a prompt's draws do not
+        depend on the batch it is in.
         Reading the smallest row's total is the stage's one host synchronisation.
         """
         k = self.layers.index(inp.layer)
@@ -107,7 +109,7 @@ class RandomDrop(SequencePress):
         n = vis.count
         device = inp.hidden.device
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919)
-        r = torch.rand(B, n, generator=gen, dtype=torch.float64).to(device)
+        r = torch.rand(1, n, generator=gen, dtype=torch.float64).to(device).expand(B, n)
         gw, sizes, order, _, sorted_rank = batch_window_ranks(vis.window_ids(windows), vis.num_windows(windows), r)
         rank = torch.empty_like(gw).scatter_(0, order, sorted_rank)  # by window, then by the random draw
         r_w = merges_per_window(sizes, ratio)

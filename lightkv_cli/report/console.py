@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from lightkv_cli.report.facts import eviction_note, fmt_bytes
+from lightkv_cli.report.facts import decision_basis, eviction_note, fmt_bytes, ratio_text
 from lightkv_cli.text import printable
 
 
@@ -28,6 +28,13 @@ def _spread(s: dict | None, digits: int) -> str:
     if p25 is None or p75 is None:
         return f"{s['median']:.{digits}f}"
     return f"{s['median']:.{digits}f} ±{(p75 - p25) / 2:.{digits}f}"
+
+
+def _with_ratio(spread: dict | None, digits: int, run: dict, metric: str) -> str:
+    """The median ± half-IQR, and below it the paired ratio to uncompressed with its 95% interval."""
+    text = _spread(spread, digits)
+    ratio = ratio_text(run, metric)
+    return text if ratio == "–" else f"{text}\n{ratio}"
 
 
 def _ci(interval) -> str:
@@ -51,7 +58,9 @@ def _run_column(table: Table, runs: list[dict]) -> None:
 def cost_table(results: dict) -> Table:
     """One row per run: target and measured vision retention, KV bytes, latency, FLOPs, peak memory.
 
-    Times are medians ± half the interquartile range over repeats and inputs, labelled CPU or GPU.
+    Times are medians ± half the interquartile range over the timing pass's rounds and inputs, labelled CPU
+    or GPU; below each, the paired ratio to the uncompressed run (same input, same round) with its 95%
+    bootstrap interval.
     """
     runs = results.get("runs") or []
     on = "GPU" if (results.get("environment") or {}).get("cuda") else "CPU"
@@ -92,9 +101,14 @@ def cost_table(results: dict) -> Table:
             _fmt(r.get("vision_retention"), ".3f"),
             fmt_bytes(r.get("kv_bytes")),
             fmt_bytes(r.get("kv_bytes_vision")),
-            _spread(r.get("prefill_ms"), 1),
-            _spread(r.get("time_to_first_token_ms") if isinstance(r.get("time_to_first_token_ms"), dict) else None, 1),
-            _spread(r.get("decode_ms_per_token"), 2),
+            _with_ratio(r.get("prefill_ms"), 1, r, "prefill"),
+            _with_ratio(
+                r.get("time_to_first_token_ms") if isinstance(r.get("time_to_first_token_ms"), dict) else None,
+                1,
+                r,
+                "time_to_first_token",
+            ),
+            _with_ratio(r.get("decode_ms_per_token"), 2, r, "decode_ms_per_token"),
             _fmt(r.get("tokens_per_s"), ".1f"),
             _fmt(r.get("flops_ratio"), ".0%"),
             fmt_bytes(r.get("peak_memory_bytes")),
@@ -145,6 +159,9 @@ def recommendation_line(results: dict) -> str:
             f"KV cache {fmt_bytes(kv)} per request ({saved:.0%} less than uncompressed); "
             f"{escape(printable(rec.get('reason') or ''))}"
         ]
+    basis = decision_basis(results)
+    if basis:
+        lines.append(f"[dim]{escape(basis)}[/]")
     env = (results.get("environment") or {}).get("nvml") or {}
     if env and not env.get("available") and env.get("note"):
         lines.append(f"[dim]{escape(printable(env['note']))}[/]")

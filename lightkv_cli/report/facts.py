@@ -85,6 +85,7 @@ def table_columns(results: dict) -> list[str]:
         f"prefill ms ({on})",
         f"TTFT ms ({on})",
         f"decode ms/token ({on})",
+        "prefill × uncompressed (95% CI)",
         "tokens/s",
         "FLOPs ratio",
         "max concurrent",
@@ -98,7 +99,7 @@ def table_columns(results: dict) -> list[str]:
 def run_cells(run: dict) -> list[str]:
     """Plain-text cells of one run in the order of :func:`table_columns` (unescaped)."""
     head = [str(run.get("id", "?")), str(run.get("method", "?"))]
-    n_rest = 13
+    n_rest = 14
     status = run.get("status", "?")
     if status != "ok":
         return head + [str(status)] + [DASH] * (n_rest - 1)
@@ -112,6 +113,7 @@ def run_cells(run: dict) -> list[str]:
         fmt_num(spread_median(run.get("prefill_ms")), ".1f"),
         fmt_num(spread_median(run.get("time_to_first_token_ms")), ".1f"),
         fmt_num(spread_median(run.get("decode_ms_per_token")), ".2f"),
+        ratio_text(run, "prefill"),
         fmt_num(run.get("tokens_per_s"), ".1f"),
         fmt_num(run.get("flops_ratio"), ".0%"),
         DASH if as_number(mcr) is None else str(int(mcr)),
@@ -120,6 +122,25 @@ def run_cells(run: dict) -> list[str]:
         fmt_num(q.get("first_token_kl_max"), ".2e"),
         fmt_num(q.get("accuracy"), ".2f"),
     ]
+
+
+def paired_ratio_of(run: dict, metric: str) -> dict | None:
+    """The run's paired timing ratio to uncompressed for ``metric`` (``prefill``, ``time_to_first_token``,
+    ``decode_ms_per_token``): ``{"median", "low", "high", "n"}`` from ``timing_ratio`` (results version 2),
+    else None (version 1 files have no paired ratios)."""
+    got = (run.get("timing_ratio") or {}).get(metric) if isinstance(run.get("timing_ratio"), dict) else None
+    return got if isinstance(got, dict) and as_number(got.get("median")) is not None else None
+
+
+def ratio_text(run: dict, metric: str) -> str:
+    """``"0.93× [0.90–0.97]"``: the paired ratio and its 95% bootstrap interval, or a dash."""
+    got = paired_ratio_of(run, metric)
+    if got is None:
+        return DASH
+    low, high = as_number(got.get("low")), as_number(got.get("high"))
+    if low is None or high is None:
+        return f"{got['median']:.2f}×"
+    return f"{got['median']:.2f}× [{low:.2f}–{high:.2f}]"
 
 
 def threshold_value(name: str, v) -> str:
@@ -135,15 +156,32 @@ def threshold_value(name: str, v) -> str:
     return f"{x:.3g}"
 
 
+def decision_basis(results: dict) -> str | None:
+    """Which value the quality thresholds were compared with (``thresholds.decide_on``; not recorded: the mean);
+    None when no threshold with an interval (answer match, top-1 agreement, accuracy) was set."""
+    t = results.get("thresholds") if isinstance(results.get("thresholds"), dict) else {}
+    if not any(THRESHOLDS[n].per_input for n, v in t.items() if n in THRESHOLDS and v is not None):
+        return None
+    if t.get("decide_on") == "lower-bound":
+        return (
+            "quality thresholds compared with the lower 95% bound over inputs (Wilson score interval for 0/1 "
+            "metrics), not the mean"
+        )
+    return "quality thresholds compared with the mean over inputs"
+
+
 def threshold_lines(results: dict) -> list[str]:
-    """One plain-text line per threshold that was set."""
+    """One plain-text line per threshold that was set, then which value quality thresholds were compared with."""
     out = []
     for name, v in (results.get("thresholds") or {}).items():
-        if v is None:
+        if v is None or name == "decide_on":
             continue
         info = THRESHOLDS.get(name)
         label, op = (info.report_label, "≥" if info.kind == "min" else "≤") if info else (name, "=")
         out.append(f"{label} {op} {threshold_value(name, v)}")
+    basis = decision_basis(results)
+    if basis:
+        out.append(basis)
     fid = (results.get("settings") or {}).get("min_fidelity")
     if not out and as_number(fid) is not None:
         out.append(f"answer match and top-1 agreement ≥ {fid:.2f} (min fidelity, older results file)")

@@ -33,6 +33,8 @@ from lightkv_cli.report.facts import (
     fmt_bytes,
     fmt_num,
     fmt_size,
+    paired_ratio_of,
+    ratio_text,
     recommendation_text,
     run_by_id,
     run_cells,
@@ -121,14 +123,16 @@ _CAPTIONS = {
     "quality_cost": (
         "Quality against what it costs, every method on the same axes: KV-cache bytes per request after "
         "prefill (left) and median prefill time (right, bars p25–p75). The staircase is the Pareto frontier "
-        "(ringed runs: no other run has both better quality and lower cost); vertical bars are 95 % bootstrap "
-        "intervals; dashed red lines are thresholds, the tinted side fails them; the star is the recommended "
-        "run and the diamond the uncompressed one. Axes are fitted to the data."
+        "(ringed runs: no other run has both better quality and lower cost); vertical bars are 95 % intervals "
+        "(Wilson score for 0/1 metrics in newer results files, else bootstrap); dashed red lines are "
+        "thresholds, the tinted side fails them; the star is the recommended run and the diamond the "
+        "uncompressed one. Axes are fitted to the data."
     ),
     "quality": (
         "Answer match and top-1 agreement with the uncompressed run (and accuracy when answers were "
-        "given) against measured vision retention, one line per method; error bars are 95 % bootstrap "
-        "intervals when recorded, the star is the recommended run and dashed lines are thresholds."
+        "given) against measured vision retention, one line per method; error bars are 95 % intervals "
+        "(Wilson score for 0/1 metrics in newer results files, else bootstrap) when recorded, the star is "
+        "the recommended run and dashed lines are thresholds."
     ),
     "kv_bytes": (
         "KV-cache bytes held per request after prefill (MiB), all tokens (solid) and vision tokens "
@@ -181,6 +185,16 @@ def _figure(name: str, fn, results: dict) -> dict:
     return out
 
 
+def _prefill_note(run: dict, base: dict, bprefill: float | None) -> str | None:
+    """Under the prefill tile: the paired ratio to uncompressed with its interval (results version 2), else
+    the uncompressed median."""
+    if run is base:
+        return None
+    if paired_ratio_of(run, "prefill") is not None:
+        return f"{ratio_text(run, 'prefill')} uncompressed (paired)"
+    return f"uncompressed {bprefill:.1f} ms" if bprefill is not None else None
+
+
 def _recommendation(results: dict) -> dict:
     """The decision box: sentence, headline numbers of the recommended run, or what the closest run missed."""
     rec_id, text = recommendation_text(results)
@@ -202,7 +216,7 @@ def _recommendation(results: dict) -> dict:
             (
                 f"prefill ({device_label(results)})",
                 DASH if prefill is None else f"{prefill:.1f} ms",
-                f"uncompressed {bprefill:.1f} ms" if bprefill is not None and run is not base else None,
+                _prefill_note(run, base, bprefill),
             ),
             ("concurrent requests", DASH if mcr is None else str(int(mcr)), "fit in the memory budget"),
         ]

@@ -100,9 +100,10 @@ def quality_vs_retention(results: dict) -> bytes | None:
 
     Panels: answer match and top-1 agreement with the uncompressed run (fractions of inputs), plus accuracy
     against the expected answers when any run has it. Each method's line is sorted by retention and
-    includes the uncompressed run (retention 1.0) as its anchor. Error bars are the 95 % bootstrap
-    intervals ``quality.ci`` when present; the recommended run is a gold star; quality thresholds that
-    are set are dashed horizontal lines, ``max_vision_retention`` a dashed vertical one.
+    includes the uncompressed run (retention 1.0) as its anchor. Error bars are the 95 % intervals
+    ``quality.ci`` when present (Wilson score for 0/1 metrics, bootstrap otherwise); the recommended run is
+    a gold star; quality thresholds that are set are dashed horizontal lines, ``max_vision_retention`` a
+    dashed vertical one.
 
     Returns PNG bytes, or None when no ok run has quality figures. Raises nothing for a well-formed
     results dictionary.

@@ -9,9 +9,11 @@ Two kinds of score are computed per input:
 * **Accuracy** compares the compressed run's answer with a ground-truth answer, when the
   input has one (``answer_correct``: normalized match or contiguous word containment).
 
-``summarize`` aggregates the per-input scores into means and gives each mean a percentile
-bootstrap confidence interval over inputs (``bootstrap_ci``; Efron & Tibshirani, *An
-Introduction to the Bootstrap*, 1993, ch. 13).
+``summarize`` aggregates the per-input scores into means and gives each mean a 95% confidence
+interval over inputs (``mean_interval``): a Wilson score interval (Wilson, 1927) for the 0/1
+metrics (answer match, top-1 agreement, accuracy), so 8 agreeing inputs of 8 give [0.68, 1], not
+[1, 1]; a percentile bootstrap (``bootstrap_ci``; Efron & Tibshirani, *An Introduction to the
+Bootstrap*, 1993, ch. 13) for the continuous ones (token F1, KL).
 
 Text normalization follows the SQuAD v1.1 evaluation script (lowercase, drop punctuation,
 drop the articles a/an/the, collapse whitespace), extended to Unicode punctuation.
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lightkv_cli.scoring.stats import bootstrap_ci
+from lightkv_cli.scoring.stats import bootstrap_ci, mean_interval
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -300,10 +302,11 @@ class QualitySummary:
         accuracy: mean accuracy over the inputs that have a ground-truth answer; None if none do.
         n_inputs: number of inputs summarized.
         n_with_answers: number of those with a ground-truth answer.
-        ci: 95% percentile bootstrap intervals over inputs (``bootstrap_ci``), ``metric →
-            (low, high)``, for ``answer_match``, ``token_f1``, ``top1_agreement``,
-            ``first_token_kl_mean`` and ``accuracy`` (None when no input has an answer);
-            same units as the metric. Empty when built by hand.
+        ci: 95% intervals over inputs, ``metric → (low, high)``, for ``answer_match``,
+            ``token_f1``, ``top1_agreement``, ``first_token_kl_mean`` and ``accuracy`` (None when
+            no input has an answer); same units as the metric: Wilson score intervals for metrics
+            whose per-input values are all 0 or 1, percentile bootstrap otherwise
+            (:func:`~lightkv_cli.scoring.stats.mean_interval`). Empty when built by hand.
     """
 
     answer_match: float
@@ -344,15 +347,16 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarize(items: Sequence[InputQuality]) -> QualitySummary:
-    """Aggregate per-input scores into means (and the max KL), with bootstrap intervals.
+    """Aggregate per-input scores into means (and the max KL), with 95% intervals.
 
     Args:
         items: per-input scores, at least one.
 
     Returns:
         A ``QualitySummary``; ``accuracy`` is the mean over items whose accuracy is not None,
-        or None when no item has one. ``ci`` holds the 95% bootstrap interval of each mean
-        (``bootstrap_ci`` with its default resamples and seed, so it is deterministic);
+        or None when no item has one. ``ci`` holds the 95% interval of each mean
+        (:func:`~lightkv_cli.scoring.stats.mean_interval`: Wilson score for 0/1 values, else the
+        percentile bootstrap with its default resamples and seed, so it is deterministic);
         ``ci["accuracy"]`` is over the items with an answer, None when there are none.
 
     Raises:
@@ -376,10 +380,10 @@ def summarize(items: Sequence[InputQuality]) -> QualitySummary:
         n_inputs=n,
         n_with_answers=len(answered),
         ci={
-            "answer_match": bootstrap_ci(matches),
+            "answer_match": mean_interval(matches),
             "token_f1": bootstrap_ci(f1s),
-            "top1_agreement": bootstrap_ci(agreements),
+            "top1_agreement": mean_interval(agreements),
             "first_token_kl_mean": bootstrap_ci(kls),
-            "accuracy": bootstrap_ci(answered) if answered else None,
+            "accuracy": mean_interval(answered) if answered else None,
         },
     )

@@ -1,7 +1,8 @@
 """The recommendation: the cheapest run (lowest KV bytes per request; at equal bytes the better
 quality, then the lower prefill time) that meets every threshold that is set; when none does, it
 names the run that came closest and, for each threshold it missed, the required and measured values
-and the shortfall. No torch.
+and the shortfall. Whether a quality threshold is met is decided on the lower 95% bound of the metric
+or on its mean, as ``thresholds.decide_on`` says (:func:`~lightkv_cli.scoring.thresholds.evaluate`). No torch.
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ def recommend(runs: list[dict], thresholds: Thresholds) -> dict:
     bytes (different methods at the same retention) the higher task accuracy, then answer match;
     then the lowest median prefill time. The uncompressed run is a candidate like any other, so without cost
     thresholds a recommendation exists whenever the reference finished; it is then "keep the full cache".
+    "Meets" compares each quality threshold with the lower 95% bound of its metric (a ceiling: the upper
+    bound) when ``thresholds.decide_on`` is ``lower-bound``, with the mean when it is ``mean`` or not recorded.
 
     Returns:
         ``{"run", "method", "reason", "failures", "vision_retention", "kv_bytes", "kv_bytes_vision",
         "target_retention"}``. ``run`` is ``None`` when no run meets every threshold; ``failures``
         then lists what the closest run missed (``{"run", "threshold", "required", "measured",
-        "short_by"}``). When the recommendation is the uncompressed run, ``failures`` lists what
-        the closest compressed run missed.
+        "short_by", "text", "basis", "estimate"}``: ``measured`` is the value compared, ``basis`` which
+        value that is (``lower-bound``, ``upper-bound``, ``mean``, ``measured``), ``estimate`` the mean).
+        When the recommendation is the uncompressed run, ``failures`` lists what the closest compressed
+        run missed.
     """
     ok = [r for r in runs if r.get("status") == "ok" and isinstance(r.get("quality"), dict)]
     if not ok:
@@ -67,6 +72,8 @@ def recommend(runs: list[dict], thresholds: Thresholds) -> dict:
                 "measured": c.measured,
                 "short_by": c.short_by,
                 "text": c.describe(),
+                "basis": c.basis,
+                "estimate": c.estimate,
             }
             for c in checks
             if not c.passed

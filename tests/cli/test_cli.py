@@ -105,7 +105,7 @@ def test_profile_sample_images_happy_path(runner, tmp_path):
 
     results = _read_results(out)
     assert results.keys() >= TOP_LEVEL_KEYS
-    assert results["schema"] == "lightkv.results/1"
+    assert results["schema"] == "lightkv.results/2"
     assert results["tool_version"] == __version__
     assert results["complete"] is True
     assert len(results["inputs"]) == 2

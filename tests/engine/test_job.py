@@ -41,12 +41,15 @@ class Recorder(SweepEvents):
     def ready(self, sweep, moved_aside):
         self.seen.append(("ready", [r.id for r in sweep.pending], moved_aside))
 
-    def running(self, total_steps):
-        self.seen.append(("running", total_steps))
+    def running(self):
+        self.seen.append(("running",))
         return nullcontext()
 
-    def progress(self, run_id, input_id):
-        self.seen.append(("progress", run_id, input_id))
+    def phase(self, name, total):
+        self.seen.append(("phase", name, total))
+
+    def progress(self, phase, run_id, inputs):
+        self.seen.append(("progress", phase, run_id, inputs))
 
 
 @pytest.fixture
@@ -107,10 +110,15 @@ def test_events_in_order_and_old_results_moved_aside(tiny, loads_tiny, one_image
         *[("note", n) for n in tiny.notes],
         ("note", schedule_note),
         ("ready", ids, out / "results.json.1.bak"),
-        ("running", 2),
-        ("progress", ids[0], "skimage_chelsea.png"),
-        ("progress", ids[1], "skimage_chelsea.png"),
+        ("running",),
+        ("phase", "quality", 2),
+        ("progress", "quality", ids[0], 1),
+        ("progress", "quality", ids[1], 1),
+        # the timing pass: one round (repeats=1), no warm-up, one input at batch 1, in the round's shuffled order
+        ("phase", "timing", 2),
+        *[("progress", "timing", i, 1) for i in results["timing_pass"]["order"][0]],
     ]
+    assert sorted(results["timing_pass"]["order"][0]) == sorted(ids)
     assert loads_tiny == [("tiny", {"init": "pretrained", "device": "cpu", "dtype": "auto"})]
     assert (out / "results.json.1.bak").read_text() == "{}"
     on_disk = json.loads((out / "results.json").read_text())

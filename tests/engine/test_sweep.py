@@ -72,13 +72,13 @@ def test_results_written_after_every_run_and_valid(tiny, two_inputs, tmp_path):
     path = tmp_path / "results.json"
     seen_on_disk = []
 
-    def on_progress(run_id, input_id):
-        if path.exists():
+    def on_progress(phase, run_id, inputs):
+        if phase == "quality" and path.exists():
             seen_on_disk.append(len(json.loads(path.read_text())["runs"]))
 
     settings = SweepSettings(retentions=[1.0, 0.6], memory_budget=2**30, memory_source="test", **FAST)
     results = Sweep(tiny, two_inputs, settings, results_path=path, on_progress=on_progress).run()
-    assert seen_on_disk == [1, 1]  # during the second run, the first is already saved
+    assert seen_on_disk == [1]  # during the second run (one batch of both inputs), the first is already saved
     on_disk = load_results(path)
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["complete"] is True and on_disk["inputs_fingerprint"].startswith("sha256:")
@@ -95,7 +95,8 @@ def test_results_written_after_every_run_and_valid(tiny, two_inputs, tmp_path):
     assert comp["time_to_first_token_ms"]["min"] >= comp["prefill_ms"]["min"] + pre[0] - 1e-6
     assert [p["input"] for p in comp["per_input"]] == ["skimage_chelsea.png", "skimage_coins.png"]
     assert base["quality"]["answer_match"] == 1.0 and base["quality"]["first_token_kl_max"] == 0.0
-    assert base["quality"]["ci"]["answer_match"] == [1.0, 1.0]
+    # Wilson interval of 2 of 2: lower bound n / (n + z²) = 2 / (2 + 1.95996²)
+    assert base["quality"]["ci"]["answer_match"] == pytest.approx([2 / (2 + 1.959964**2), 1.0], abs=1e-4)
     # CPU: NVML is not sampled, and says so.
     assert comp["nvml"]["available"] is False and "CPU" in comp["nvml"]["note"]
     assert on_disk["environment"]["nvml"]["available"] is False
@@ -143,7 +144,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tiny, two_inputs, t
 
     path = tmp_path / "results.json"
 
-    def stop_in_third_run(run_id, input_id):
+    def stop_in_third_run(phase, run_id, inputs):
         if run_id == "lightkv-uniform@0.7":
             raise KeyboardInterrupt
 
@@ -155,13 +156,23 @@ def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tiny, two_inputs, t
 
     seen = []
     resumed = Sweep(
-        tiny, two_inputs, settings, results_path=path, previous=partial, on_progress=lambda run, inp: seen.append(run)
+        tiny,
+        two_inputs,
+        settings,
+        results_path=path,
+        previous=partial,
+        on_progress=lambda phase, run, n: seen.append((phase, run)),
     )
     assert resumed.resumed == ["uncompressed", "lightkv@0.7", "lightkv@0.5"]
     assert [s.id for s in resumed.pending] == ["lightkv-uniform@0.7", "lightkv-uniform@0.5"]
     assert resumed.total_steps == 3 * 2  # the reference is recomputed (not recorded) for scoring
     final = resumed.run()
-    assert seen.count("uncompressed") == 2 and "lightkv@0.7" not in seen
+    quality = [run for phase, run in seen if phase == "quality"]
+    assert quality == ["uncompressed", "lightkv-uniform@0.7", "lightkv-uniform@0.5"]  # one batch of 2 each
+    # the timing pass (not started before the interruption) visits every run once in its one round, and times
+    # each of the two inputs at batch 1
+    timed = [run for phase, run in seen if phase == "timing"]
+    assert sorted(timed) == sorted(r["id"] for r in whole["runs"] for _ in range(2))
     assert final["complete"] is True and load_results(path)["complete"] is True
     assert [r["id"] for r in final["runs"]] == [r["id"] for r in whole["runs"]]
     for a, b in zip(final["runs"], whole["runs"]):
@@ -190,7 +201,7 @@ def test_results_file_is_strict_json_even_with_infinite_kl(tmp_path):
 
 def test_load_results_errors(tmp_path):
     p = tmp_path / "r.json"
-    p.write_text(json.dumps({"schema": "lightkv.results/2", "runs": []}))
+    p.write_text(json.dumps({"schema": "lightkv.results/3", "runs": []}))
     with pytest.raises(UserError, match="newer than this lightkv"):
         load_results(p)
     p.write_text(json.dumps({"hello": 1}))

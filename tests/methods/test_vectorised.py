@@ -141,7 +141,7 @@ def test_random_drop_stages_equal_per_row_reference(tiny, images, encode, batch)
         W, ratio = press.windows[k], press.ratios[k]
         vis = inp.vision
         gen = torch.Generator().manual_seed(press.seed * 1_000_003 + k * 7919)
-        r_all = torch.rand(batch, vis.count, generator=gen, dtype=torch.float64)
+        r_all = torch.rand(1, vis.count, generator=gen, dtype=torch.float64).expand(batch, -1)  # same draws per row
         drops, draws = [], []
         for b in range(batch):
             _, coords, grid, mergeable, grids = _row_layout(vis, b)

@@ -21,7 +21,7 @@ from lightkv_cli.scoring.fidelity import (
     token_f1,
     top1_agree,
 )
-from lightkv_cli.scoring.stats import bootstrap_ci
+from lightkv_cli.scoring.stats import bootstrap_ci, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -254,16 +254,19 @@ def test_summarize_confidence_intervals() -> None:
     ]
     s = summarize(items)
     assert set(s.ci) == {"answer_match", "token_f1", "top1_agreement", "first_token_kl_mean", "accuracy"}
-    assert s.ci["top1_agreement"] == (1.0, 1.0)  # every input agrees
-    assert s.ci["answer_match"] == bootstrap_ci([1.0, 0.0, 0.0, 1.0])
+    # 0/1 metrics get Wilson score intervals: every input agrees, 4 of 4 → [n/(n + z²), 1] with
+    # z = 1.959964, z² = 3.841459: 4/7.841459 = 0.5101 (a bootstrap would say [1, 1]).
+    assert s.ci["top1_agreement"][0] == pytest.approx(0.5101, abs=1e-4) and s.ci["top1_agreement"][1] == 1.0
+    assert s.ci["answer_match"] == wilson_interval(2, 4)
+    assert s.ci["accuracy"] == wilson_interval(2, 3)  # only the inputs with an answer
+    # Continuous metrics keep the bootstrap.
     assert s.ci["token_f1"] == bootstrap_ci([1.0, 0.5, 0.0, 0.9])
     assert s.ci["first_token_kl_mean"] == bootstrap_ci([0.0, 0.3, 0.9, 0.1])
-    assert s.ci["accuracy"] == bootstrap_ci([1.0, 0.0, 1.0])  # only the inputs with an answer
     for metric in ("answer_match", "token_f1", "first_token_kl_mean", "accuracy"):
         low, high = s.ci[metric]
         assert low <= getattr(s, metric) <= high and low < high
     d = s.to_dict()
-    assert d["ci"]["top1_agreement"] == [1.0, 1.0]
+    assert d["ci"]["top1_agreement"] == list(s.ci["top1_agreement"])
     assert d["ci"]["accuracy"] == list(s.ci["accuracy"])
     assert json.loads(json.dumps(d)) == d
 
