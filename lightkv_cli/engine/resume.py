@@ -62,7 +62,10 @@ class Resume:
         """Keep the finished rounds of an interrupted timing pass when every run kept has their samples and
         they were measured on the same timing inputs and batches; else the pass starts again."""
         done = int(timing_pass.get("rounds_done") or 0)
-        if not done or timing_pass.get("inputs") != self.results["timing_pass"]["inputs"]:
+        ok = {r["id"] for r in kept if r.get("status") == "ok"}
+        # The timing pass starts once every run has its quality pass: a run still to run means it never did.
+        unfinished = any(spec.id not in ok and spec.id not in {r["id"] for r in kept} for spec in self.runs)
+        if not done or unfinished or timing_pass.get("inputs") != self.results["timing_pass"]["inputs"]:
             for r in kept:
                 r.pop("timing", None)
             return
