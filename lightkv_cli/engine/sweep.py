@@ -309,7 +309,12 @@ class Sweep(Resume, TimingPass):
         Raises:
             Exception: what a batch of one row raised (out of memory included), for :meth:`_run_one` to record.
         """
-        size = 1 if spec.method in self._batch1 else self.batch_size
+        from lightkv_cli.methods.eviction import EvictionPress
+
+        # Eviction pools its budgets over the rows of a batch (until per-row budgets land): batch 1 keeps each
+        # input's figures its own.
+        alone = spec.method in self._batch1 or isinstance(spec.press, EvictionPress)
+        size = 1 if alone else self.batch_size
         queue = plan_batches(self.inputs, size)
         outcomes: dict[str, _InputOutcome] = {}
         images = [i for i, inp in enumerate(self.inputs) if _kind(inp) == "image"]
