@@ -509,9 +509,12 @@ def test_markdown_one_row_per_run_with_exact_text(rich):
     rows = _table_rows(md)
     assert len(rows) == len(rich["runs"]) == 6
     assert rows[1] == (
-        "| lightkv@0.5 ★ | lightkv | 0.500 | 2.5 MiB | 1.5 MiB | 120.0 | 130.0 | 9.50 | 105.3 | 61% | "
+        "| lightkv@0.5 ★ | lightkv | 0.500 | 2.5 MiB | 1.5 MiB | 120.0 | 130.0 | 9.50 | – | 105.3 | 61% | "
         "64 | 0.90 | 0.95 | 1.20e-02 | 0.50 |"
-    )
+    )  # no paired ratio in this (version 1 style) run: a dash
+    paired = copy.deepcopy(rich)
+    paired["runs"][1]["timing_ratio"] = {"prefill": {"median": 0.6, "low": 0.55, "high": 0.65, "n": 24}}
+    assert "| 9.50 | 0.60× [0.55–0.65] | 105.3 |" in _table_rows(render_markdown(paired))[1]
     assert rows[0].startswith("| uncompressed | uncompressed | 1.000 | 4.0 MiB | 3.0 MiB | 200.0 | 210.0 |")
     assert rows[4].startswith("| lightkv-uniform@0.25 | lightkv-uniform | oom | – |")
     assert rows[5].startswith("| lightkv-prompt@0.5 | lightkv-prompt | error | – |")
