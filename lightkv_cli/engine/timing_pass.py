@@ -10,7 +10,6 @@ inputs, settings, runs, results and generation) kept in its own module so each s
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -64,7 +63,7 @@ class TimingPass:
             for t in self._timings[spec.id]:
                 for _ in range(self.settings.warmup):
                     if t.status == "ok":
-                        self._timed(spec, t, t.units[0], keep=False)
+                        self._timed(spec, t, 0, keep=False)
                 if self.settings.warmup:
                     self.on_progress("timing", spec.id, self.settings.warmup * t.batch_size)
         for r in range(tp["rounds_done"], self.settings.repeats):
@@ -78,9 +77,9 @@ class TimingPass:
                         NvmlSampler(self.loaded.device, interval_ms=self.settings.nvml_interval_ms) if last else None
                     )
                     with sampler or nullcontext():
-                        for unit in t.units:
+                        for u in range(len(t.units)):
                             if t.status == "ok":
-                                self._timed(spec, t, unit)
+                                self._timed(spec, t, u)
                             self.on_progress("timing", spec.id, t.batch_size)
                     if sampler is not None and t.status == "ok":
                         t.nvml = sampler.to_dict()
@@ -88,10 +87,12 @@ class TimingPass:
             self._apply_timings()
             self._finish_run()
 
-    def _timed(self, spec: RunSpec, t: _Timing, unit: Sequence[int], keep: bool = True) -> None:
-        """One timed generation of ``unit`` for run ``spec``, its times appended to ``t.samples`` (unless
-        ``keep`` is False: a warm-up); an out-of-memory or a failure marks ``t`` (the pass goes on)."""
+    def _timed(self, spec: RunSpec, t: _Timing, u: int, keep: bool = True) -> None:
+        """One timed generation of unit ``u`` (``t.units[u]``) for run ``spec``, its times appended to
+        ``t.samples`` (unless ``keep`` is False: a warm-up); an out-of-memory or a failure marks ``t`` (the pass
+        goes on)."""
         failure = None
+        unit = t.units[u]
         try:
             result, _ = self._generate(spec, unit)
         except Exception as exc:
@@ -107,7 +108,6 @@ class TimingPass:
         t.peak_kind = result.peak_memory_kind
         if not keep:
             return
-        u = t.units.index(list(unit))
         pre = sum(self.inputs[i].preprocess_ms for i in unit)
         decode = Spread.of(result.decode_ms).median if result.decode_ms else None
         for key, value in (

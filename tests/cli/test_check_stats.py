@@ -11,7 +11,6 @@ import pytest
 from cli_output import _all_text, _assert_user_error, _flat
 
 from lightkv_cli.cli import app
-from lightkv_cli.errors import UserError
 from lightkv_cli.results import SCHEMA
 from lightkv_cli.scoring.fidelity import InputQuality, summarize
 
@@ -108,20 +107,6 @@ def test_decide_on_lower_bound_fails_what_the_mean_passes(runner, tmp_path, no_m
     assert runner.invoke(app, ["check", newer]).exit_code == 1
     assert runner.invoke(app, ["check", newer, "--decide-on", "mean"]).exit_code == 0
     _assert_user_error(runner.invoke(app, ["check", newer, "--decide-on", "median"]), "--decide-on must be")
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    import lightkv_cli.engine.job as job
-
-    got = []
-
-    def _capture(request, events=None):
-        got.append(request)
-        raise UserError("captured")
-
-    monkeypatch.setattr(job, "run_sweep", _capture)
-    return got
 
 
 def test_sweep_and_profile_record_decide_on(runner, captured, two_images, tmp_path):

@@ -10,23 +10,7 @@ import pytest
 from cli_output import _assert_user_error
 
 from lightkv_cli.cli import app
-from lightkv_cli.errors import UserError
 from lightkv_cli.profiles import SweepConfig
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    """The ``SweepRequest`` of the command; the command then stops with a user error ``captured``."""
-    import lightkv_cli.engine.job as job
-
-    got = []
-
-    def _capture(request, events=None):
-        got.append(request)
-        raise UserError("captured")
-
-    monkeypatch.setattr(job, "run_sweep", _capture)
-    return got
 
 
 def _sweep_with(runner, cfg, *args):
