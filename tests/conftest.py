@@ -90,3 +90,19 @@ def two_images(tmp_path) -> Path:
     for name in ("skimage_chelsea.png", "skimage_coffee.png"):
         shutil.copyfile(SAMPLE_IMAGES / name, d / name)
     return d
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The ``SweepRequest`` of the command; the command then stops with a user error ``captured``."""
+    import lightkv_cli.engine.job as job
+    from lightkv_cli.errors import UserError
+
+    got = []
+
+    def _capture(request, events=None):
+        got.append(request)
+        raise UserError("captured")
+
+    monkeypatch.setattr(job, "run_sweep", _capture)
+    return got
