@@ -56,7 +56,6 @@ from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_request
 from lightkv_cli.measure.environment import environment_info
 from lightkv_cli.measure.memory import detect_memory_budget, free_memory, is_out_of_memory, out_of_memory_text
 from lightkv_cli.measure.nvml import nvml_environment
-from lightkv_cli.methods.eviction import EvictionPress
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.results import SCHEMA, write_json_atomic
 from lightkv_cli.runtime import CacheStats, GenerationResult, greedy_generate
@@ -310,9 +309,7 @@ class Sweep(Resume, TimingPass):
         Raises:
             Exception: what a batch of one row raised (out of memory included), for :meth:`_run_one` to record.
         """
-        # Eviction pools its budgets over the rows of a batch (until per-row budgets land): batch 1 keeps each
-        # input's figures its own.
-        alone = spec.method in self._batch1 or isinstance(spec.press, EvictionPress)
+        alone = spec.method in self._batch1
         size = 1 if alone else self.batch_size
         queue = plan_batches(self.inputs, size)
         outcomes: dict[str, _InputOutcome] = {}

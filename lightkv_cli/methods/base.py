@@ -333,6 +333,7 @@ class SequencePress(Press):
             record.grids = list(layouts[0].grids)
             record.owners = layouts[0].owners
             record.layout0 = layouts[0]  # input_tokens, special_tokens: computed when the record is read
+            record.layouts = list(layouts)  # every row's, for the per-row fields (also when read)
         if n_vis:
             # The last prompt token predicts the first answer token: VisionTokens never merges it away.
             vision = VisionTokens.from_layouts(layouts, input_ids.device, S)
@@ -394,7 +395,7 @@ class SequencePress(Press):
         if result.guidance is not None:
             pending["guidance"] = result.guidance
         new_hidden, group = self._apply(st, layer, result, kwargs)
-        pending["grid0"] = st.vision.grid[0]
+        pending["grid"] = st.vision.grid  # (B, n_out): per-row inputs_out, counted when the record is read
         record.stages.append(
             StageRecord(
                 layer=layer,

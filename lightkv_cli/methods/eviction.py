@@ -5,33 +5,43 @@ attention from a few *observation* queries (always a suffix ``[t₀, S)`` of the
 key is computed from the layer's own post-RoPE queries and cached keys — ``H·τ·S`` logits per layer,
 never an ``S×S`` matrix, and the model keeps running SDPA / flash attention. When the prefill forward
 returns, every layer's cache is cut to its budget, per key/value head (each head keeps its own tokens,
-every head of a layer the same number, so the cache stays rectangular: ``(B, H_kv, k_l, d)``).
+every head of a layer the same number, so the cache stays rectangular: ``(B, H_kv, K_l, d)``).
 Decoding attends to what is left.
 
+Batches may be left-padded (rows of different question lengths): each row is evicted as it would be
+alone. Its statistics see only its real keys and its own observation queries (left padding keeps the
+last prompt tokens of every row aligned), its budgets ``k_{l,b}`` are the method's rule applied to its
+real length ``S_b`` and its own statistics, and each layer holds ``K_l = max_b k_{l,b}`` slots per head: a
+row with fewer entries has leading *filler* slots (−1 in the record's ``kept_index``), masked out of
+attention during decoding like left padding, so its decoding is what it would be alone.
+
 Cost (what a GPU pays in kernel launches and pipeline drains): the statistics of a layer are a fixed,
-small number of batched tensor ops (no loop over heads, rows or queries; queries are chunked only to
-bound memory, :data:`~lightkv_cli.methods.attention.MAX_CHUNK_BYTES`); the observation masks are built
-once per prefill; budgets and kept indices are computed on the device for all layers at once
-(:func:`select_kept`); the host reads the device twice per prefill at most — once at the start (padding,
-vision positions: what sizes the observation) and once at the end (the integer budgets ``k_l`` that size
-the cut caches, with the method's statistics for the record) — and never during decoding. The record's
-tensors stay on the device until read (:class:`~lightkv_cli.methods.records.EvictionRecord`).
+small number of batched tensor ops (no loop over heads, rows or queries; layers are grouped as far as
+their keys fit :data:`~lightkv_cli.methods.attention.MAX_CHUNK_BYTES`, and queries are chunked only to
+bound the probabilities' memory); the observation masks are built once per prefill; budgets and kept
+indices are computed on the device for all rows and layers at once (:func:`select_kept`); the host reads
+the device twice per prefill at most — once at the start (each row's padding and vision positions: what
+sizes the observation) and once at the end (the ``(B, L)`` integer budgets that size the cut caches, with
+the method's statistics for the record) — and never during decoding. The record's tensors stay on the
+device until read (:class:`~lightkv_cli.methods.records.EvictionRecord`).
 
 Unlike the in-prefill methods (:class:`~lightkv_cli.methods.base.SequencePress`), eviction may
 shorten layer 0 and drops text tokens as well as vision tokens; positions are unaffected (the cached
 keys carry their rotary phase, and ``generate()`` and :func:`~lightkv_cli.runtime.greedy_generate`
 derive decode positions from the 2-D attention mask, not from the cache length). Decoding layers get
 an attention mask built from their own cached length, once per step and distinct length, and none at
-all when the model's attention needs none (SDPA, one new token, no padding).
+all when the model's attention needs none (SDPA, one new token, no padding, no fillers). Layers with
+fillers get masks for all their row-budget patterns from one transformers call at the start of the first
+decode step, grown by one key per later step.
 
-Limits (clear errors): batches with padding (rows would need different budgets), ``StaticCache``,
-chunked prefill, ``generate(inputs_embeds=...)`` without ``input_ids``.
+Limits (clear errors): right padding (pad on the left), ``StaticCache``, chunked prefill,
+``generate(inputs_embeds=...)`` without ``input_ids``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,17 +51,21 @@ from torch import nn
 from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.methods import attention
 from lightkv_cli.methods.base import Press
+from lightkv_cli.methods.eviction_decode import DecodeMasks
 from lightkv_cli.methods.eviction_scores import (  # noqa: F401  (re-exported: the methods' shared vocabulary)
     Observation,
     avg_pool_1d,
     check_fraction,
+    group_counts,
     group_mean,
     keep_budget,
+    layer_chunks,
     observation_attention,
+    read_host,
     select_kept,
     select_per_head,
 )
-from lightkv_cli.methods.hf_compat import cache_from_kwargs, causal_mask, check_dynamic_cache
+from lightkv_cli.methods.hf_compat import cache_from_kwargs, check_dynamic_cache
 from lightkv_cli.methods.records import EvictionRecord
 from lightkv_cli.models.adapters import FamilyAdapter
 
@@ -65,25 +79,63 @@ class EvictionPlan:
 
     Attributes:
         scores: ``(R, B, H_kv, S)`` float32 scores of consecutive layers (higher is kept first), ``Σ R = L``.
-        budgets: ``(L,)`` long entries each layer keeps per KV head (on the device), or ``L`` ints.
-        recent: ``(L,)`` long most recent positions each layer always keeps, or one int for every layer.
-        details: method statistics for the record; tensor values are read to the host (as lists) in the
-            same single read as the budgets.
+        budgets: entries each row keeps per KV head in each layer: a ``(B, L)`` long tensor (on the
+            device), or host ints ``B × L``.
+        recent: most recent positions each row always keeps in each layer: ``(B, L)`` long tensor, host ints
+            ``B × L``, or one int for every row and layer.
+        details: method statistics for the record; tensor values are read to the host (as lists, nested
+            for 2-D tensors) in the same single read as the budgets. ``row_<name>`` keys hold one value per
+            row; the record adds ``<name>`` = row 0's value where the plan gives none.
     """
 
     scores: list[torch.Tensor]
-    budgets: torch.Tensor | list[int]
-    recent: torch.Tensor | int
+    budgets: torch.Tensor | list[list[int]]
+    recent: torch.Tensor | list[list[int]] | int
     details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PromptRows:
+    """Host facts of each row of a (left-padded) prompt batch, read once at the start of the prefill.
+
+    Attributes:
+        seq_len: ``S``, the padded length.
+        pads: left pads of each row ``p_b``.
+        vision: vision tokens of each row ``n_b``.
+        starts: each row's first observation position in the padded frame (``p_b + t₀`` of the row alone),
+            None for a row the method does not evict (it keeps all its ``S_b`` entries).
+    """
+
+    seq_len: int
+    pads: list[int]
+    vision: list[int]
+    starts: list[int | None]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real (unpadded) length ``S_b = S − p_b`` of each row."""
+        return [self.seq_len - p for p in self.pads]
+
+    @property
+    def batch(self) -> int:
+        """Rows ``B``."""
+        return len(self.pads)
+
+    @property
+    def evicted(self) -> list[bool]:
+        """Whether each row is evicted."""
+        return [s is not None for s in self.starts]
 
 
 @dataclass
 class _EvictState:
     phase: str = "off"  # "prefill" | "decode" | "off"
     seq_len: int = 0
-    vision_tokens: int = 0
-    vision: torch.Tensor | None = None  # (S,) bool, vision positions (same in every row), on the model's device
-    start: int = 0  # first observation position
+    rows: PromptRows | None = None
+    vision: torch.Tensor | None = None  # (B, S) bool, vision positions of every row, on the model's device
+    real: torch.Tensor | None = None  # (B, S) bool, real (non-pad) tokens; None without padding
+    row_starts: list[int] | None = None  # per row first observed position (padded frame), for the masks
+    start: int = 0  # first observation position (of any row)
     group: int = 1  # layers whose statistics are computed together
     obs: dict = field(default_factory=dict)  # device -> Observation
     cache: Any = None
@@ -92,10 +144,14 @@ class _EvictState:
     stats: list = field(default_factory=list)  # method statistics of consecutive runs of layers
     done: int = 0  # layers whose statistics are in `stats`
     rope: dict = field(default_factory=dict)  # id(cos) -> (cos, sin, cos and sin at the observation, float32)
-    masks: dict = field(default_factory=dict)  # decode: (layer type, cached length) -> mask of this step
+    fill: dict = field(default_factory=dict)  # layer -> its row budgets, for layers with filler slots
+    slots: list = field(default_factory=list)  # K_l of every layer after eviction
+    first_step: bool = False  # the first decode step after an eviction with filler slots is still to come
+    masks: dict = field(default_factory=dict)  # decode: (layer type, cached length, fill) -> mask of this step
+    grown: dict = field(default_factory=dict)  # decode: (layer type, fill) -> (key length, mask, q) of the last step
 
 
-class EvictionPress(Press):
+class EvictionPress(DecodeMasks, Press):
     """Base of post-prefill eviction methods (VL-Cache, SnapKV).
 
     Subclasses choose the observation queries (:meth:`observation_start`), reduce the attention rows of a
@@ -122,15 +178,19 @@ class EvictionPress(Press):
         """
         raise NotImplementedError
 
-    def layer_statistics(self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kv_heads: int) -> Any:
+    def layer_statistics(
+        self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kv_heads: int, obs: Observation
+    ) -> Any:
         """Reduce the observation attention of ``R`` consecutive layers (:func:`observation_attention`
-        chunks, probabilities ``(B, R, H, c, S)``) to device tensors with a leading layer axis ``R``
-        (no host read)."""
+        chunks, probabilities ``(B, R, H, c, S)``; ``obs`` says which queries and keys each row has) to
+        device tensors with a leading layer axis ``R``, per row (no host read)."""
         raise NotImplementedError
 
-    def plan(self, stats: list[Any], seq_len: int, vision_tokens: int) -> EvictionPlan:
-        """Budgets, recent windows and scores of every layer from the statistics of consecutive runs of
-        layers (in layer order; no host read)."""
+    def plan(self, stats: list[Any], rows: PromptRows) -> EvictionPlan:
+        """Budgets and recent windows of every row and layer, and scores of every layer, from the
+        statistics of consecutive runs of layers (in layer order; no host read). A row's budgets are what
+        the method gives its real prompt alone (length ``S_b``, ``n_b`` vision tokens); a row that
+        ``rows`` marks as not evicted keeps ``S_b`` entries in every layer."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -163,31 +223,38 @@ class EvictionPress(Press):
     def _detach(self) -> None:
         self._state = _EvictState()
 
-    def _prompt_facts(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
-        """The prompt's vision positions and, in one host read: same vision positions in every row, vision
-        tokens per row, last vision position (−1: none), and (with a 2-D mask) no padding."""
+    def _prompt_facts(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]]]:
+        """Every row's vision positions and real tokens, and, in one host read, per row: vision tokens,
+        last vision position (−1: none), and (with a 2-D mask) left pads and whether the padding is on the
+        left.
+
+        Returns:
+            ``(vision, real, facts)``: ``(B, S)`` bool vision positions, ``(B, S)`` bool real tokens (None
+            without a 2-D mask) and the host facts, one list of ``B`` ints per fact.
+        """
         vis_rows = self._adapter.vision_mask(input_ids)  # (B, S) bool
-        vision = vis_rows[0]
-        S = vision.shape[0]
-        facts = [
-            vis_rows.eq(vision).all(),
-            vision.sum(),
-            torch.where(vision, torch.arange(S, device=vision.device), -1).max(),
-        ]
+        S = vis_rows.shape[1]
+        facts = [vis_rows.sum(1), torch.where(vis_rows, torch.arange(S, device=vis_rows.device), -1).amax(1)]
+        real = None
         if mask is not None and mask.ndim == 2:
-            facts.append(mask.bool().all().to(vision.device))
+            real = mask.to(vis_rows.device).bool()
+            facts += [(~real).sum(1), (real[:, 1:] >= real[:, :-1]).all(1)]
         with torch.profiler.record_function("lightkv::host_read"):
             values = torch.stack([f.long() for f in facts]).tolist()
-        return vision, values
+        return vis_rows, real, values
 
     def _group_size(self, batch: int, seq_len: int, tau: int) -> int:
-        """Layers whose statistics are computed together: their float32 probabilities and keys each within
-        :data:`~lightkv_cli.methods.attention.MAX_CHUNK_BYTES`, in groups of equal size."""
+        """Layers whose statistics are computed together: their float32 keys and observation queries each
+        within :data:`~lightkv_cli.methods.attention.MAX_CHUNK_BYTES`, in groups of equal size (their
+        probabilities are bounded by the same size by :func:`observation_attention`, which computes them
+        in chunks of queries)."""
         cfg = self._adapter.text_config
         H = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or H
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-        per_layer = 4 * batch * seq_len * max(H * tau, Hkv * d)
+        per_layer = 4 * batch * d * max(seq_len * Hkv, tau * H)
         L = self._adapter.num_layers
         most = max(1, min(L, attention.MAX_CHUNK_BYTES // max(1, per_layer)))
         return math.ceil(L / math.ceil(L / most))
@@ -210,35 +277,48 @@ class EvictionPress(Press):
             if cache is not None:
                 check_dynamic_cache(cache)
             mask = kwargs.get("attention_mask")
-            vision, facts = self._prompt_facts(input_ids, mask)
-            same_rows, n_vis, last_vis = facts[:3]
-            if len(facts) > 3 and not facts[3]:
-                raise UnsupportedInputError(
-                    f"{type(self).__name__} evicts the same number of entries in every row and does not support "
-                    "padded batches; run prompts one at a time or batch prompts of equal length"
-                )
-            if not same_rows:
-                raise UnsupportedInputError(
-                    f"{type(self).__name__} needs the vision tokens at the same positions in every row; "
-                    "batch prompts of the same shape, or run them one by one"
-                )
+            vision, real, facts = self._prompt_facts(input_ids, mask)
             B, S = input_ids.shape
-            start = self.observation_start(S, last_vis)
-            evict = start is not None and 0 <= start < S
+            n_vis, last_vis = facts[0], facts[1]
+            pads = facts[2] if real is not None else [0] * B
+            if real is not None and not all(facts[3]):
+                raise UnsupportedInputError(
+                    f"{type(self).__name__} supports left-padded batches only (each row's real tokens last); "
+                    "pad on the left (tokenizer padding_side='left') or run prompts one at a time"
+                )
+            starts = []
+            for p, last in zip(pads, last_vis):
+                t0 = self.observation_start(S - p, last - p if last >= 0 else -1)
+                starts.append(t0 + p if t0 is not None and 0 <= t0 < S - p else None)
+            rows = PromptRows(S, pads, n_vis, starts)
+            L = adapter.num_layers
+            if not any(rows.evicted):
+                self._state = _EvictState(phase="off", seq_len=S, cache=cache)
+                self._last_prefill = EvictionRecord(
+                    S,
+                    n_vis[0],
+                    L,
+                    [S] * L,
+                    row_budgets=[[n] * L for n in rows.lengths],
+                    row_layer_vision_tokens=[[float(n)] * L for n in n_vis],
+                    row_seq_lens=rows.lengths,
+                )
+                return None
+            start = min(t for t in starts if t is not None)
+            # rows not evicted still get statistics (ignored): from their first real query on
+            row_starts = [t if t is not None else max(start, p) for t, p in zip(starts, pads)]
             self._state = _EvictState(
-                phase="prefill" if evict else "off",
+                phase="prefill",
                 seq_len=S,
-                vision_tokens=n_vis,
+                rows=rows,
                 vision=vision,
-                start=start if evict else S,
-                group=self._group_size(B, S, S - start) if evict else 1,
+                real=real if any(pads) else None,
+                row_starts=row_starts,
+                start=start,
+                group=self._group_size(B, S, S - start),
                 cache=cache,
             )
-            if evict:
-                self._state.obs[vision.device] = Observation.build(start, S, vision.device)
-            else:
-                L = adapter.num_layers
-                self._last_prefill = EvictionRecord(S, n_vis, L, [S] * L, [float(n_vis)] * L)
+            self._observation(vision.device)
             return None
         if self._new_visual_input(kwargs, input_ids):
             raise UnsupportedInputError(
@@ -246,6 +326,9 @@ class EvictionPress(Press):
                 "in a later turn); compress one complete prompt per prefill"
             )
         if st.phase in ("prefill", "decode") and cache is not None and cache is st.cache:
+            if st.first_step and input_ids is not None and input_ids.shape[-1] == 1:
+                self._first_step_masks(st)  # before any layer adds this step's token to its cache
+            st.first_step = False
             st.phase = "decode"
             st.masks = {}
             return None
@@ -289,10 +372,11 @@ class EvictionPress(Press):
         return hook
 
     def _observation(self, device: torch.device) -> Observation:
+        """The prefill's observation on ``device`` (built once per device: a model split over devices)."""
         st = self._state
         obs = st.obs.get(device)
-        if obs is None:  # a layer on another device (a model split over devices)
-            obs = st.obs[device] = Observation.build(st.start, st.seq_len, device)
+        if obs is None:
+            obs = st.obs[device] = Observation.build(st.start, st.seq_len, device, st.real, st.row_starts)
         return obs
 
     def _observation_rope(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,8 +444,9 @@ class EvictionPress(Press):
             cos, sin = self._observation_rope(pe)
             q = self._adapter.rotary_function(layer)(q, q[:, :1], cos, sin)[0]
             k = torch.stack([st.cache.layers[g[0]].keys for g in group[i:j]], dim=1) if R > 1 else keys.unsqueeze(1)
-            chunks = observation_attention(q, k, self._observation(keys.device), scale)
-            st.stats.append(self.layer_statistics(chunks, keys.shape[1]))
+            obs = self._observation(keys.device)
+            chunks = observation_attention(q, k, obs, scale)
+            st.stats.append(self.layer_statistics(chunks, keys.shape[1], obs))
             st.done += R
             i = j
 
@@ -378,111 +463,70 @@ class EvictionPress(Press):
         L = self._adapter.num_layers
         if st.done != L or st.cache is None:
             raise RuntimeError(f"internal error: statistics of {st.done} of {L} layers were gathered")
-        plan = self.plan(st.stats, st.seq_len, st.vision_tokens)
+        rows = st.rows
+        plan = self.plan(st.stats, rows)
         st.stats, st.queries, st.rope = [], None, {}
         budgets, recent = plan.budgets, plan.recent
+        B, S = rows.batch, st.seq_len
         # every layer's kept indices, on the device, in groups of layers of bounded memory
         picked, vis = [], []
-        vis_ext = torch.cat([st.vision, st.vision.new_zeros(1)]).float()  # (S + 1,): the sentinel S is not vision
+        vis_ext = torch.cat([st.vision.new_zeros(B, 1), st.vision], dim=1).float()  # (B, 1 + S): filler −1 first
         l0 = 0
         for run in plan.scores:
-            for a, b in _chunks(run.shape[0], 40 * run[0].numel()):
+            for a, b in layer_chunks(run.shape[0], 40 * run[0].numel()):
                 g0, g1 = l0 + a, l0 + b
                 scores = run[a:b] if b - a < run.shape[0] else run
-                k = budgets[g0:g1] if isinstance(budgets, torch.Tensor) else _int_or_tensor(budgets[g0:g1], scores)
-                r = recent if isinstance(recent, int) else recent[g0:g1]
-                idx = select_kept(scores, k, r)
+                k = group_counts(budgets, g0, g1, scores)
+                r = group_counts(recent, g0, g1, scores)
+                idx = select_kept(scores, k, r, st.real, fillers_first=True)  # (G, B, H_kv, S), fillers −1 first
                 ext = vis_ext if vis_ext.device == idx.device else vis_ext.to(idx.device)
-                vis.append(ext[idx].sum(-1).mean(dim=(1, 2)).to(vis_ext.device))
+                G, _, Hkv, _ = idx.shape
+                kept_vis = ext.view(1, B, 1, S + 1).expand(G, B, Hkv, S + 1).gather(-1, idx + 1)
+                vis.append(kept_vis.sum(-1).mean(-1).to(vis_ext.device))  # (G, B)
                 picked.extend(idx.unbind(0))
             l0 += run.shape[0]
         # the one host read of the end of prefill: the budgets that size the caches, and the details
-        budgets, details = _read_host(budgets, plan.details)
-        if len(budgets) != L or len(picked) != L:
-            raise RuntimeError(f"internal error: budgets of {len(budgets)} and indices of {len(picked)} of {L} layers")
-        kept = []
-        for i, (idx, k) in enumerate(zip(picked, budgets)):
+        row_budgets, details = read_host(budgets, plan.details)
+        if len(row_budgets) != B or any(len(r) != L for r in row_budgets) or len(picked) != L:
+            raise RuntimeError(
+                f"internal error: budgets of {len(row_budgets)} rows and indices of {len(picked)} of {L} layers"
+            )
+        for key in [k for k in details if k.startswith("row_")]:
+            details.setdefault(key[4:], details[key][0])
+        slots = st.slots = [max(col) for col in zip(*row_budgets)]  # K_l
+        kept, firsts = [], {}
+        st.fill = {}
+        for i, (idx, k) in enumerate(zip(picked, slots)):
             layer = st.cache.layers[i]
             keys, values = layer.keys, layer.values
-            idx = idx[..., :k]
+            idx = idx[..., S - k :]
             kept.append(idx if idx.device == st.vision.device else idx.to(st.vision.device))
-            if k == keys.shape[-2]:  # keeps everything: the cache as it is
+            per_row = tuple(r[i] for r in row_budgets)
+            filled = any(n < k for n in per_row)
+            if k == keys.shape[-2] and not filled:  # every row keeps everything: the cache as it is
                 continue
             if idx.device != keys.device:
                 idx = idx.to(keys.device)
+            if filled:  # filler slots (index −1) hold a copy of the row's first real entry, masked in decode
+                first = firsts.get(keys.device)
+                if first is None:
+                    first = firsts[keys.device] = torch.tensor(rows.pads, device=keys.device).view(B, 1, 1)
+                idx = torch.maximum(idx, first)
+                st.fill[i] = per_row
             gather = idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             layer.keys = keys.gather(2, gather)
             if values.shape[-1] != keys.shape[-1]:
                 gather = idx.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1])
             layer.values = values.gather(2, gather)
+        st.grown, st.first_step = {}, bool(st.fill)
         self._last_prefill = EvictionRecord(
-            seq_len=st.seq_len,
-            vision_tokens=st.vision_tokens,
+            seq_len=S,
+            vision_tokens=rows.vision[0],
             num_layers=L,
-            budgets=budgets,
-            layer_vision_tokens=torch.cat(vis) if len(vis) > 1 else vis[0],
-            kept_index=torch.cat(kept, dim=-1),  # (B, H_kv, Σ k_l): one tensor, split when read
+            budgets=slots,
+            kept_index=torch.cat(kept, dim=-1),  # (B, H_kv, Σ K_l): one tensor, split when read
             details=details,
+            row_budgets=row_budgets,
+            row_layer_vision_tokens=(torch.cat(vis) if len(vis) > 1 else vis[0]).T,  # (B, L)
+            row_seq_lens=rows.lengths,
         )
-
-    def _decode_pre_hook(self, layer: int):
-        layer_type = self._layer_types[layer]
-
-        def hook(module, args, kwargs):
-            st = self._state
-            if st.phase != "decode":
-                return None
-            if kwargs.get("attention_mask") is None:
-                # The model's attention needs no mask (SDPA, one new token, no padding): neither does this
-                # layer, whatever its cached length.
-                return None
-            cache = cache_from_kwargs(kwargs)
-            if cache is None:
-                return None
-            key = (layer_type, cache.get_seq_length(layer))
-            mask = st.masks.get(key)
-            if mask is None:
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                ones = torch.ones(hidden.shape[0], key[1] + hidden.shape[1], dtype=torch.long, device=hidden.device)
-                mask = st.masks[key] = causal_mask(self._adapter.text_config, layer_type, hidden, ones, cache, layer)
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-
-        return hook
-
-
-def _chunks(n: int, bytes_each: int) -> Iterator[tuple[int, int]]:
-    """``[a, b)`` ranges covering ``range(n)`` of at most ``MAX_CHUNK_BYTES // bytes_each`` items (at least one)."""
-    step = max(1, attention.MAX_CHUNK_BYTES // max(1, bytes_each))
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
-
-
-def _int_or_tensor(values: Sequence[int], like: torch.Tensor) -> torch.Tensor | int:
-    """Host ints for a group of layers: one int when all are equal, else a ``(G,)`` long tensor on ``like``'s device."""
-    values = [int(v) for v in values]
-    if all(v == values[0] for v in values):
-        return values[0]
-    return torch.tensor(values, dtype=torch.long, device=like.device)
-
-
-def _read_host(budgets: torch.Tensor | Sequence[int], details: dict) -> tuple[list[int], dict]:
-    """Budgets as ints and the details' tensors as lists, in one device → host read (none when nothing is a tensor)."""
-    tensors = {k: v for k, v in details.items() if isinstance(v, torch.Tensor)}
-    parts = ([budgets] if isinstance(budgets, torch.Tensor) else []) + list(tensors.values())
-    if not parts:
-        return [int(b) for b in budgets], dict(details)
-    device = parts[0].device
-    with torch.profiler.record_function("lightkv::host_read"):
-        flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts]).tolist()
-    out = dict(details)
-    i = 0
-    if isinstance(budgets, torch.Tensor):
-        n = budgets.numel()
-        budgets, i = [int(b) for b in flat[:n]], n
-    else:
-        budgets = [int(b) for b in budgets]
-    for key, t in tensors.items():
-        out[key] = flat[i : i + t.numel()]
-        i += t.numel()
-    return budgets, out

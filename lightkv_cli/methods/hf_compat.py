@@ -54,7 +54,18 @@ def cache_kwarg(fn, cache) -> dict:
     return {_cache_param(getattr(fn, "__func__", fn)): cache}
 
 
-def causal_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, layer: int):
+@functools.cache
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn``'s signature has a parameter ``name`` (read once per function and name)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def causal_mask(
+    config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Tensor, cache, layer: int, *, allow_skip: bool = True
+):
     """The attention mask a decoder layer of ``layer_type`` needs for ``hidden`` given a 2-D padding mask.
 
     Built with ``transformers.masking_utils.create_causal_mask`` (or
@@ -69,6 +80,10 @@ def causal_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Te
             own cached length plus ``q``).
         cache: the ``DynamicCache`` (the layer's cached length decides the key positions).
         layer: index of the layer.
+        allow_skip: False when ``mask_2d`` is known to hold zeros (e.g. eviction's filler slots): the mask is
+            then built without transformers' check whether it could be skipped (``allow_is_causal_skip``),
+            which reads the device (``padding_mask.sum() == numel``) and would answer no anyway. Versions
+            whose mask functions lack that parameter make the check (correct, one host read more).
 
     Returns:
         What the attention implementation takes (a 4-D mask, or None: with SDPA and no padding the
@@ -82,6 +97,7 @@ def causal_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Te
     fn = masking_utils.create_causal_mask
     if layer_type == "sliding_attention":
         fn = masking_utils.create_sliding_window_causal_mask
+    extra = {} if allow_skip or not _takes(fn, "allow_is_causal_skip") else {"allow_is_causal_skip": False}
     return fn(
         config=config,
         inputs_embeds=hidden,
@@ -89,6 +105,7 @@ def causal_mask(config, layer_type: str, hidden: torch.Tensor, mask_2d: torch.Te
         **cache_kwarg(fn, cache),
         position_ids=None,
         layer_idx=layer,
+        **extra,
     )
 
 

@@ -12,7 +12,7 @@ from test_lightkv import _generate
 from tiny_families import evicted_prompt_masks
 
 from lightkv_cli import LightKV
-from lightkv_cli.errors import UnsupportedInputError, UserError
+from lightkv_cli.errors import UserError
 from lightkv_cli.methods.fastv import FastV
 from lightkv_cli.methods.merging import merges_per_window, window_ids
 from lightkv_cli.methods.random_drop import RandomDrop
@@ -320,13 +320,6 @@ def test_random_drop_counts_per_window_and_per_layer(tiny, one):
 
 
 # --------------------------------------------------------------------------------------- limits
-
-
-def test_eviction_refuses_padded_batches(tiny, encode, images):
-    inputs = encode(images[:2], [QUESTION, "Why?"])
-    assert not bool(inputs["attention_mask"].bool().all())
-    with torch.no_grad(), VLCache(budget=0.5)(tiny.model), pytest.raises(UnsupportedInputError, match="padded batches"):
-        tiny.model(**inputs)
 
 
 def test_vlcache_leaves_text_only_prompts_alone(tiny):

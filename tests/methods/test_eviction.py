@@ -2,9 +2,10 @@
 
 - budgets (closed form on the device) equal the plain bisection + largest-remainder rule;
 - the batched kept-index selection of several layers equals the one-layer rule;
-- on the tiny LLaVA model, for batches of 1 and 3 rows: densities, budgets, kept indices per row and KV
-  head and the recorded vision counts equal a brute-force per-row, per-head computation from the eager
-  model's full float32 attention matrices;
+- on the tiny LLaVA model, for batches of 1 and 3 rows: densities and budgets of each row, kept indices
+  per row and KV head and the recorded vision counts equal a brute-force per-row, per-head computation
+  from the eager model's full float32 attention matrices (left-padded batches:
+  ``test_padded_eviction.py``);
 - what eviction adds to a prefill and to a decode step: no host-synchronising op, and a decode step no
   more work than the uncompressed one (up to 5%); the eager attention path (masks built per cached
   length) decodes as the SDPA path (no masks).
@@ -147,37 +148,47 @@ def _run(tiny, batch, press):
 
 def _check_kept(rec, out, batch, scores_of, recent_of, vision):
     """Per layer, row and KV head: the recent window is kept, the rest are the top brute-force scores, and
-    the cache holds exactly those entries; the recorded vision counts are the kept vision tokens."""
+    the cache holds exactly those entries (a row with a smaller budget than the layer's slots: fillers
+    −1 before them); the recorded vision counts are the kept vision tokens."""
     B = batch["input_ids"].shape[0]
     S = batch["input_ids"].shape[1]
-    for layer, (k, idx) in enumerate(zip(rec.budgets, rec.kept_index)):
+    assert len(rec.row_budgets) == B
+    for layer, (K, idx) in enumerate(zip(rec.budgets, rec.kept_index)):
         scores = scores_of(layer)  # (B, H_kv, S)
         Hkv = scores.shape[1]
-        assert tuple(idx.shape) == (B, Hkv, k) and idx.device.type == "cpu"
-        assert out.past_key_values.layers[layer].keys.shape[-2] == k
-        r = recent_of(k)
+        assert tuple(idx.shape) == (B, Hkv, K) and idx.device.type == "cpu"
+        assert out.past_key_values.layers[layer].keys.shape[-2] == K
+        assert max(r[layer] for r in rec.row_budgets) == K
+        row_vis = []
         for b in range(B):
+            k = rec.row_budgets[b][layer]
+            r = recent_of(k)
+            assert bool((idx[b, :, : K - k] == -1).all())  # fillers
             for h in range(Hkv):
-                kept = idx[b, h]
+                kept = idx[b, h, K - k :]
                 assert bool((kept.diff() > 0).all())
                 assert bool((kept[k - r :] == torch.arange(S - r, S)).all())
                 _assert_same_top(scores[b, h, : S - r], kept[: k - r], k - r)
-        assert rec.layer_vision_tokens[layer] == pytest.approx(float(vision[idx].float().sum(-1).mean()))
+            row_vis.append(float(vision[idx[b, :, K - k :]].float().sum(-1).mean()))
+            assert rec.row_layer_vision_tokens[b][layer] == pytest.approx(row_vis[-1])
+        assert rec.layer_vision_tokens[layer] == pytest.approx(sum(row_vis) / B)
 
 
 def test_vlcache_equals_per_row_per_head_brute_force(tiny, batch, brute):
+    """Each row's densities and budgets are its own (what it would get alone)."""
     out, rec = _run(tiny, batch, VLCache(budget=0.3))
     ids = batch["input_ids"]
     S = ids.shape[1]
     vision = ids[0] == tiny.adapter.image_token_id()
     t0 = int(torch.nonzero(vision).max()) + 1
     Hkv = tiny.adapter.text_config.num_key_value_heads
+    B = ids.shape[0]
     scores = []
     for layer, A in enumerate(brute):
-        B, H = A.shape[:2]
-        zero, rows = 0.0, 0
+        H = A.shape[1]
         per_head = torch.zeros(B, H, S)
         for b in range(B):
+            zero, rows = 0.0, 0
             for h in range(H):
                 post = A[b, h, t0:]  # (τ, S) rows of the post-vision queries
                 for i in range(post.shape[0]):
@@ -185,11 +196,17 @@ def test_vlcache_equals_per_row_per_head_brute_force(tiny, batch, brute):
                     zero += float((row < 0.01 * row.max()).float().mean())
                     rows += 1
                 per_head[b, h] = post.sum(0)
-        assert rec.details["density"][layer] == pytest.approx(1 - zero / rows, abs=1e-4), layer
+            assert rec.details["row_density"][b][layer] == pytest.approx(1 - zero / rows, abs=1e-4), (b, layer)
         scores.append(per_head.view(B, Hkv, -1, S).mean(2))
-    assert rec.budgets == _reference_budgets(rec.details["density"], 0.3, S)
-    assert sum(rec.budgets) == round(0.3 * len(brute) * S)
-    assert rec.details["beta"] == [k / S for k in rec.budgets]
+    assert rec.details["density"] == rec.details["row_density"][0]
+    for b in range(B):
+        assert rec.row_budgets[b] == _reference_budgets(rec.details["row_density"][b], 0.3, S)
+        assert sum(rec.row_budgets[b]) == round(0.3 * len(brute) * S)
+        assert rec.details["row_beta"][b] == [k / S for k in rec.row_budgets[b]]
+    assert rec.budgets == [max(col) for col in zip(*rec.row_budgets)]
+    if B == 1:
+        assert rec.row_budgets == [rec.budgets] and rec.details["beta"] == [k / S for k in rec.budgets]
+        assert rec.row_layer_vision_tokens == [rec.layer_vision_tokens]
     _check_kept(rec, out, batch, scores.__getitem__, lambda k: math.floor(0.1 * k), vision)
 
 
@@ -202,6 +219,7 @@ def test_snapkv_equals_per_row_per_head_brute_force(tiny, batch, brute):
     vision = ids[0] == tiny.adapter.image_token_id()
     k = round(0.3 * S)
     assert rec.budgets == [k] * len(brute)
+    assert rec.row_budgets == [[k] * len(brute)] * ids.shape[0]
     Hkv = tiny.adapter.text_config.num_key_value_heads
     scores = []
     for A in brute:
