@@ -118,6 +118,8 @@ class ProfileMeasured(_Strict):
     answer_match: float | None = None
     top1_agreement: float | None = None
     first_token_kl_max: float | None = None
+    token_agreement: float | None = None
+    continuation_kl_max: float | None = None
     accuracy: float | None = None
 
 
@@ -331,6 +333,8 @@ def profile_from_results(results: dict, run_id: str, name: str) -> dict:
         "answer_match": q.get("answer_match"),
         "top1_agreement": q.get("top1_agreement"),
         "first_token_kl_max": q.get("first_token_kl_max"),
+        "token_agreement": q.get("token_agreement"),
+        "continuation_kl_max": q.get("continuation_kl_max"),
         "accuracy": q.get("accuracy"),
     }
     data = {

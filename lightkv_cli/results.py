@@ -122,6 +122,7 @@ class Settings(_Open):
     schedules: list[ScheduleRecord] | None = None
     positions: str | None = None
     max_new_tokens: Count = None
+    followup: str | None = None
     batch_size: Count = None
     timing_inputs: Count = None
     timing_batches: list[int] | None = None
@@ -222,6 +223,15 @@ class Quality(_Open):
     n_inputs: Count = None
     n_with_answers: Count = None
     ci: dict[str, Interval | None] | None = None
+    prefill_unchanged: bool | None = None
+    token_agreement: Num = None
+    continuation_kl_mean: Num = None
+    continuation_kl_max: Num = None
+    continuation_llr: Num = None
+    continuation_tokens: Count = None
+    followup_match: Num = None
+    followup_accuracy: Num = None
+    n_followups: Count = None
 
 
 class InputQuality(_Open):
@@ -232,6 +242,13 @@ class InputQuality(_Open):
     top1_agreement: Num = None
     first_token_kl: Num = None
     accuracy: Num = None
+    continuation_kl: Num = None
+    continuation_kl_max: Num = None
+    token_agreement: Num = None
+    continuation_llr: Num = None
+    continuation_tokens: Count = None
+    followup_match: Num = None
+    followup_accuracy: Num = None
 
 
 class PerInput(_Open):
@@ -248,6 +265,7 @@ class PerInput(_Open):
     flops_prefill: Num = None
     quality: InputQuality | None = None
     per_image_retention: list[Num] | None = None
+    followup_answer: str | None = None
 
 
 class PairedRatioRecord(_Open):

@@ -193,6 +193,13 @@ class GenerationResult:
         peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
         peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
         row_caches: what the cache held for each row, its real entries only (:func:`cache_stats_rows`).
+        stopped: per row, the end-of-sequence id it stopped on, or None (it ran to ``max_new_tokens``).
+        continuation_logits: with ``continuation=``: per row the ``(m_b, V)`` float32 CPU logits of the
+            teacher-forced continuation (vision ids at ``-inf``), position ``t`` predicting the token after
+            fed token ``t``; else None.
+        followup_tokens: with ``followup=``: per row the follow-up answer's token ids (EOS excluded).
+        followup_logits: with ``followup=``: ``(n, B, V)`` float32 CPU logits of the follow-up's ``n`` greedy
+            steps (before suppression), for checks against an uncached reference.
 
     ``cache.processed_seq_lens`` are the tokens each decoder layer processed in prefill (what the
     FLOPs estimate needs).
@@ -206,6 +213,30 @@ class GenerationResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     row_caches: list[CacheStats] = field(default_factory=list)
+    stopped: list[int | None] = field(default_factory=list)
+    continuation_logits: list[torch.Tensor] | None = None
+    followup_tokens: list[list[int]] | None = None
+    followup_logits: torch.Tensor | None = None
+
+
+#: ``greedy_generate(continuation=OWN)``: teacher-force the run's own answer (the uncompressed reference).
+OWN = "own"
+
+
+def reference_continuation(tokens: Sequence[int], stopped: int | None) -> tuple[list[int], list[int]]:
+    """What a teacher-forced continuation feeds and predicts for a reference answer.
+
+    Args:
+        tokens: the reference's generated tokens ``y_1..y_T`` (EOS excluded).
+        stopped: the end-of-sequence id it stopped on, or None (it ran to the token limit).
+
+    Returns:
+        ``(fed, targets)``: ``targets = y_2..y_T`` plus the EOS when it stopped on one (the first token
+        is scored from prefill), and ``fed = y_1..y_m`` with ``m = len(targets)``: fed token ``t``'s
+        logits predict ``targets[t]``.
+    """
+    targets = list(tokens[1:]) + ([stopped] if stopped is not None and tokens else [])
+    return list(tokens[: len(targets)]), targets
 
 
 def greedy_generate(
@@ -217,8 +248,23 @@ def greedy_generate(
     press=None,
     suppress_token_ids: Sequence[int] = (),
     pads: Sequence[int] | None = None,
+    continuation: Sequence[Sequence[int]] | str | None = None,
+    followup: Sequence[Sequence[int]] | None = None,
 ) -> GenerationResult:
     """Prefill ``inputs`` and decode greedily, timing prefill and each decode step.
+
+    Two optional scoring passes reuse the same compressed cache (neither is timed, neither prefills the
+    image again):
+
+    - ``followup``: after the answer, each row's follow-up turn is appended (what the answer left unfed,
+      its end-of-sequence token, then the turn's tokens) and answered greedily, as a second question of
+      the same conversation. Rows of a batch end their answers at different steps; the positions they
+      decoded past their end are masked out (0 in the 2-D mask) and positions continue from each row's
+      own length, so a row's follow-up is what it is alone.
+    - ``continuation``: the cache is cut back to what prefill left (each layer to its own length) and
+      each row's given tokens are fed in one forward (teacher forcing), right-padded to the longest row;
+      ``OWN`` feeds the row's own answer (:func:`reference_continuation`). The logits come back in
+      ``continuation_logits``.
 
     Args:
         model: a vision-language model (``LlavaForConditionalGeneration``, ...) in eval mode.
@@ -233,12 +279,16 @@ def greedy_generate(
             otherwise emit; ``first_logits`` are recorded before suppression.
         pads: left pads of each row of a left-padded batch (:mod:`lightkv_cli.engine.batching`), for the
             per-row cache figures (``row_caches``); None: no padding.
+        continuation: per row the token ids to teacher-force after prefill (may be empty), ``OWN``, or None.
+        followup: per row the token ids of a follow-up turn (after the answer's EOS), or None.
 
     Returns:
         :class:`GenerationResult`.
 
     Raises:
         torch.OutOfMemoryError: propagated, so the caller can record the run as ``oom``.
+        UnsupportedInputError: ``continuation`` or ``followup`` with a cache layer that cannot be cut back
+            (a sliding window that dropped entries).
     """
     from transformers import DynamicCache
 
@@ -259,6 +309,8 @@ def greedy_generate(
     decode_ms: list[float] = []
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
+    stopped: list[int | None] = [None] * batch
+    cont_logits = followup_tokens = followup_logits = None
     with torch.inference_mode(), ctx, PeakMemory(device) as peak:
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         pass_cache = cache_kwarg(model.forward, cache)
@@ -278,12 +330,15 @@ def greedy_generate(
         stats = cache_stats(cache, vision_tokens, record)
         rows = cache_stats_rows(cache, vision_tokens, list(pads) if pads is not None else [0] * batch, record)
         last_pos = adapter.next_position_ids(position_ids) - 1
+        prompt_mask, prompt_last, prefill_lens = mask, last_pos, [layer.keys.shape[-2] for layer in cache.layers]
+        fed_steps = 0
         for step in range(max_new_tokens):
             ids = next_tok.cpu()
             for b in range(batch):
                 if not done[b]:
                     if int(ids[b]) in eos:
                         done[b] = True
+                        stopped[b] = int(ids[b])
                     else:
                         tokens[b].append(int(ids[b]))
             if bool(done.all()) or step == max_new_tokens - 1:
@@ -301,6 +356,28 @@ def greedy_generate(
                 )
                 next_tok = _suppressed(out.logits[:, -1], suppress).argmax(-1)
             decode_ms.append(sw.ms)
+            fed_steps += 1
+        if followup is not None:
+            followup_tokens, followup_logits = _followup(
+                model,
+                pass_cache,
+                [list(f) for f in followup],
+                tokens,
+                stopped,
+                fed_steps,
+                mask,
+                prompt_last,
+                max_new_tokens,
+                eos,
+                suppress,
+            )
+        if continuation is not None:
+            if continuation == OWN:
+                fed = [reference_continuation(t, e)[0] for t, e in zip(tokens, stopped)]
+            else:
+                fed = [list(c) for c in continuation]
+            _cut_back(cache, prefill_lens)
+            cont_logits = _teacher_forced(model, pass_cache, fed, prompt_mask, prompt_last, suppress)
         del cache, pass_cache, out
     return GenerationResult(
         tokens=tokens,
@@ -311,13 +388,101 @@ def greedy_generate(
         peak_memory_bytes=int(peak.peak_bytes or 0),
         peak_memory_kind=peak.kind or "",
         row_caches=rows,
+        stopped=stopped,
+        continuation_logits=cont_logits,
+        followup_tokens=followup_tokens,
+        followup_logits=followup_logits,
     )
 
 
+def _cut_back(cache, lengths: Sequence[int]) -> None:
+    """Cut every layer of ``cache`` back to ``lengths[l]`` entries (what it held after prefill).
+
+    Raises:
+        UnsupportedInputError: a sliding-window layer that no longer holds its first entries.
+    """
+    from lightkv_cli.errors import UnsupportedInputError
+
+    for layer, n in zip(cache.layers, lengths):
+        held = layer.keys.shape[-2]
+        if held == n:
+            continue
+        if getattr(layer, "is_sliding", False) and held < n:
+            raise UnsupportedInputError("a sliding-window cache layer dropped entries; it cannot be cut back")
+        layer.keys = layer.keys[..., :n, :]
+        layer.values = layer.values[..., :n, :]
+
+
+def _teacher_forced(model, pass_cache, fed: list[list[int]], mask, last_pos, suppress) -> list[torch.Tensor]:
+    """One forward of each row's ``fed`` tokens (right-padded) after the cache's prompt; per row ``(m_b, V)``."""
+    M = max((len(f) for f in fed), default=0)
+    if M == 0:
+        return [torch.zeros(0, 0) for _ in fed]
+    device = mask.device
+    fill = next(t for f in fed for t in f)  # padding after a row's tokens: never seen by them (causal)
+    ids = torch.tensor([f + [f[-1] if f else fill] * (M - len(f)) for f in fed], dtype=torch.long, device=device)
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], M)], dim=1),
+        position_ids=last_pos + torch.arange(1, M + 1, device=device),
+        **pass_cache,
+        use_cache=True,
+    )
+    logits = _suppressed(out.logits.float(), suppress).cpu()
+    return [logits[b, : len(f)] for b, f in enumerate(fed)]
+
+
+def _followup(
+    model, pass_cache, turns, tokens, stopped, fed_steps: int, mask, last_pos, max_new_tokens: int, eos, suppress
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Answer each row's follow-up turn from the cache its answer left (see :func:`greedy_generate`); the
+    answers and the ``(n, B, V)`` logits of their steps."""
+    B, device = len(turns), mask.device
+    # what each row's answer fed (its tokens, then its EOS), and what it left unfed
+    spoken = [list(t) + ([e] if e is not None else []) for t, e in zip(tokens, stopped)]
+    real = [min(len(s), fed_steps) for s in spoken]
+    prompt_len = mask.shape[1] - fed_steps
+    keep = torch.tensor([[1] * r + [0] * (fed_steps - r) for r in real], dtype=mask.dtype, device=device)
+    mask = torch.cat([mask[:, :prompt_len], keep.view(B, fed_steps)], dim=1)
+    chunks = [s[r:] + list(t) for s, r, t in zip(spoken, real, turns)]
+    lens = [len(c) for c in chunks]
+    M = max(lens)
+    fill = next(t for c in chunks for t in c)
+    ids = torch.tensor([c + [fill] * (M - len(c)) for c in chunks], dtype=torch.long, device=device)
+    chunk_mask = torch.tensor([[1] * n + [0] * (M - n) for n in lens], dtype=mask.dtype, device=device)
+    mask = torch.cat([mask, chunk_mask], dim=1)
+    before = torch.tensor([r for r in real], device=device).view(B, 1)  # tokens each row holds past its prompt
+    pos = last_pos + before + torch.arange(1, M + 1, device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **pass_cache, use_cache=True)
+    last = torch.tensor([n - 1 for n in lens], device=device)
+    logits = out.logits[torch.arange(B, device=device), last]
+    nxt = _suppressed(logits, suppress).argmax(-1)
+    steps = [logits.float().cpu()]
+    pos = last_pos + before + torch.tensor(lens, device=device).view(B, 1)  # each row's last position
+    answers: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        ids_host = nxt.cpu().tolist()
+        for b in range(B):
+            if not done[b]:
+                if ids_host[b] in eos:
+                    done[b] = True
+                else:
+                    answers[b].append(ids_host[b])
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        pos = pos + 1
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, **pass_cache, use_cache=True)
+        steps.append(out.logits[:, -1].float().cpu())
+        nxt = _suppressed(out.logits[:, -1], suppress).argmax(-1)
+    return answers, torch.stack(steps)
+
+
 def _suppressed(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """``logits`` ``(B, V)`` with the given token ids at ``-inf`` (a copy; unchanged when none)."""
+    """``logits`` ``(..., V)`` with the given token ids at ``-inf`` (a copy; unchanged when none)."""
     if not token_ids:
         return logits
     out = logits.clone()
-    out[:, token_ids] = float("-inf")
+    out[..., token_ids] = float("-inf")
     return out

@@ -26,6 +26,7 @@ from lightkv_cli.cli.common import (
     MaxRetOpt,
     MinAccOpt,
     MinAnswerOpt,
+    MinTokenOpt,
     MinTop1Opt,
     PromptOpt,
     PromptsOpt,
@@ -74,6 +75,7 @@ def check(
     ] = None,
     min_answer_match: MinAnswerOpt = None,
     min_top1: MinTop1Opt = None,
+    min_token_agreement: MinTokenOpt = None,
     min_accuracy: MinAccOpt = None,
     max_kl: MaxKlOpt = None,
     max_retention: MaxRetOpt = None,
@@ -120,7 +122,15 @@ def check(
 
         prof = load_profile(profile_path)
     overrides = threshold_overrides(
-        min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on
+        min_answer_match,
+        min_top1,
+        min_accuracy,
+        max_kl,
+        max_retention,
+        max_kv_bytes,
+        max_prefill_ms,
+        decide_on,
+        min_token=min_token_agreement,
     )
     if results is not None:
         from lightkv_cli.results import load_results

@@ -268,6 +268,29 @@ MinTop1Opt = Annotated[
 ]
 
 
+MinTokenOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-token-agreement",
+        min=0.0,
+        max=1.0,
+        help="Threshold: top-1 agreement over the uncompressed answer fed through the compressed cache (teacher "
+        "forcing) at least this (default 0.95).",
+    ),
+]
+
+
+FollowupOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--followup",
+        metavar="QUESTION",
+        help="A follow-up question asked after each answer from the same compressed cache (no second prefill), "
+        "scored against the uncompressed model's follow-up answer; a prompts line's \"followup\" takes precedence.",
+    ),
+]
+
+
 MinAccOpt = Annotated[
     float | None,
     typer.Option(min=0.0, max=1.0, help="Threshold: accuracy against the prompts file's answers at least this."),
@@ -275,7 +298,11 @@ MinAccOpt = Annotated[
 
 
 MaxKlOpt = Annotated[
-    float | None, typer.Option(min=0.0, help="Threshold: worst first-token KL vs. uncompressed (nats) at most this.")
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Threshold: worst per-token KL vs. uncompressed over the teacher-forced continuation (nats) at most this.",
+    ),
 ]
 
 
@@ -302,7 +329,15 @@ DecideOnOpt = Annotated[
 
 
 def threshold_overrides(
-    min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on=None
+    min_answer_match,
+    min_top1,
+    min_accuracy,
+    max_kl,
+    max_retention,
+    max_kv_bytes,
+    max_prefill_ms,
+    decide_on=None,
+    min_token=None,
 ) -> dict:
     """Threshold values given on the command line (``None`` = not given), and ``decide_on``; a ``UserError``
     for a ``--max-kv-bytes`` that is not a size or a ``--decide-on`` other than ``lower-bound`` or ``mean``."""
@@ -316,6 +351,7 @@ def threshold_overrides(
         "decide_on": decide_on,
         "min_answer_match": min_answer_match,
         "min_top1_agreement": min_top1,
+        "min_token_agreement": min_token,
         "min_accuracy": min_accuracy,
         "max_kl": max_kl,
         "max_vision_retention": max_retention,

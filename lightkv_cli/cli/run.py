@@ -13,6 +13,7 @@ from lightkv_cli.cli.common import (
     DecideOnOpt,
     DeviceOpt,
     DtypeOpt,
+    FollowupOpt,
     GpuMemoryOpt,
     ImagesOpt,
     InitHelp,
@@ -24,6 +25,7 @@ from lightkv_cli.cli.common import (
     MaxRetOpt,
     MinAccOpt,
     MinAnswerOpt,
+    MinTokenOpt,
     MinTop1Opt,
     ModelHelp,
     NvmlOpt,
@@ -257,6 +259,7 @@ def profile(
     ] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
+    followup: FollowupOpt = None,
     batch_size: BatchSizeOpt = "auto",
     timing_inputs: TimingInputsOpt = "8",
     timing_batch: TimingBatchOpt = "1",
@@ -267,7 +270,8 @@ def profile(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Recommend the lowest retention whose answer match and top-1 agreement are at least this.",
+            help="Recommend the lowest retention whose answer match, top-1 agreement and token agreement are at "
+            "least this.",
         ),
     ] = 0.95,
     decide_on: DecideOnOpt = None,
@@ -297,12 +301,13 @@ def profile(
         retentions=targets,
         positions=positions,
         max_new_tokens=max_new_tokens,
+        followup=followup,
         repeats=repeats,
         warmup=warmup,
         **pass_settings(batch_size, timing_inputs, timing_batch),
-        thresholds=Thresholds(min_answer_match=min_fidelity, min_top1_agreement=min_fidelity).merged(
-            **threshold_overrides(None, None, None, None, None, None, None, decide_on)
-        ),
+        thresholds=Thresholds(
+            min_answer_match=min_fidelity, min_top1_agreement=min_fidelity, min_token_agreement=min_fidelity
+        ).merged(**threshold_overrides(None, None, None, None, None, None, None, decide_on)),
         **_memory_budget(gpu_memory),
     )
     request = SweepRequest(
@@ -387,6 +392,7 @@ def sweep(
     ] = None,
     positions: PositionsOpt = "keep",
     max_new_tokens: MaxNewOpt = 32,
+    followup: FollowupOpt = None,
     batch_size: BatchSizeOpt = "auto",
     timing_inputs: TimingInputsOpt = "8",
     timing_batch: TimingBatchOpt = "1",
@@ -394,6 +400,7 @@ def sweep(
     warmup: WarmupOpt = 1,
     min_answer_match: MinAnswerOpt = None,
     min_top1: MinTop1Opt = None,
+    min_token_agreement: MinTokenOpt = None,
     min_accuracy: MinAccOpt = None,
     max_kl: MaxKlOpt = None,
     max_retention: MaxRetOpt = None,
@@ -423,7 +430,15 @@ def sweep(
         thresholds = thresholds.merged(**cfg.thresholds.set_items(), decide_on=cfg.thresholds.decide_on)
     thresholds = thresholds.merged(
         **threshold_overrides(
-            min_answer_match, min_top1, min_accuracy, max_kl, max_retention, max_kv_bytes, max_prefill_ms, decide_on
+            min_answer_match,
+            min_top1,
+            min_accuracy,
+            max_kl,
+            max_retention,
+            max_kv_bytes,
+            max_prefill_ms,
+            decide_on,
+            min_token=min_token_agreement,
         )
     )
     config_schedules = []
@@ -439,6 +454,7 @@ def sweep(
         schedules=schedules,
         positions=positions,
         max_new_tokens=max_new_tokens,
+        followup=followup,
         repeats=repeats,
         warmup=warmup,
         **pass_settings(batch_size, timing_inputs, timing_batch),

@@ -252,7 +252,10 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
             "schedules run for the other methods only"
         )
     try:
-        inputs, unfit = fit_inputs(lm, prepare_inputs(lm, got.images, got.items), settings.max_new_tokens)
+        items = got.items
+        if settings.followup is not None:
+            items = [it if it.followup is not None else replace(it, followup=settings.followup) for it in items]
+        inputs, unfit = fit_inputs(lm, prepare_inputs(lm, got.images, items), settings.max_new_tokens)
     except KeyboardInterrupt as exc:
         raise SweepInterrupted(None, getattr(exc, "signum", 2)) from None
     except Exception as exc:

@@ -34,7 +34,9 @@ class SweepSettings:
             which always runs first, once.
         schedules: explicit LightKV schedules, run for every method besides the targets.
         positions: position ids of merged tokens (``keep`` or ``renumber``).
-        max_new_tokens: greedy decode length bound.
+        max_new_tokens: greedy decode length bound (the answer's, and a follow-up answer's).
+        followup: a follow-up question for every input whose prompts line gives none (``--followup``),
+            answered from the same compressed cache after the first answer; None: none.
         batch_size: rows per batch of the quality pass (None: chosen per device, see
             :class:`~lightkv_cli.engine.sweep.Sweep`); 1 runs every input alone.
         timing_inputs: inputs the timing pass measures (None: all of them), spread over the
@@ -58,6 +60,7 @@ class SweepSettings:
     schedules: Sequence[Schedule] = ()
     positions: str = "keep"
     max_new_tokens: int = 32
+    followup: str | None = None
     batch_size: int | None = None
     timing_inputs: int | None = DEFAULT_TIMING_INPUTS
     timing_batches: Sequence[int] = (1,)
@@ -90,6 +93,7 @@ class SweepSettings:
             "schedules": [s.to_dict() for s in self.schedules],
             "positions": self.positions,
             "max_new_tokens": self.max_new_tokens,
+            "followup": self.followup,
             "batch_size": self.batch_size,
             "timing_inputs": self.timing_inputs,
             "timing_batches": list(self.timing_batches),

@@ -44,6 +44,11 @@ class ProfileInput:
     line: int = 0
     #: words of the question the tokenizer maps to its unknown token (set by the sweep job)
     oov_words: tuple[str, ...] = ()
+    #: a follow-up question asked after the answer from the same cache, its expected answer, and the token
+    #: ids of its turn (what follows the answer's end-of-sequence token: the family's turn template)
+    followup: str | None = None
+    followup_answer: str | None = None
+    followup_ids: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         """One entry of the ``inputs`` section of the results file; ``type`` and ``tags`` only when given."""
@@ -66,6 +71,9 @@ class ProfileInput:
             out["tags"] = list(self.tags)
         if self.oov_words:
             out["oov_words"] = list(self.oov_words)
+        if self.followup is not None:
+            out["followup"] = self.followup
+            out["followup_answer"] = self.followup_answer
         return out
 
 
@@ -76,7 +84,10 @@ def inputs_fingerprint(inputs: Sequence[ProfileInput]) -> str:
     """
     h = hashlib.sha256()
     for inp in inputs:
-        h.update(json.dumps([inp.image.sha256, inp.question, inp.answer]).encode())
+        key = [inp.image.sha256, inp.question, inp.answer]
+        if inp.followup is not None:  # left out otherwise, so files written before follow-ups still resume
+            key += [inp.followup, inp.followup_answer]
+        h.update(json.dumps(key).encode())
     return f"sha256:{h.hexdigest()}"
 
 
@@ -124,6 +135,11 @@ def prepare_inputs(
             raise RuntimeError(
                 f"processor produced {n_vis} vision tokens, expected {adapter.vision_tokens_per_image()}"
             )
+        followup_ids: tuple[int, ...] = ()
+        if item.followup is not None:
+            tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+            turn = adapter.format_followup(item.followup)
+            followup_ids = tuple(tokenizer(turn, add_special_tokens=False)["input_ids"])
         out.append(
             ProfileInput(
                 id=ident,
@@ -137,6 +153,9 @@ def prepare_inputs(
                 type=item.type,
                 tags=item.tags,
                 line=item.line,
+                followup=item.followup,
+                followup_answer=item.followup_answer,
+                followup_ids=followup_ids,
             )
         )
     return out

@@ -38,28 +38,26 @@ from lightkv_cli.engine.job import OOM_ADVICE, SweepFailed
 from lightkv_cli.engine.plan import RunSpec, SweepSettings, plan_runs
 from lightkv_cli.engine.prepare import ProfileInput, inputs_fingerprint
 from lightkv_cli.engine.resume import Resume
+from lightkv_cli.engine.summaries import Summaries, _kind
 from lightkv_cli.engine.timing_pass import TimingPass, _Timing
 from lightkv_cli.engine.token_maps import (
     CHANGED_INPUTS,
     FIRST_INPUTS,
     GridCells,
     PromptFates,
-    first_grid,
-    map_inputs,
     prompt_fates,
-    token_map,
 )
 from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.files import describe_os_error, os_error_hint
-from lightkv_cli.inputs import VideoInput
-from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_requests, prefill_flops
+from lightkv_cli.measure.costs import kv_bytes_per_token
 from lightkv_cli.measure.environment import environment_info
 from lightkv_cli.measure.memory import detect_memory_budget, free_memory, is_out_of_memory, out_of_memory_text
 from lightkv_cli.measure.nvml import nvml_environment
 from lightkv_cli.models.loader import LoadedModel
 from lightkv_cli.results import SCHEMA, write_json_atomic
-from lightkv_cli.runtime import CacheStats, GenerationResult, greedy_generate
-from lightkv_cli.scoring.fidelity import InputQuality, exact_match, score_input, summarize
+from lightkv_cli.runtime import OWN, CacheStats, GenerationResult, greedy_generate, reference_continuation
+from lightkv_cli.scoring.continuation import ContinuationScores, ReferenceContinuation, continuation_scores
+from lightkv_cli.scoring.fidelity import exact_match
 from lightkv_cli.scoring.recommend import recommend
 
 #: Quality-pass batch size when ``settings.batch_size`` is None, on a CPU.
@@ -81,9 +79,16 @@ class _InputOutcome:
     per_image_retention: list[float] | None = None
     #: what the press did to the prompt, for a token map (only inputs that may get one)
     fates: PromptFates | None = None
+    #: the uncompressed run only: its teacher-forced continuation and what it feeds
+    continuation: ReferenceContinuation | None = None
+    fed: list[int] | None = None
+    #: a compressed run: its continuation fidelity against the reference's (None: nothing to score)
+    scores: ContinuationScores | None = None
+    #: the follow-up answer, when the input has a follow-up question
+    followup_answer: str | None = None
 
 
-class Sweep(Resume, TimingPass):
+class Sweep(Summaries, Resume, TimingPass):
     """Runs a sweep (or a profile, a sweep of one method) and builds its results (module docstring).
 
     The uncompressed reference runs first; its answers and first-token logits are kept in memory
@@ -288,9 +293,17 @@ class Sweep(Resume, TimingPass):
             ) from None
         self._written_runs = len(runs)
 
-    def _generate(self, spec: RunSpec, indices: Sequence[int]) -> tuple[GenerationResult, Batch]:
-        """One greedy generation of the left-padded batch of ``self.inputs[i]`` for ``i`` in ``indices``."""
+    def _generate(self, spec: RunSpec, indices: Sequence[int], scoring: bool = False) -> tuple[GenerationResult, Batch]:
+        """One greedy generation of the left-padded batch of ``self.inputs[i]`` for ``i`` in ``indices``; with
+        ``scoring`` (the quality pass) also the teacher-forced continuation and the follow-up questions."""
         batch = collate(self.inputs, indices, self._pad_id)
+        rows = [self.inputs[i] for i in indices]
+        continuation = followup = None
+        if scoring:
+            own = spec.press is None
+            continuation = OWN if own else [self._reference[inp.id].fed or [] for inp in rows]
+            if any(inp.followup_ids for inp in rows):
+                followup = [list(inp.followup_ids) for inp in rows]
         result = greedy_generate(
             self.loaded.model,
             batch.tensors,
@@ -300,6 +313,8 @@ class Sweep(Resume, TimingPass):
             press=spec.press,
             suppress_token_ids=self.loaded.adapter.vision_token_ids(),
             pads=batch.pads,
+            continuation=continuation,
+            followup=followup,
         )
         return result, batch
 
@@ -320,7 +335,7 @@ class Sweep(Resume, TimingPass):
             idx = queue.pop(0)
             failure = None
             try:
-                result, batch = self._generate(spec, idx)
+                result, batch = self._generate(spec, idx, scoring=True)
             except UnsupportedInputError as exc:
                 if len(idx) == 1:
                     raise
@@ -364,7 +379,7 @@ class Sweep(Resume, TimingPass):
                     per_image = [result.row_caches[j].vision_retention]  # one visual input: the row's retention
                 else:
                     per_image = None  # a record without per-row figures, several visual inputs
-                outcomes[inp.id] = _InputOutcome(
+                outcome = _InputOutcome(
                     answer=answer,
                     tokens=list(result.tokens[j]),
                     first_logits=result.first_logits[j],
@@ -372,6 +387,16 @@ class Sweep(Resume, TimingPass):
                     per_image_retention=per_image,
                     fates=fates,
                 )
+                logits = result.continuation_logits[j] if result.continuation_logits is not None else None
+                if spec.press is None:
+                    outcome.fed, targets = reference_continuation(result.tokens[j], result.stopped[j])
+                    outcome.continuation = ReferenceContinuation.from_logits(logits, targets) if targets else None
+                elif logits is not None and self._reference[inp.id].continuation is not None:
+                    outcome.scores = continuation_scores(self._reference[inp.id].continuation, logits)
+                if inp.followup_ids and result.followup_tokens is not None:
+                    text = self._tokenizer.decode(result.followup_tokens[j], skip_special_tokens=True)
+                    outcome.followup_answer = text.strip()
+                outcomes[inp.id] = outcome
             del result
             self.on_progress("quality", spec.id, len(idx))
         return outcomes
@@ -395,133 +420,6 @@ class Sweep(Resume, TimingPass):
             self._reference = outcomes
         return self._summarise(spec, outcomes, status, error)
 
-    # -- summaries -----------------------------------------------------------------------------------
-
-    def _summarise(self, spec: RunSpec, outcomes: dict[str, _InputOutcome], status: str, error: str | None) -> dict:
-        run = {
-            "id": spec.id,
-            "method": spec.method,
-            "params": spec.params(),
-            "target_retention": spec.target_retention,
-            "expected_retention": 1.0 if spec.press is None else spec.press.expected_retention,
-            "status": status,
-        }
-        if error:
-            run["error"] = error
-        if status != "ok" or not outcomes:
-            return run
-        text_config = self.loaded.adapter.text_config
-        per_input, qualities, flops = [], [], []
-        n_layers = self.loaded.adapter.num_layers
-        n = len(self.inputs)
-        layer_bytes = [0.0] * n_layers
-        layer_vis = [0.0] * n_layers
-        layer_seq = [0.0] * n_layers
-        for inp in self.inputs:
-            o = outcomes[inp.id]
-            ref = self._reference[inp.id]
-            q: InputQuality = score_input(ref.answer, o.answer, ref.first_logits, o.first_logits, inp.answer)
-            qualities.append(q)
-            c = o.cache
-            f = prefill_flops(text_config, c.processed_seq_lens)
-            flops.append(f)
-            for i in range(n_layers):
-                layer_bytes[i] += c.layer_bytes[i] / n
-                layer_vis[i] += c.layer_vision_tokens[i] / n
-                layer_seq[i] += c.layer_seq_lens[i] / n
-            per_input.append(
-                {
-                    "input": inp.id,
-                    "answer": o.answer,
-                    "generated_tokens": len(o.tokens),
-                    "vision_retention": c.vision_retention,
-                    "kv_bytes": c.total_bytes,
-                    "kv_bytes_vision": c.vision_bytes,
-                    "prefill_ms": None,
-                    "decode_ms_per_token": None,
-                    "flops_prefill": f,
-                    "quality": q.to_dict(),
-                }
-            )
-            if o.per_image_retention is not None:
-                per_input[-1]["per_image_retention"] = o.per_image_retention
-        self._add_token_maps(outcomes, per_input, qualities)
-        kv_total = sum(p["kv_bytes"] for p in per_input) / n
-        run.update(
-            {
-                "vision_retention": sum(p["vision_retention"] for p in per_input) / n,
-                "kv_bytes": kv_total,
-                "kv_bytes_vision": sum(p["kv_bytes_vision"] for p in per_input) / n,
-                "kv_bytes_per_layer": layer_bytes,
-                "cached_tokens_per_layer": layer_seq,
-                "vision_tokens_per_layer": layer_vis,
-                "quality_batch_size": 1 if spec.method in self._batch1 else self.batch_size,
-                "prefill_ms": None,
-                "time_to_first_token_ms": None,
-                "decode_ms_per_token": None,
-                "tokens_per_s": None,
-                "timing_ratio": None,
-                "peak_memory_bytes": None,
-                "peak_memory_kind": None,
-                "nvml": None,
-                "flops_prefill": sum(flops) / n,
-                "capacity": self._capacity(kv_total, 0, "", 1),
-                "quality": summarize(qualities).to_dict(),
-                "per_input": per_input,
-            }
-        )
-        return run
-
-    def _add_token_maps(
-        self, outcomes: dict[str, _InputOutcome], per_input: list[dict], qualities: list[InputQuality]
-    ) -> None:
-        """Add ``token_map`` to the ``per_input`` entries chosen by :func:`~lightkv_cli.engine.token_maps.map_inputs`
-        (at most 8 per run) whose press left a record the map can be built from; others get none."""
-        chosen = map_inputs([_kind(i) for i in self.inputs], [q.exact_match for q in qualities])
-        for j in chosen:
-            inp = self.inputs[j]
-            fates = outcomes[inp.id].fates
-            if fates is None:
-                continue
-            try:
-                if inp.id not in self._grids:
-                    self._grids[inp.id] = first_grid(self.loaded.adapter, self.loaded.model, inp.tensors)
-                grid = self._grids[inp.id]
-                tmap = token_map(fates, grid) if grid is not None else None
-            except Exception:  # a map is an illustration: never lose a run over it
-                self._grids.setdefault(inp.id, None)
-                tmap = None
-            if tmap is not None:
-                per_input[j]["token_map"] = tmap
-
-    def _capacity(self, kv_prefill: float, peak: int, peak_kind: str, batch: int) -> dict:
-        """Concurrent requests fitting in the memory budget next to the weights (see ``capacity``).
-
-        ``peak`` is the allocator peak of a timed generation of ``batch`` requests (0: not measured yet)."""
-        cap = self.results["capacity"]
-        per_token = (
-            kv_bytes_per_token(self.loaded.adapter.text_config, self.loaded.dtype) * self.loaded.adapter.num_layers
-        )
-        per_request = kv_prefill + self.settings.max_new_tokens * per_token
-        # On GPU the allocator peak of a timed batch minus weights and its caches is the activation memory
-        # its prefill needs, per request; on CPU the process RSS says nothing about it.
-        reserve = (
-            max(0, peak - cap["weight_bytes"] - int(per_request * batch)) // max(1, batch)
-            if peak_kind == "cuda_allocator"
-            else 0
-        )
-        fits = (
-            max_concurrent_requests(cap["memory_bytes"], cap["weight_bytes"], per_request, reserve)
-            if cap["memory_bytes"]
-            else None
-        )
-        return {
-            "kv_bytes_per_request": per_request,
-            "activation_reserve_bytes": reserve,
-            "max_concurrent_requests": fits,
-            "ratio_vs_uncompressed": None,
-        }
-
 
 def _add_ratios(run: dict, base: dict) -> None:
     """This run's FLOPs, KV and capacity relative to the uncompressed run ``base``."""
@@ -537,8 +435,3 @@ def _add_ratios(run: dict, base: dict) -> None:
         cap["ratio_vs_uncompressed"] = ratio(
             cap.get("max_concurrent_requests"), base_cap.get("max_concurrent_requests")
         )
-
-
-def _kind(inp: ProfileInput) -> str:
-    """``"image"`` or ``"video"``, as the results' ``inputs[].kind``."""
-    return "video" if isinstance(inp.image, VideoInput) else "image"

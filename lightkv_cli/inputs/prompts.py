@@ -20,7 +20,7 @@ DEFAULT_PROMPT = "Describe this image in one sentence."
 DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 
 
-_PROMPT_KEYS = ("image", "question", "answer", "type", "tags")
+_PROMPT_KEYS = ("image", "question", "answer", "type", "tags", "followup", "followup_answer")
 
 
 #: The longest question a prompts line (or ``--prompt``) may ask, in characters. Longer text is almost
@@ -35,7 +35,9 @@ class PromptItem:
     ``image`` is the resolved path (it exists, but has not been decoded yet); ``line`` is the 1-based line
     number in the prompts file, or 0 when the item was not read from a file. ``type`` (one group, e.g.
     ``"counting"``) and ``tags`` (any number of labels, in file order, duplicates dropped) let a report break
-    quality down by kind of question; None and ``()`` when the line gives none.
+    quality down by kind of question; None and ``()`` when the line gives none. ``followup`` is a second
+    question about the same image, asked after the model's answer from the same (compressed) cache, with
+    an optional expected ``followup_answer``; None when the line gives none.
     """
 
     image: Path
@@ -44,6 +46,8 @@ class PromptItem:
     line: int
     type: str | None = None
     tags: tuple[str, ...] = ()
+    followup: str | None = None
+    followup_answer: str | None = None
 
 
 _EXAMPLE_LINE = '{"image": "cat.png", "question": "What animal is this?", "answer": "cat"}'
@@ -265,11 +269,42 @@ def load_prompts(path: str | Path, image_root: Path | None = None) -> list[Promp
             )
 
         kind, tags = _type_and_tags(obj, where)
+        followup = _optional_text(obj, "followup", where)
+        followup_answer = _optional_text(obj, "followup_answer", where, numbers=True)
+        if followup_answer is not None and followup is None:
+            raise UserError(f'{where}: "followup_answer" without "followup"; add the follow-up question')
         image = _resolve_image(values["image"], prompts_path, root, where)
         items.append(
-            PromptItem(image=image, question=values["question"], answer=answer, line=number, type=kind, tags=tags)
+            PromptItem(
+                image=image,
+                question=values["question"],
+                answer=answer,
+                line=number,
+                type=kind,
+                tags=tags,
+                followup=followup,
+                followup_answer=followup_answer,
+            )
         )
 
     if not items:
         raise UserError(f"prompts file '{path}' is empty (no JSON lines); add one object per line like {_EXAMPLE_LINE}")
     return items
+
+
+def _optional_text(obj: dict, key: str, where: str, numbers: bool = False) -> str | None:
+    """An optional non-empty string field of a prompts line (a number too when ``numbers``), or None.
+
+    Raises:
+        UserError: an empty string, or a value of another type.
+    """
+    value = obj.get(key)
+    if value is None:
+        return None
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise UserError(f'{where}: "{key}" must be a string, got {_type_name(value)}; put it in quotes')
+    if not value.strip():
+        raise UserError(f'{where}: "{key}" is empty; give a non-empty string, or leave "{key}" out')
+    return check_text(value, f'"{key}"', where)

@@ -57,6 +57,10 @@ class Press:
     removes them when the block exits, whether normally or by an exception.
     """
 
+    #: whether the method changes what prefill computes (and so the first generated token); False for
+    #: post-prefill eviction, whose first-token metrics are then not applicable
+    changes_prefill = True
+
     def __call__(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return self._attached(model)
 

@@ -148,6 +148,9 @@ class _EvictState:
     slots: list = field(default_factory=list)  # K_l of every layer after eviction
     first_step: bool = False  # the first decode step after an eviction with filler slots is still to come
     masks: dict = field(default_factory=dict)  # decode: (layer type, cached length, fill) -> mask of this step
+    #: decode: the step's 2-D mask past the prompt, ``(B, decoded + q)`` (0 at positions a row skips, e.g. a
+    #: follow-up turn after rows that ended at different steps), or None (all ones)
+    tail: torch.Tensor | None = None
     grown: dict = field(default_factory=dict)  # decode: (layer type, fill) -> (key length, mask, q) of the last step
 
 
@@ -162,6 +165,8 @@ class EvictionPress(DecodeMasks, Press):
     :attr:`last_prefill`, and gives decoding layers masks for their own cached length.
     """
 
+    #: prefill runs unchanged: the first token is the uncompressed model's (first-token metrics n/a)
+    changes_prefill = False
     #: positions are never renumbered by eviction (kept for a uniform interface with SequencePress)
     positions: str = "keep"
     #: not predicted: which tokens go depends on the attention, and text is evicted too
@@ -331,6 +336,10 @@ class EvictionPress(DecodeMasks, Press):
             st.first_step = False
             st.phase = "decode"
             st.masks = {}
+            mask = kwargs.get("attention_mask")
+            st.tail = mask[:, st.seq_len :] if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+            if input_ids is not None and input_ids.shape[-1] > 1:
+                st.grown = {}  # several new tokens (a follow-up turn, a teacher-forced continuation): rebuilt
             return None
         if st.phase == "decode" and cache is not st.cache:
             raise UnsupportedInputError(

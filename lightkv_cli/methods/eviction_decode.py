@@ -73,7 +73,7 @@ class DecodeMasks:
             n = torch.tensor(pattern, dtype=torch.long, device=hidden.device).view(B, 1)
             K = st.slots[layer]
             prompt = (torch.arange(K, device=hidden.device) >= K - n).long()
-            tail = torch.ones(B, past - K + q, dtype=torch.long, device=hidden.device)
+            tail = _tail(st, B, past - K + q, hidden.device)
             mask_2d = torch.cat([prompt, tail], dim=1)
             mask = causal_mask(self._adapter.text_config, layer_type, hidden, mask_2d, cache, layer, allow_skip=False)
         st.grown[grow_key] = (past + q, mask, q)
@@ -101,7 +101,10 @@ class DecodeMasks:
                 B, q = hidden.shape[0], hidden.shape[1]
                 cfg = self._adapter.text_config
                 if fill is None:
-                    mask_2d = torch.ones(B, key[1] + q, dtype=torch.long, device=hidden.device)
+                    tail = _tail(st, B, None, hidden.device)
+                    n = tail.shape[1] if tail is not None else q
+                    head = torch.ones(B, key[1] + q - n, dtype=torch.long, device=hidden.device)
+                    mask_2d = head if tail is None else torch.cat([head, tail], dim=1)
                     mask = causal_mask(cfg, layer_type, hidden, mask_2d, cache, layer)
                 else:
                     mask = self._filler_mask(st, key, hidden, cache, layer)
@@ -130,3 +133,11 @@ def _view(mask: torch.Tensor, row: int, rows: int, key: int) -> torch.Tensor:
     size = (rows, *mask.shape[1:-1], mask.shape[-1] - key)
     offset = mask.storage_offset() + row * mask.stride(0) + key * mask.stride(-1)
     return mask.as_strided(size, mask.stride(), offset)
+
+
+def _tail(st: _EvictState, rows: int, n: int | None, device) -> torch.Tensor | None:
+    """The step's 2-D mask past the prompt (``st.tail``, ``(B, decoded + q)``), or ones of ``n`` columns
+    when the step has none (``n`` None: None)."""
+    if st.tail is not None:
+        return st.tail.to(device=device, dtype=torch.long)
+    return None if n is None else torch.ones(rows, n, dtype=torch.long, device=device)

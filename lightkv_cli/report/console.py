@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from lightkv_cli.report.facts import decision_basis, eviction_note, fmt_bytes, ratio_text
+from lightkv_cli.report.facts import decision_basis, eviction_note, first_token_cell, fmt_bytes, ratio_text
 from lightkv_cli.text import printable
 
 
@@ -122,20 +122,34 @@ def quality_table(results: dict) -> Table:
     runs = results.get("runs") or []
     table = Table(title=_title(results, "quality vs. uncompressed"))
     _run_column(table, runs)
-    for col in ("answer match", "token F1", "top-1 agree", "KL mean", "KL max", "accuracy", "answer match 95% CI"):
+    columns = (
+        "answer match",
+        "token F1",
+        "top-1 agree",
+        "KL mean",
+        "KL max",
+        "token agree",
+        "cont. KL",
+        "accuracy",
+        "answer match 95% CI",
+    )
+    for col in columns:
         table.add_column(col, justify="right")
     for r in runs:
         if r.get("status") != "ok":
-            table.add_row(Text(printable(r["id"])), Text(printable(r.get("status", "?")), style="red"), *[""] * 6)
+            status = Text(printable(r.get("status", "?")), style="red")
+            table.add_row(Text(printable(r["id"])), status, *[""] * (len(columns) - 1))
             continue
         q = r.get("quality") or {}
         table.add_row(
             Text(printable(r["id"])),
             _fmt(q.get("answer_match"), ".2f"),
             _fmt(q.get("token_f1"), ".2f"),
-            _fmt(q.get("top1_agreement"), ".2f"),
-            _fmt(q.get("first_token_kl_mean"), ".2e"),
-            _fmt(q.get("first_token_kl_max"), ".2e"),
+            first_token_cell(q, "top1_agreement", ".2f"),
+            first_token_cell(q, "first_token_kl_mean", ".2e"),
+            first_token_cell(q, "first_token_kl_max", ".2e"),
+            _fmt(q.get("token_agreement"), ".2f"),
+            _fmt(q.get("continuation_kl_mean"), ".2e"),
             _fmt(q.get("accuracy"), ".2f"),
             _ci((q.get("ci") or {}).get("answer_match")),
         )

@@ -53,6 +53,18 @@ def fmt_num(x, spec: str) -> str:
     return DASH if x is None else format(x, spec)
 
 
+#: Shown for a first-token metric of a method that leaves prefill unchanged (post-prefill eviction).
+NOT_APPLICABLE = "n/a"
+
+
+def first_token_cell(quality: dict, key: str, spec: str) -> str:
+    """A first-token metric of ``run.quality``: "n/a" when the run's prefill is the uncompressed one
+    (``prefill_unchanged``), else the number (a dash when missing)."""
+    if quality.get("prefill_unchanged"):
+        return NOT_APPLICABLE
+    return fmt_num(quality.get(key), spec)
+
+
 def fmt_size(x) -> str:
     x = as_number(x)
     return DASH if x is None else fmt_bytes(x)
@@ -92,6 +104,8 @@ def table_columns(results: dict) -> list[str]:
         "answer match",
         "top-1",
         "KL max",
+        "token agreement",
+        "continuation KL",
         "accuracy",
     ]
 
@@ -99,7 +113,7 @@ def table_columns(results: dict) -> list[str]:
 def run_cells(run: dict) -> list[str]:
     """Plain-text cells of one run in the order of :func:`table_columns` (unescaped)."""
     head = [str(run.get("id", "?")), str(run.get("method", "?"))]
-    n_rest = 14
+    n_rest = 16
     status = run.get("status", "?")
     if status != "ok":
         return head + [str(status)] + [DASH] * (n_rest - 1)
@@ -118,8 +132,10 @@ def run_cells(run: dict) -> list[str]:
         fmt_num(run.get("flops_ratio"), ".0%"),
         DASH if as_number(mcr) is None else str(int(mcr)),
         fmt_num(q.get("answer_match"), ".2f"),
-        fmt_num(q.get("top1_agreement"), ".2f"),
-        fmt_num(q.get("first_token_kl_max"), ".2e"),
+        first_token_cell(q, "top1_agreement", ".2f"),
+        first_token_cell(q, "first_token_kl_max", ".2e"),
+        fmt_num(q.get("token_agreement"), ".2f"),
+        fmt_num(q.get("continuation_kl_mean"), ".2e"),
         fmt_num(q.get("accuracy"), ".2f"),
     ]
 
@@ -256,8 +272,8 @@ def eviction_note(results: dict) -> str | None:
         return None
     return (
         f"{', '.join(names)} evict after prefill: the first generated token comes from the unchanged prefill, "
-        "so their top-1 agreement and KL are 1 and 0 by construction; judge them by answer match, token F1 "
-        "and accuracy (longer --max-new-tokens shows more)."
+        "so their first-token agreement and KL are n/a; judge them by token agreement and continuation KL "
+        "(the uncompressed answer fed through their cache), answer match and accuracy."
     )
 
 

@@ -30,6 +30,7 @@ from lightkv_cli.report.facts import (
     device_label,
     eviction_note,
     failure_rows,
+    first_token_cell,
     fmt_bytes,
     fmt_num,
     fmt_size,
@@ -211,7 +212,8 @@ def _recommendation(results: dict) -> dict:
             ("KV cache per request", fmt_size(kv), less),
             ("measured vision retention", fmt_num(run.get("vision_retention"), ".3f"), None),
             ("answer match", fmt_num(q.get("answer_match"), ".2f"), "vs. uncompressed"),
-            ("top-1 agreement", fmt_num(q.get("top1_agreement"), ".2f"), None),
+            ("top-1 agreement", first_token_cell(q, "top1_agreement", ".2f"), "first token"),
+            ("token agreement", fmt_num(q.get("token_agreement"), ".2f"), "uncompressed answer, teacher-forced"),
             ("accuracy", fmt_num(q.get("accuracy"), ".2f"), "vs. expected answers"),
             (
                 f"prefill ({device_label(results)})",

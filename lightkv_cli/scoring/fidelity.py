@@ -6,6 +6,14 @@ Two kinds of score are computed per input:
   model on the same input: SQuAD-style exact match and token F1 between the two generated
   answers, agreement of the first generated token (top-1 of the prefill logits), and the
   KL divergence ``KL(P_ref || P)`` of the first-token distributions, in nats.
+* **Continuation fidelity** (teacher-forced; EffiVLM-Bench's "loyalty", the KL over continuations of
+  KV-Distill and KVSculpt): the uncompressed run's answer is fed through the compressed cache in one
+  forward, and at every position the compressed run's next-token distribution is compared with the
+  uncompressed run's at the same position (:mod:`lightkv_cli.scoring.continuation`): per-token
+  ``KL(P_ref || P)`` (mean and max), top-1 agreement, and the mean log-likelihood ratio of the reference
+  tokens. It sees every method, post-prefill eviction included, whose prefill (and so first token) is
+  the uncompressed model's by construction: for those the first-token metrics are not applicable
+  (``None``, shown "n/a").
 * **Accuracy** compares the compressed run's answer with a ground-truth answer, when the
   input has one (``answer_correct``: normalized match or contiguous word containment).
 
@@ -36,6 +44,8 @@ from lightkv_cli.scoring.stats import bootstrap_ci, mean_interval
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from lightkv_cli.scoring.continuation import ContinuationScores
 
 
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
@@ -241,21 +251,45 @@ class InputQuality:
     Attributes:
         exact_match: SQuAD exact match of the compressed answer vs the uncompressed answer.
         token_f1: SQuAD token F1 of the compressed answer vs the uncompressed answer.
-        top1_agreement: 1.0 if both runs' first-token argmax agree.
-        first_token_kl: ``KL(P_ref || P)`` of the first-token distributions, nats.
+        top1_agreement: 1.0 if both runs' first-token argmax agree; None (n/a) for a method that leaves
+            prefill unchanged.
+        first_token_kl: ``KL(P_ref || P)`` of the first-token distributions, nats; None (n/a) likewise.
         accuracy: ``answer_correct`` of the compressed answer vs the ground-truth answer;
             None when the input has no ground-truth answer.
+        continuation_kl: mean per-token ``KL(P_ref || P)`` over the reference continuation, nats
+            (:func:`~lightkv_cli.scoring.continuation.continuation_scores`); None when the reference
+            continuation has no token to score.
+        continuation_kl_max: the worst token's KL of that continuation, nats.
+        token_agreement: fraction of the continuation's positions whose top-1 tokens agree.
+        continuation_llr: mean ``log P(y_t) − log P_ref(y_t)`` of the reference tokens, nats per token
+            (negative: the compressed run finds the reference answer less likely).
+        continuation_tokens: positions scored (the reference answer's tokens after the first, and its
+            end-of-sequence token when it stopped on one).
+        followup_match: exact match of the follow-up answer vs the uncompressed run's follow-up answer,
+            None without a follow-up question.
+        followup_accuracy: ``answer_correct`` of the follow-up answer vs the given ``followup_answer``,
+            None without one.
     """
 
     exact_match: float
     token_f1: float
-    top1_agreement: float
-    first_token_kl: float
+    top1_agreement: float | None
+    first_token_kl: float | None
     accuracy: float | None
+    continuation_kl: float | None = None
+    continuation_kl_max: float | None = None
+    token_agreement: float | None = None
+    continuation_llr: float | None = None
+    continuation_tokens: int | None = None
+    followup_match: float | None = None
+    followup_accuracy: float | None = None
 
-    def to_dict(self) -> dict[str, float | None]:
-        """Plain-float dict for JSON output."""
-        return {k: (None if v is None else float(v)) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Plain-number dict for JSON output (``continuation_tokens`` an int)."""
+        return {
+            k: (None if v is None else int(v) if k == "continuation_tokens" else float(v))
+            for k, v in asdict(self).items()
+        }
 
 
 def score_input(
@@ -264,6 +298,10 @@ def score_input(
     reference_logits: Any,
     logits: Any,
     expected: str | None,
+    *,
+    prefill_changed: bool = True,
+    continuation: ContinuationScores | None = None,
+    followup: tuple[str, str, str | None] | None = None,
 ) -> InputQuality:
     """Score one input's compressed run against its uncompressed run (and the truth, if known).
 
@@ -273,6 +311,13 @@ def score_input(
         reference_logits: first-token logits of the uncompressed run, (vocab,) or (1, vocab).
         logits: first-token logits of the compressed run, same shape.
         expected: ground-truth answer, or None when the input has none.
+        prefill_changed: False for a method that leaves prefill unchanged (post-prefill eviction): its
+            first token is the uncompressed model's by construction, so the first-token metrics are
+            recorded as not applicable (None), not as a perfect measurement.
+        continuation: the teacher-forced continuation scores
+            (:func:`~lightkv_cli.scoring.continuation.continuation_scores`), or None.
+        followup: ``(reference follow-up answer, follow-up answer, given follow-up answer or None)``
+            when the input has a follow-up question.
 
     Returns:
         An ``InputQuality``.
@@ -280,12 +325,20 @@ def score_input(
     Raises:
         ValueError: on a logits shape mismatch.
     """
+    c = continuation
     return InputQuality(
         exact_match=exact_match(answer, reference_answer),
         token_f1=token_f1(answer, reference_answer),
-        top1_agreement=top1_agree(reference_logits, logits),
-        first_token_kl=first_token_kl(reference_logits, logits),
+        top1_agreement=top1_agree(reference_logits, logits) if prefill_changed else None,
+        first_token_kl=first_token_kl(reference_logits, logits) if prefill_changed else None,
         accuracy=None if expected is None else answer_correct(answer, expected),
+        continuation_kl=None if c is None else c.kl_mean,
+        continuation_kl_max=None if c is None else c.kl_max,
+        token_agreement=None if c is None else c.agreement,
+        continuation_llr=None if c is None else c.llr,
+        continuation_tokens=None if c is None else c.tokens,
+        followup_match=None if followup is None else exact_match(followup[1], followup[0]),
+        followup_accuracy=None if followup is None or followup[2] is None else answer_correct(followup[1], followup[2]),
     )
 
 
@@ -296,34 +349,55 @@ class QualitySummary:
     Attributes:
         answer_match: mean exact match vs the uncompressed answers (fraction in [0, 1]).
         token_f1: mean token F1 vs the uncompressed answers.
-        top1_agreement: fraction of inputs whose first token agrees with the uncompressed run.
-        first_token_kl_mean: mean first-token KL, nats.
-        first_token_kl_max: worst first-token KL, nats.
+        top1_agreement: fraction of inputs whose first token agrees with the uncompressed run; None (n/a)
+            for a method that leaves prefill unchanged.
+        first_token_kl_mean: mean first-token KL, nats; None likewise.
+        first_token_kl_max: worst first-token KL, nats; None likewise.
         accuracy: mean accuracy over the inputs that have a ground-truth answer; None if none do.
         n_inputs: number of inputs summarized.
         n_with_answers: number of those with a ground-truth answer.
         ci: 95% intervals over inputs, ``metric → (low, high)``, for ``answer_match``,
-            ``token_f1``, ``top1_agreement``, ``first_token_kl_mean`` and ``accuracy`` (None when
-            no input has an answer); same units as the metric: Wilson score intervals for metrics
-            whose per-input values are all 0 or 1, percentile bootstrap otherwise
+            ``token_f1``, ``top1_agreement``, ``first_token_kl_mean``, ``accuracy``,
+            ``token_agreement``, ``continuation_kl_mean``, ``continuation_llr``, ``followup_match`` and
+            ``followup_accuracy`` (None when not measured); same units as the metric: Wilson score
+            intervals for metrics whose per-input values are all 0 or 1, percentile bootstrap otherwise
             (:func:`~lightkv_cli.scoring.stats.mean_interval`). Empty when built by hand.
+        prefill_unchanged: True when the first-token metrics are not applicable (post-prefill eviction).
+        token_agreement: mean over inputs of the continuation's top-1 agreement (fraction).
+        continuation_kl_mean: mean over inputs of the continuation's mean per-token KL, nats.
+        continuation_kl_max: the worst token's continuation KL over every input, nats.
+        continuation_llr: mean over inputs of the continuation's mean log-likelihood ratio, nats/token.
+        continuation_tokens: positions scored over every input.
+        followup_match: fraction of follow-up answers equal to the uncompressed run's; None without
+            follow-up questions.
+        followup_accuracy: follow-up accuracy against the given follow-up answers; None without any.
+        n_followups: inputs with a follow-up question.
     """
 
     answer_match: float
     token_f1: float
-    top1_agreement: float
-    first_token_kl_mean: float
-    first_token_kl_max: float
+    top1_agreement: float | None
+    first_token_kl_mean: float | None
+    first_token_kl_max: float | None
     accuracy: float | None
     n_inputs: int
     n_with_answers: int
     ci: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    prefill_unchanged: bool = False
+    token_agreement: float | None = None
+    continuation_kl_mean: float | None = None
+    continuation_kl_max: float | None = None
+    continuation_llr: float | None = None
+    continuation_tokens: int = 0
+    followup_match: float | None = None
+    followup_accuracy: float | None = None
+    n_followups: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-number dict for JSON output.
 
-        Floats for the metrics, ints for the counts, None for no accuracy, and ``"ci"`` as
-        ``{metric: [low, high] or None}``. Non-finite floats (an ``inf`` KL) are kept; the
+        Floats for the metrics, ints for the counts, None for what was not measured or does not apply,
+        and ``"ci"`` as ``{metric: [low, high] or None}``. Non-finite floats (an ``inf`` KL) are kept; the
         results writer turns them into null.
         """
         out: dict[str, Any] = {}
@@ -335,8 +409,10 @@ class QualitySummary:
                 }
             elif value is None:
                 out[key] = None
-            elif key in ("n_inputs", "n_with_answers"):
+            elif key in ("n_inputs", "n_with_answers", "continuation_tokens", "n_followups"):
                 out[key] = int(value)
+            elif key == "prefill_unchanged":
+                out[key] = bool(value)
             else:
                 out[key] = float(value)
         return out
@@ -346,6 +422,10 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def _present(items: Sequence[InputQuality], key: str) -> list[float]:
+    return [float(getattr(i, key)) for i in items if getattr(i, key) is not None]
+
+
 def summarize(items: Sequence[InputQuality]) -> QualitySummary:
     """Aggregate per-input scores into means (and the max KL), with 95% intervals.
 
@@ -353,11 +433,12 @@ def summarize(items: Sequence[InputQuality]) -> QualitySummary:
         items: per-input scores, at least one.
 
     Returns:
-        A ``QualitySummary``; ``accuracy`` is the mean over items whose accuracy is not None,
-        or None when no item has one. ``ci`` holds the 95% interval of each mean
+        A ``QualitySummary``. A metric some inputs do not have (accuracy without an answer, the
+        continuation of an input whose reference answer has no token to score, a follow-up) is the mean
+        over the inputs that have it, None when none does; first-token metrics are None (n/a) when no
+        input has them (``prefill_unchanged``). ``ci`` holds the 95% interval of each mean
         (:func:`~lightkv_cli.scoring.stats.mean_interval`: Wilson score for 0/1 values, else the
-        percentile bootstrap with its default resamples and seed, so it is deterministic);
-        ``ci["accuracy"]`` is over the items with an answer, None when there are none.
+        percentile bootstrap with its default resamples and seed, so it is deterministic).
 
     Raises:
         ValueError: if ``items`` is empty.
@@ -367,23 +448,47 @@ def summarize(items: Sequence[InputQuality]) -> QualitySummary:
     n = len(items)
     matches = [float(item.exact_match) for item in items]
     f1s = [float(item.token_f1) for item in items]
-    agreements = [float(item.top1_agreement) for item in items]
-    kls = [float(item.first_token_kl) for item in items]
-    answered = [float(item.accuracy) for item in items if item.accuracy is not None]
+    agreements = _present(items, "top1_agreement")
+    kls = _present(items, "first_token_kl")
+    answered = _present(items, "accuracy")
+    tok = _present(items, "token_agreement")
+    ckl = _present(items, "continuation_kl")
+    ckl_max = _present(items, "continuation_kl_max")
+    llr = _present(items, "continuation_llr")
+    fu = _present(items, "followup_match")
+    fu_acc = _present(items, "followup_accuracy")
+
+    def mean_or_none(values: list[float]) -> float | None:
+        return _mean(values) if values else None
+
     return QualitySummary(
         answer_match=_mean(matches),
         token_f1=_mean(f1s),
-        top1_agreement=_mean(agreements),
-        first_token_kl_mean=_mean(kls),
-        first_token_kl_max=max(kls),
-        accuracy=_mean(answered) if answered else None,
+        top1_agreement=mean_or_none(agreements),
+        first_token_kl_mean=mean_or_none(kls),
+        first_token_kl_max=max(kls) if kls else None,
+        accuracy=mean_or_none(answered),
         n_inputs=n,
         n_with_answers=len(answered),
         ci={
             "answer_match": mean_interval(matches),
             "token_f1": bootstrap_ci(f1s),
-            "top1_agreement": mean_interval(agreements),
-            "first_token_kl_mean": bootstrap_ci(kls),
+            "top1_agreement": mean_interval(agreements) if agreements else None,
+            "first_token_kl_mean": bootstrap_ci(kls) if kls else None,
             "accuracy": mean_interval(answered) if answered else None,
+            "token_agreement": mean_interval(tok) if tok else None,
+            "continuation_kl_mean": bootstrap_ci(ckl) if ckl else None,
+            "continuation_llr": bootstrap_ci(llr) if llr else None,
+            "followup_match": mean_interval(fu) if fu else None,
+            "followup_accuracy": mean_interval(fu_acc) if fu_acc else None,
         },
+        prefill_unchanged=not agreements,
+        token_agreement=mean_or_none(tok),
+        continuation_kl_mean=mean_or_none(ckl),
+        continuation_kl_max=max(ckl_max) if ckl_max else None,
+        continuation_llr=mean_or_none(llr),
+        continuation_tokens=sum(int(i.continuation_tokens or 0) for i in items),
+        followup_match=mean_or_none(fu),
+        followup_accuracy=mean_or_none(fu_acc),
+        n_followups=len(fu),
     )

@@ -22,9 +22,12 @@ Which test, per metric (values from ``runs[].per_input[].quality``, inputs match
   (Tango 1998; recommended for paired proportions by Fagerland, Lydersen & Laake 2014). McNemar's exact
   test has no form for a non-zero margin (under ``Δ = margin`` the split of the discordant pairs
   depends on their unknown total); Tango's statistic reduces to McNemar's at ``margin = 0``.
-* **First-token KL** (nats) is continuous: a **paired bootstrap** (fixed seed) of the per-input
-  increase over the reference; reported, not gated (the margin is a share of inputs, not nats: bound
-  KL with ``--max-kl``).
+* **First-token KL and continuation KL** (nats) are continuous: a **paired bootstrap** (fixed seed) of
+  the per-input increase over the reference; reported, not gated (the margin is a share of inputs, not
+  nats: bound KL with ``--max-kl``).
+* **Token agreement** (the continuation's top-1 agreement, a fraction of each input's positions; the
+  reference's is 1 by definition) uses the paired bootstrap of the drop, gated by the margin. A first-token
+  metric that is n/a for the run (post-prefill eviction) has no per-input values and is left out.
 
 Per-input values that are not all 0/1 (a metric averaged over generated tokens) use the paired
 bootstrap of the drop instead of the exact tests. No torch.
@@ -55,7 +58,12 @@ PAIRED_METRICS = (
     ("top1_agreement", "top-1 agreement", True, True),
     ("accuracy", "accuracy", False, True),
     ("first_token_kl", "first-token KL (nats)", False, False),
+    ("token_agreement", "token agreement", True, True),
+    ("continuation_kl", "continuation KL (nats)", False, False),
 )
+
+#: Per-input KL keys (nats): compared by a paired bootstrap of the increase, reported, not gated.
+_KL_KEYS = ("first_token_kl", "continuation_kl")
 
 
 @dataclass
@@ -63,7 +71,8 @@ class PairedResult:
     """One metric of a run compared with the uncompressed run on the same inputs.
 
     Attributes:
-        metric: the per-input key (``exact_match``, ``top1_agreement``, ``accuracy``, ``first_token_kl``).
+        metric: the per-input key (``exact_match``, ``top1_agreement``, ``accuracy``, ``first_token_kl``,
+            ``token_agreement``, ``continuation_kl``).
         label: its name in the check table.
         test: the method: ``exact binomial``, ``Tango score``, ``paired bootstrap``.
         n: inputs compared (both runs have a value).
@@ -97,8 +106,8 @@ class PairedResult:
 
     def describe(self) -> str:
         """e.g. ``accuracy drop 0.250 (95% lower bound 0.061 > 0.02; p = 0.012, Tango score; McNemar p = 0.125)``."""
-        unit = " nats" if self.metric == "first_token_kl" else ""
-        what = "increase" if self.metric == "first_token_kl" else "drop"
+        unit = " nats" if self.metric in _KL_KEYS else ""
+        what = "increase" if self.metric in _KL_KEYS else "drop"
         text = f"{self.label} {what} {self.drop:.3f}{unit} (95% lower bound {self.lower:.3f}"
         if self.gated:
             text += f" {'≤' if self.passed else '>'} {self.margin:g}"
@@ -173,7 +182,7 @@ def paired_tests(run: dict, reference: dict, margin: float, level: float = PAIRE
         n = len(ids)
         ref_mean, mean = sum(ref_vals) / n, sum(vals) / n
         p_value = mcnemar_p = discordant = None
-        if key == "first_token_kl":
+        if key in _KL_KEYS:
             test = "paired bootstrap"
             lower = paired_bootstrap_ci(ref_vals, vals, level=2.0 * level - 1.0)[0]
             drop = mean - ref_mean

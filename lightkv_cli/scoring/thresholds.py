@@ -23,6 +23,10 @@ compared as measured.
 
 The recommendation (:func:`lightkv_cli.scoring.recommend.recommend`) is the cheapest run that meets every
 threshold that is set. No torch.
+
+Cohesive by design (over the layout's line budget): each threshold's declaration (what it reads, its
+interval, whether it applies to a run) and the code that checks and describes it are one contract, and
+splitting them would put half of each threshold's meaning in another file.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class ThresholdInfo:
             values); ``None`` without an interval.
         vs_reference: whether the quantity compares a run with the uncompressed run (fidelity), so the
             uncompressed run itself meets it exactly, by definition.
+        first_token: whether it bounds a first-token metric, not applicable (n/a) to a run whose prefill
+            is the uncompressed one (``quality.prefill_unchanged``: post-prefill eviction).
     """
 
     name: str
@@ -78,6 +84,7 @@ class ThresholdInfo:
     per_input: str | None = None
     ci: str | None = None
     vs_reference: bool = False
+    first_token: bool = False
 
 
 def _threshold(
@@ -94,6 +101,7 @@ def _threshold(
     per_input: str | None = None,
     ci: str | None = None,
     vs_reference: bool = False,
+    first_token: bool = False,
 ) -> Any:
     """A field of :class:`Thresholds`: a number ≥ 0 (≤ 1 for a fraction) or None, with its :class:`ThresholdInfo`."""
     extra = {
@@ -106,6 +114,7 @@ def _threshold(
         "per_input": per_input,
         "ci": ci,
         "vs_reference": vs_reference,
+        "first_token": first_token,
     }
     return Field(default, ge=0, le=1 if fraction else None, description=description, json_schema_extra=extra)
 
@@ -132,9 +141,14 @@ class Thresholds(BaseModel, metaclass=_RaisesUserError):
         min_answer_match: floor on the fraction of inputs whose greedy answer equals the
             uncompressed model's (after SQuAD normalisation), in [0, 1]; default 0.95.
         min_top1_agreement: floor on the fraction of inputs whose first generated token agrees,
-            in [0, 1]; default 0.95.
+            in [0, 1]; default 0.95. Not applicable (met, shown n/a) to a run whose prefill is unchanged.
+        min_token_agreement: floor on the continuation's top-1 agreement (the uncompressed answer fed
+            through the compressed cache, mean over inputs of the fraction of positions that agree), in
+            [0, 1]; default 0.95.
         min_accuracy: floor on task accuracy against the prompts file's answers, in [0, 1].
-        max_kl: ceiling on the worst first-token KL divergence from the uncompressed model, nats.
+        max_kl: ceiling on the worst per-token KL divergence from the uncompressed model over the
+            teacher-forced continuations of every input, nats (results files written before continuation
+            fidelity: the worst first-token KL).
         max_vision_retention: ceiling on the measured fraction of vision tokens cached, in [0, 1].
         max_kv_bytes: ceiling on the K+V bytes held after prefill per request, bytes.
         max_prefill_ms: ceiling on the median prefill time, milliseconds (device-specific).
@@ -179,6 +193,21 @@ class Thresholds(BaseModel, metaclass=_RaisesUserError):
         per_input="top1_agreement",
         ci="top1_agreement",
         vs_reference=True,
+        first_token=True,
+    )
+    min_token_agreement: float | None = _threshold(
+        0.95,
+        "Floor on the top-1 agreement over the uncompressed answer fed through the compressed cache.",
+        kind="min",
+        group="quality",
+        reads="quality.token_agreement",
+        label="token agreement",
+        report_label="token agreement (continuation)",
+        fmt=".3f",
+        fraction=True,
+        per_input="token_agreement",
+        ci="token_agreement",
+        vs_reference=True,
     )
     min_accuracy: float | None = _threshold(
         None,
@@ -195,12 +224,12 @@ class Thresholds(BaseModel, metaclass=_RaisesUserError):
     )
     max_kl: float | None = _threshold(
         None,
-        "Ceiling on the worst first-token KL divergence from the uncompressed model, nats.",
+        "Ceiling on the worst per-token KL divergence from the uncompressed model over the continuation, nats.",
         kind="max",
         group="quality",
-        reads="quality.first_token_kl_max",
-        label="max first-token KL (nats)",
-        report_label="first-token KL max",
+        reads="quality.continuation_kl_max",
+        label="max continuation KL (nats)",
+        report_label="continuation KL max",
         fmt=".3g",
         vs_reference=True,
     )
@@ -362,8 +391,9 @@ class CheckResult:
         passed: whether the run meets the threshold (an unmeasured value never does).
         short_by: how far the compared value is on the wrong side (0 when passed; ``inf`` when unmeasured).
         basis: which value was compared: ``"lower-bound"`` / ``"upper-bound"`` (the end of the 95% interval
-            of a mean over inputs), ``"mean"`` (the point estimate) or ``"measured"`` (a value without an
-            interval: cost, the worst-input KL, the uncompressed run's fidelity to itself).
+            of a mean over inputs), ``"mean"`` (the point estimate), ``"measured"`` (a value without an
+            interval: cost, the worst-input KL, the uncompressed run's fidelity to itself) or ``"n/a"``
+            (the threshold does not apply to the run, :func:`not_applicable`; met, ``measured`` None).
         estimate: the point estimate (the mean over inputs, or the measured value); equals ``measured``
             unless ``basis`` is a bound.
         n_inputs: how many inputs the mean is over (``None`` when not a mean).
@@ -388,6 +418,8 @@ class CheckResult:
         """e.g. ``top-1 agreement 0.875 < 0.95 (short by 0.075)``, or on a bound
         ``answer match lower 95% bound 0.676 < 0.950 (mean 1.000 of 8 inputs; short by 0.274; ...)``."""
         fmt = THRESHOLDS[self.threshold].fmt
+        if self.basis == "n/a":
+            return f"{self.label} n/a ({self.note})"
         if self.measured is None:
             return (
                 f"{self.label} not measured (needs answers in the prompts file) but {self.threshold} = "
@@ -418,12 +450,28 @@ def measured_value(run: dict, threshold: str) -> float | None:
     A KL written as ``null`` (infinite, since JSON has no infinity) reads as ``inf``.
     """
     path = THRESHOLDS[threshold].reads
+    quality = run.get("quality")
+    if threshold == "max_kl" and isinstance(quality, dict) and "continuation_kl_max" not in quality:
+        path = "quality.first_token_kl_max"  # a file written before continuation fidelity
     value = run
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
-    if value is None and threshold == "max_kl" and isinstance(run.get("quality"), dict):
+    if value is None and threshold == "max_kl" and isinstance(quality, dict) and not quality.get("prefill_unchanged"):
         return math.inf
     return None if value is None else float(value)
+
+
+def not_applicable(run: dict, threshold: str) -> str | None:
+    """Why ``threshold`` does not apply to ``run`` (so it is met, and shown n/a), or None when it applies: a
+    first-token threshold on a run whose prefill is unchanged, or a continuation threshold on a results
+    file written before continuation fidelity was measured."""
+    info = THRESHOLDS[threshold]
+    quality = run.get("quality") if isinstance(run.get("quality"), dict) else {}
+    if info.first_token and quality.get("prefill_unchanged"):
+        return "the method leaves prefill unchanged"
+    if threshold == "min_token_agreement" and quality and "token_agreement" not in quality:
+        return "not recorded: results written before continuation fidelity"
+    return None
 
 
 def _number(v: object) -> bool:
@@ -492,6 +540,10 @@ def evaluate(run: dict, thresholds: Thresholds) -> list[CheckResult]:
     for name, required in thresholds.set_items().items():
         info = THRESHOLDS[name]
         kind, label = info.kind, info.label
+        why = not_applicable(run, name)
+        if why is not None:
+            out.append(CheckResult(name, label, kind, required, None, True, 0.0, basis="n/a", note=why))
+            continue
         estimate = measured_value(run, name)
         if estimate is None:
             out.append(CheckResult(name, label, kind, required, None, False, math.inf, basis="mean"))

@@ -108,7 +108,7 @@ def test_check_profile_passes_then_fails_when_a_threshold_is_tightened(runner, s
     assert ok.exit_code == 0, _all_text(ok)
     assert "PASS" in _flat(_all_text(ok))
     suite = ET.parse(tmp_path / "ok.xml").getroot().find("testsuite")
-    assert suite.get("tests") == "2" and suite.get("failures") == "0"
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"  # the three default fidelity floors
 
     # The measured KV bytes of the operating point are in the profile; demand 1 byte less.
     kv = float(
@@ -121,7 +121,7 @@ def test_check_profile_passes_then_fails_when_a_threshold_is_tightened(runner, s
     flat = _flat(_all_text(bad))
     assert "FAIL" in flat and "KV bytes per request" in flat and "over by 1" in flat
     suite = ET.parse(tmp_path / "bad.xml").getroot().find("testsuite")
-    assert suite.get("tests") == "3" and suite.get("failures") == "1"
+    assert suite.get("tests") == "4" and suite.get("failures") == "1"
     failure = suite.find("testcase[@name='max_kv_bytes']/failure")
     assert failure is not None and "over by 1" in failure.get("message")
 
@@ -133,9 +133,9 @@ def test_check_results_file(runner, swept, no_model_load):
     assert ok.exit_code == 0, _all_text(ok)
     assert rec in _flat(_all_text(ok))
     # A KL ceiling below what the recommended run measured fails.
-    measured = next(r for r in swept["results"]["runs"] if r["id"] == rec)["quality"]["first_token_kl_max"]
+    measured = next(r for r in swept["results"]["runs"] if r["id"] == rec)["quality"]["continuation_kl_max"]
     bad = _check(runner, path, "--max-kl", f"{measured / 2}")
-    assert bad.exit_code == 1 and "max first-token KL" in _flat(_all_text(bad))
+    assert bad.exit_code == 1 and "max continuation KL" in _flat(_all_text(bad))
     other = _check(runner, path, "--run", "uncompressed", "--max-kl", "0")
     assert other.exit_code == 0, _all_text(other)
     _assert_user_error(_check(runner, path, "--run", "nope"), "has no run 'nope'", "uncompressed")

@@ -510,8 +510,13 @@ def test_markdown_one_row_per_run_with_exact_text(rich):
     assert len(rows) == len(rich["runs"]) == 6
     assert rows[1] == (
         "| lightkv@0.5 ★ | lightkv | 0.500 | 2.5 MiB | 1.5 MiB | 120.0 | 130.0 | 9.50 | – | 105.3 | 61% | "
-        "64 | 0.90 | 0.95 | 1.20e-02 | 0.50 |"
-    )  # no paired ratio in this (version 1 style) run: a dash
+        "64 | 0.90 | 0.95 | 1.20e-02 | – | – | 0.50 |"
+    )  # no paired ratio, token agreement or continuation KL in this (version 1 style) run: a dash
+    evicted = copy.deepcopy(rich)
+    evicted["runs"][1]["quality"].update(
+        {"prefill_unchanged": True, "top1_agreement": None, "token_agreement": 0.875, "continuation_kl_mean": 0.0123}
+    )
+    assert "| 0.90 | n/a | n/a | 0.88 | 1.23e-02 | 0.50 |" in _table_rows(render_markdown(evicted))[1]
     paired = copy.deepcopy(rich)
     paired["runs"][1]["timing_ratio"] = {"prefill": {"median": 0.6, "low": 0.55, "high": 0.65, "n": 24}}
     assert "| 9.50 | 0.60× [0.55–0.65] | 105.3 |" in _table_rows(render_markdown(paired))[1]

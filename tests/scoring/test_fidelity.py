@@ -192,8 +192,11 @@ def test_summarize_empty_raises() -> None:
 def test_input_quality_to_dict_is_plain_json() -> None:
     item = score_input("a", "b", torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), "b")
     d = item.to_dict()
-    assert set(d) == {"exact_match", "token_f1", "top1_agreement", "first_token_kl", "accuracy"}
-    assert all(type(v) is float for v in d.values())
+    scored = {"exact_match", "token_f1", "top1_agreement", "first_token_kl", "accuracy"}
+    continuation = {"continuation_kl", "continuation_kl_max", "token_agreement", "continuation_llr"}
+    assert set(d) == scored | continuation | {"continuation_tokens", "followup_match", "followup_accuracy"}
+    assert all(type(d[k]) is float for k in scored)
+    assert all(d[k] is None for k in set(d) - scored)  # no continuation or follow-up given
     assert json.loads(json.dumps(d)) == d
 
 
@@ -253,7 +256,10 @@ def test_summarize_confidence_intervals() -> None:
         InputQuality(exact_match=1.0, token_f1=0.9, top1_agreement=1.0, first_token_kl=0.1, accuracy=1.0),
     ]
     s = summarize(items)
-    assert set(s.ci) == {"answer_match", "token_f1", "top1_agreement", "first_token_kl_mean", "accuracy"}
+    assert set(s.ci) >= {"answer_match", "token_f1", "top1_agreement", "first_token_kl_mean", "accuracy"}
+    # no continuation or follow-up measured: their intervals are None, not zero-width
+    assert all(s.ci[k] is None for k in ("token_agreement", "continuation_kl_mean", "followup_match"))
+    assert s.token_agreement is None and s.continuation_tokens == 0 and not s.prefill_unchanged
     # 0/1 metrics get Wilson score intervals: every input agrees, 4 of 4 → [n/(n + z²), 1] with
     # z = 1.959964, z² = 3.841459: 4/7.841459 = 0.5101 (a bootstrap would say [1, 1]).
     assert s.ci["top1_agreement"][0] == pytest.approx(0.5101, abs=1e-4) and s.ci["top1_agreement"][1] == 1.0

@@ -86,7 +86,7 @@ def test_shortfall_is_exact():
     assert by["min_top1_agreement"].describe() == "top-1 agreement 0.900 < 0.950 (short by 0.050)"
     assert by["min_top1_agreement"].basis == "mean" and by["max_prefill_ms"].basis == "measured"
     # On the bound, a run without per-input values or a recorded interval is compared on its mean, and says so.
-    (c,) = evaluate(RUNS[3], Thresholds(min_answer_match=None, min_top1_agreement=0.95))
+    (c,) = evaluate(RUNS[3], Thresholds(min_token_agreement=None, min_answer_match=None, min_top1_agreement=0.95))
     assert c.measured == 0.9 and c.basis == "mean"
     assert c.describe() == "top-1 agreement 0.900 < 0.950 (short by 0.050; no interval recorded: compared the mean)"
 
@@ -100,13 +100,17 @@ def test_uncompressed_recommended_names_the_closest_compressed_run():
 
 
 def test_accuracy_threshold_without_answers_is_unmeasured_and_fails():
-    (c,) = evaluate(RUNS[1], Thresholds(min_answer_match=None, min_top1_agreement=None, min_accuracy=0.5))
+    (c,) = evaluate(
+        RUNS[1], Thresholds(min_token_agreement=None, min_answer_match=None, min_top1_agreement=None, min_accuracy=0.5)
+    )
     assert c.measured is None and not c.passed and math.isinf(c.short_by)
 
 
 def test_null_kl_reads_as_infinite():
     run = _run("x", "lightkv", 0.5, 1.0, 1.0, kl=None)
-    (c,) = evaluate(run, Thresholds(min_answer_match=None, min_top1_agreement=None, max_kl=10.0))
+    (c,) = evaluate(
+        run, Thresholds(min_token_agreement=None, min_answer_match=None, min_top1_agreement=None, max_kl=10.0)
+    )
     assert math.isinf(c.measured) and not c.passed
 
 
@@ -132,7 +136,11 @@ def test_bounds_are_one_line_each():
 
 
 def test_keywords_take_the_defaults_a_table_leaves_unset():
-    assert Thresholds().set_items() == {"min_answer_match": 0.95, "min_top1_agreement": 0.95}
+    assert Thresholds().set_items() == {
+        "min_answer_match": 0.95,
+        "min_top1_agreement": 0.95,
+        "min_token_agreement": 0.95,
+    }
     assert Thresholds.from_dict({"max_kl": 0.5}).set_items() == {"max_kl": 0.5}
     assert Thresholds.unset().to_dict() == {**dict.fromkeys(THRESHOLDS), "decide_on": None}
     assert list(Thresholds().to_dict()) == [*THRESHOLDS, "decide_on"]  # one definition, in declaration order
@@ -173,25 +181,25 @@ def test_lower_bound_and_mean_pick_different_runs():
 
 def test_the_bound_is_described_and_says_how_many_inputs_would_do():
     run = _with_inputs(_run("lightkv@0.5", "lightkv", 0.5, 1.0, 1.0), [1.0] * 8)
-    (c,) = evaluate(run, Thresholds(min_top1_agreement=None))
+    (c,) = evaluate(run, Thresholds(min_token_agreement=None, min_top1_agreement=None))
     assert (c.basis, c.estimate, c.n_inputs) == ("lower-bound", 1.0, 8)
     assert c.measured == pytest.approx(0.67559, abs=1e-5) and not c.passed
     assert c.describe() == (
         "answer match lower 95% bound 0.676 < 0.950 (mean 1.000 of 8 inputs; short by 0.274; the mean passes; "
         "more inputs narrow the interval (≥ 73 inputs even if every one agrees))"
     )
-    (m,) = evaluate(run, Thresholds(min_top1_agreement=None, decide_on="mean"))
+    (m,) = evaluate(run, Thresholds(min_token_agreement=None, min_top1_agreement=None, decide_on="mean"))
     assert m.passed and m.basis == "mean" and m.describe() == "answer match 1.000 ≥ 0.950"
     # A mean below the floor: no "mean passes" remark.
     low = _with_inputs(_run("x", "lightkv", 0.5, 0.5, 0.5), [1.0, 0.0] * 4)
-    (c,) = evaluate(low, Thresholds(min_top1_agreement=None))
+    (c,) = evaluate(low, Thresholds(min_token_agreement=None, min_top1_agreement=None))
     assert "the mean passes" not in c.describe() and c.measured == pytest.approx(wilson_interval(4, 8)[0])
 
 
 def test_bound_from_the_recorded_interval_without_per_input_values():
     run = _run("x", "lightkv", 0.5, 0.9, 0.9)
     run["quality"].update({"ci": {"answer_match": [0.8, 0.97]}, "n_inputs": 40})
-    (c,) = evaluate(run, Thresholds(min_answer_match=0.85, min_top1_agreement=None))
+    (c,) = evaluate(run, Thresholds(min_token_agreement=None, min_answer_match=0.85, min_top1_agreement=None))
     assert c.basis == "lower-bound" and c.measured == 0.8 and c.n_inputs == 40 and not c.passed
 
 

@@ -259,6 +259,11 @@ class FamilyAdapter:
         """
         raise NotImplementedError
 
+    def format_followup(self, question: str) -> str:
+        """The family's next user turn and generation prompt, as it follows an answer's end-of-sequence
+        token: what a follow-up question about the same image appends to the conversation."""
+        raise NotImplementedError
+
     def _no_video(self, num_videos: int) -> None:
         if num_videos:
             raise UserError(

@@ -115,6 +115,9 @@ class LlavaAdapter(FamilyAdapter):
         self._no_video(num_videos)
         return "USER: " + "<image>\n" * num_images + question + " ASSISTANT:"
 
+    def format_followup(self, question: str) -> str:
+        return "USER: " + question + " ASSISTANT:"
+
 
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): "anyres" images.
@@ -235,3 +238,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if getattr(self.text_config, "model_type", "") == "mistral":
             return "[INST] " + "<image>\n" * num_images + question + " [/INST]"
         return "USER: " + "<image>\n" * num_images + question + " ASSISTANT:"
+
+    def format_followup(self, question: str) -> str:
+        if getattr(self.text_config, "model_type", "") == "mistral":
+            return "[INST] " + question + " [/INST]"
+        return "USER: " + question + " ASSISTANT:"

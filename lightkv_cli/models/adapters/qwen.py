@@ -172,6 +172,10 @@ class Qwen2VLAdapter(FamilyAdapter):
             f"<|im_start|>user\n{vision}{question}<|im_end|>\n<|im_start|>assistant\n"
         )
 
+    def format_followup(self, question: str) -> str:
+        # after the answer's <|im_end|> (its end-of-sequence token)
+        return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): as Qwen2-VL for the decoder (M-RoPE,
