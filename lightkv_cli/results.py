@@ -123,6 +123,7 @@ class Settings(_Open):
     positions: str | None = None
     max_new_tokens: Count = None
     followup: str | None = None
+    system_prompt: str | None = None
     batch_size: Count = None
     timing_inputs: Count = None
     timing_batches: list[int] | None = None

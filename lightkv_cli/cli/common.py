@@ -291,6 +291,17 @@ FollowupOpt = Annotated[
 ]
 
 
+SystemPromptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--system-prompt",
+        metavar="TEXT",
+        help="System prompt of every conversation (the chat template's system message; put before the family's "
+        "default prompt when the checkpoint has no template).",
+    ),
+]
+
+
 MinAccOpt = Annotated[
     float | None,
     typer.Option(min=0.0, max=1.0, help="Threshold: accuracy against the prompts file's answers at least this."),

@@ -255,7 +255,8 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
         items = got.items
         if settings.followup is not None:
             items = [it if it.followup is not None else replace(it, followup=settings.followup) for it in items]
-        inputs, unfit = fit_inputs(lm, prepare_inputs(lm, got.images, items), settings.max_new_tokens)
+        prepared = prepare_inputs(lm, got.images, items, settings.system_prompt)
+        inputs, unfit = fit_inputs(lm, prepared, settings.max_new_tokens)
     except KeyboardInterrupt as exc:
         raise SweepInterrupted(None, getattr(exc, "signum", 2)) from None
     except Exception as exc:

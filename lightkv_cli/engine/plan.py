@@ -37,6 +37,8 @@ class SweepSettings:
         max_new_tokens: greedy decode length bound (the answer's, and a follow-up answer's).
         followup: a follow-up question for every input whose prompts line gives none (``--followup``),
             answered from the same compressed cache after the first answer; None: none.
+        system_prompt: the system prompt of every conversation (``--system-prompt``); None: the chat
+            template's or the family's own.
         batch_size: rows per batch of the quality pass (None: chosen per device, see
             :class:`~lightkv_cli.engine.sweep.Sweep`); 1 runs every input alone.
         timing_inputs: inputs the timing pass measures (None: all of them), spread over the
@@ -61,6 +63,7 @@ class SweepSettings:
     positions: str = "keep"
     max_new_tokens: int = 32
     followup: str | None = None
+    system_prompt: str | None = None
     batch_size: int | None = None
     timing_inputs: int | None = DEFAULT_TIMING_INPUTS
     timing_batches: Sequence[int] = (1,)
@@ -94,6 +97,7 @@ class SweepSettings:
             "positions": self.positions,
             "max_new_tokens": self.max_new_tokens,
             "followup": self.followup,
+            "system_prompt": self.system_prompt,
             "batch_size": self.batch_size,
             "timing_inputs": self.timing_inputs,
             "timing_batches": list(self.timing_batches),

@@ -15,6 +15,7 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.inputs import ImageInput, PromptItem, Skipped, VideoInput
 from lightkv_cli.measure.timing import Stopwatch
 from lightkv_cli.models.loader import LoadedModel
+from lightkv_cli.models.prompting import build_prompt
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ProfileInput:
     followup: str | None = None
     followup_answer: str | None = None
     followup_ids: tuple[int, ...] = ()
+    #: the exact prompt text sent to the processor, and where its template came from
+    #: (:mod:`lightkv_cli.models.prompting`: ``chat template`` or ``family default``)
+    prompt: str = ""
+    prompt_template: str = "family default"
+    system_prompt: str | None = None
 
     def to_dict(self) -> dict:
         """One entry of the ``inputs`` section of the results file; ``type`` and ``tags`` only when given."""
@@ -61,6 +67,8 @@ class ProfileInput:
             "height": self.image.height,
             "question": self.question,
             "answer": self.answer,
+            "prompt": self.prompt,
+            "prompt_template": self.prompt_template,
             "prompt_tokens": self.prompt_tokens,
             "vision_tokens": self.vision_tokens,
             "preprocess_ms": self.preprocess_ms,
@@ -87,12 +95,17 @@ def inputs_fingerprint(inputs: Sequence[ProfileInput]) -> str:
         key = [inp.image.sha256, inp.question, inp.answer]
         if inp.followup is not None:  # left out otherwise, so files written before follow-ups still resume
             key += [inp.followup, inp.followup_answer]
+        if inp.prompt_template != "family default" or inp.system_prompt:  # likewise for the family's prompt
+            key += [inp.prompt]
         h.update(json.dumps(key).encode())
     return f"sha256:{h.hexdigest()}"
 
 
 def prepare_inputs(
-    loaded: LoadedModel, images: Sequence[ImageInput], prompts: Sequence[PromptItem]
+    loaded: LoadedModel,
+    images: Sequence[ImageInput],
+    prompts: Sequence[PromptItem],
+    system_prompt: str | None = None,
 ) -> list[ProfileInput]:
     """Build the model inputs for every (image, question) pair.
 
@@ -100,6 +113,10 @@ def prepare_inputs(
         loaded: the model (its processor formats and tokenises the prompt).
         images: loaded images, one per prompt item, in the same order.
         prompts: the questions (and optional answers).
+        system_prompt: a system prompt for every question (``--system-prompt``), or None.
+
+    The prompt is the checkpoint's chat template when it has one, else the family's default
+    (:func:`~lightkv_cli.models.prompting.build_prompt`); its text is recorded per input.
 
     Returns:
         One :class:`ProfileInput` per pair, tensors on the model's device and dtype.
@@ -116,7 +133,15 @@ def prepare_inputs(
     for image, item in zip(images, prompts):
         ident = image.path.name if names.count(image.path.name) == 1 else f"{image.path.name}#L{item.line}"
         is_video = isinstance(image, VideoInput)
-        text = adapter.format_prompt(item.question, num_images=0 if is_video else 1, num_videos=int(is_video))
+        built = build_prompt(
+            loaded.processor,
+            adapter,
+            item.question,
+            num_images=0 if is_video else 1,
+            num_videos=int(is_video),
+            system=system_prompt,
+        )
+        text = built.text
         with Stopwatch(loaded.device) as sw:
             if is_video:
                 enc = loaded.processor(text=text, videos=[image.frames], return_tensors="pt")
@@ -156,6 +181,9 @@ def prepare_inputs(
                 followup=item.followup,
                 followup_answer=item.followup_answer,
                 followup_ids=followup_ids,
+                prompt=text,
+                prompt_template=built.source,
+                system_prompt=system_prompt,
             )
         )
     return out

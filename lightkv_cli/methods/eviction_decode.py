@@ -102,7 +102,7 @@ class DecodeMasks:
                 cfg = self._adapter.text_config
                 if fill is None:
                     tail = _tail(st, B, None, hidden.device)
-                    n = tail.shape[1] if tail is not None else q
+                    n = tail.shape[1] if tail is not None else 0
                     head = torch.ones(B, key[1] + q - n, dtype=torch.long, device=hidden.device)
                     mask_2d = head if tail is None else torch.cat([head, tail], dim=1)
                     mask = causal_mask(cfg, layer_type, hidden, mask_2d, cache, layer)
