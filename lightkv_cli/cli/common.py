@@ -181,6 +181,21 @@ InitHelp = (
 )
 
 
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Branch, tag or commit of a Hugging Face Hub model to load (default: its default branch)."),
+]
+
+
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Download nothing: use only the Hugging Face cache (as HF_HUB_OFFLINE=1 does).",
+    ),
+]
+
+
 PromptOpt = Annotated[
     str | None, typer.Option(help="Question asked about every image (default: a describe-the-image prompt).")
 ]

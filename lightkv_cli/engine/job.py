@@ -67,6 +67,8 @@ class SweepRequest:
         init: ``pretrained`` or ``random`` weights.
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
+        revision: branch, tag or commit of a Hub id (``--revision``).
+        offline: download nothing (``--offline``, or ``HF_HUB_OFFLINE=1``).
         images: image files and/or folders (:func:`~lightkv_cli.inputs.gather_inputs`).
         videos: videos (folders of frames or video files).
         prompt: the question asked about every image (exclusive with ``prompts``).
@@ -88,6 +90,8 @@ class SweepRequest:
     init: str = "pretrained"
     device: str = "auto"
     dtype: str = "auto"
+    revision: str | None = None
+    offline: bool = False
     images: Sequence[Path] = ()
     videos: Sequence[Path] = ()
     prompt: str | None = None
@@ -312,7 +316,12 @@ def _load_model(loader, request: SweepRequest) -> LoadedModel:
     """``loader.load_model`` for ``request``, with running out of memory or of disk (the tiny models are
     built into lightkv's cache) turned into one line."""
     try:
-        return loader.load_model(request.model, init=request.init, device=request.device, dtype=request.dtype)
+        kw: dict = {}  # only what was given (test doubles of the loader take the plain signature)
+        if request.revision is not None:
+            kw["revision"] = request.revision
+        if request.offline:
+            kw["offline"] = True
+        return loader.load_model(request.model, init=request.init, device=request.device, dtype=request.dtype, **kw)
     except OSError as exc:
         if exc.errno is None:  # transformers' own OSErrors (a missing file in a checkpoint) say enough
             raise

@@ -2,8 +2,10 @@
 default), the embedded random-weight ``tiny`` models, a real checkpoint from the local Hugging Face
 cache or a directory, or a real architecture with random weights.
 
-Loading never downloads: real weights come from the local cache (``~/.cache/huggingface``) or a
-path; when they are not there, the error says how to get them.
+A Hub id that is not cached is downloaded into the standard Hugging Face cache
+(:mod:`lightkv_cli.models.hub`: ``huggingface_hub.snapshot_download``, safetensors only, ``--revision``),
+unless ``HF_HUB_OFFLINE=1`` or ``--offline``; then, when the weights are not cached, the error says how to
+get them. Weights load with ``use_safetensors=True``, never with ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -153,8 +155,9 @@ def _quiet_transformers() -> None:
 def _missing_weights_message(name: str, source: str) -> str:
     size = f" (about {_DOWNLOAD_GB[source]} GB)" if source in _DOWNLOAD_GB else ""
     return (
-        f"model '{name}' ({source}) is not in the local Hugging Face cache and lightkv never downloads. "
-        f"To get it, run on a machine with internet access: `hf download {source}`{size}, "
+        f"model '{name}' ({source}) is not in the local Hugging Face cache and downloads are off "
+        "(HF_HUB_OFFLINE=1 or --offline). Unset it to download on first use, or run on a machine with internet "
+        f"access: `hf download {source}`{size}, "
         "or copy a checkpoint directory here and pass its path with --model /path/to/checkpoint. "
         "To plan memory and latency without the weights, add --init random (quality is then not meaningful)."
     )
@@ -230,7 +233,12 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, init: str = "pretrained", device: str = "auto", dtype: str = "auto"
+    name: str = DEFAULT_MODEL,
+    init: str = "pretrained",
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    offline: bool = False,
 ) -> LoadedModel:
     """Load ``name`` for profiling.
 
@@ -242,10 +250,13 @@ def load_model(
             config with random weights: memory and latency are real, quality is not meaningful).
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
+        revision: branch, tag or commit of a Hub id (``--revision``); None: the default branch.
+        offline: download nothing (``--offline``; also when ``HF_HUB_OFFLINE`` is set).
 
     Raises:
-        UserError: unknown model, weights not available offline, unsupported family, not enough
-            memory for random weights, bad device or dtype.
+        UserError: unknown model, weights not cached while offline, a download that fails (gated or missing
+            repository or revision, no network, full disk), unsupported family, not enough memory for random
+            weights, bad device or dtype.
     """
     if init not in INIT_MODES:
         raise UserError(f"unknown --init '{init}'; use one of {', '.join(INIT_MODES)}")
@@ -266,7 +277,15 @@ def load_model(
 
     source, local = _resolve_source(name)
     if init == "pretrained":
-        loaded = _from_pretrained(name, source, dev, dt, "pretrained", weights_meaningful=True)
+        path = source
+        if not local:
+            from lightkv_cli.models.hub import fetch_checkpoint
+
+            path = fetch_checkpoint(source, revision, offline, missing=_missing_weights_message(name, source))
+        loaded = _from_pretrained(name, path, dev, dt, "pretrained", weights_meaningful=True)
+        if not local:
+            loaded.source = source
+            loaded.notes.append(f"{name}: {source} from the Hugging Face cache ({Path(path).name[:12]})")
         if name == DEMO_NAME:
             loaded.notes.append(_demo_note())
         return loaded
@@ -411,7 +430,9 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
         raise damaged_checkpoint(source, exc) from None
     cls = _family_class(config.model_type)
     try:
-        model = cls.from_pretrained(source, local_files_only=True, dtype=dt, attn_implementation="sdpa")
+        model = cls.from_pretrained(
+            source, local_files_only=True, dtype=dt, attn_implementation="sdpa", use_safetensors=True
+        )
     except OSError as exc:
         if local:
             raise damaged_checkpoint(source, exc) from None
