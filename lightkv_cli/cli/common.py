@@ -181,21 +181,6 @@ InitHelp = (
 )
 
 
-RevisionOpt = Annotated[
-    str | None,
-    typer.Option(help="Branch, tag or commit of a Hugging Face Hub model to load (default: its default branch)."),
-]
-
-
-OfflineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--offline",
-        help="Download nothing: use only the Hugging Face cache (as HF_HUB_OFFLINE=1 does).",
-    ),
-]
-
-
 PromptOpt = Annotated[
     str | None, typer.Option(help="Question asked about every image (default: a describe-the-image prompt).")
 ]
@@ -291,28 +276,6 @@ MinTokenOpt = Annotated[
         max=1.0,
         help="Threshold: top-1 agreement over the uncompressed answer fed through the compressed cache (teacher "
         "forcing) at least this (default 0.95).",
-    ),
-]
-
-
-FollowupOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--followup",
-        metavar="QUESTION",
-        help="A follow-up question asked after each answer from the same compressed cache (no second prefill), "
-        "scored against the uncompressed model's follow-up answer; a prompts line's \"followup\" takes precedence.",
-    ),
-]
-
-
-SystemPromptOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--system-prompt",
-        metavar="TEXT",
-        help="System prompt of every conversation (the chat template's system message; put before the family's "
-        "default prompt when the checkpoint has no template).",
     ),
 ]
 

@@ -13,7 +13,6 @@ from lightkv_cli.cli.common import (
     DecideOnOpt,
     DeviceOpt,
     DtypeOpt,
-    FollowupOpt,
     GpuMemoryOpt,
     ImagesOpt,
     InitHelp,
@@ -29,7 +28,6 @@ from lightkv_cli.cli.common import (
     MinTop1Opt,
     ModelHelp,
     NvmlOpt,
-    OfflineOpt,
     OutputOpt,
     PositionsOpt,
     ProfilesDirOpt,
@@ -37,9 +35,7 @@ from lightkv_cli.cli.common import (
     PromptsOpt,
     RepeatsOpt,
     ResumeOpt,
-    RevisionOpt,
     SaveProfileOpt,
-    SystemPromptOpt,
     WarmupOpt,
     app,
     command_line,
@@ -54,6 +50,7 @@ from lightkv_cli.cli.common import (
     threshold_overrides,
     write_reports_or_warn,
 )
+from lightkv_cli.cli.model_options import FollowupOpt, OfflineOpt, RevisionOpt, SystemPromptOpt
 from lightkv_cli.cli.passes import BatchSizeOpt, TimingBatchOpt, TimingInputsOpt, pass_settings
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError

@@ -21,9 +21,31 @@ import os
 from lightkv_cli.errors import UserError
 
 #: What a checkpoint directory needs: configs, tokenizer, processor, chat template, safetensors weights.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py.txt"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 _TRUE = {"1", "on", "yes", "true"}
+
+#: Approximate download size of each aliased checkpoint (for the missing-weights message), GB.
+DOWNLOAD_GB = {
+    "llava-hf/llava-1.5-7b-hf": 14,
+    "llava-hf/llava-v1.6-vicuna-7b-hf": 14,
+    "llava-hf/llava-v1.6-mistral-7b-hf": 15,
+    "Qwen/Qwen2-VL-7B-Instruct": 17,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 17,
+}
+
+
+def missing_message(name: str, source: str) -> str:
+    """The one paragraph for model ``name`` (Hub id ``source``) missing from the cache while downloads are off:
+    how to get it, how to pass a local checkpoint, and ``--init random`` to plan without the weights."""
+    size = f" (about {DOWNLOAD_GB[source]} GB)" if source in DOWNLOAD_GB else ""
+    return (
+        f"model '{name}' ({source}) is not in the local Hugging Face cache and downloads are off "
+        "(HF_HUB_OFFLINE=1 or --offline). Unset it to download on first use, or run on a machine with internet "
+        f"access: `hf download {source}`{size}, "
+        "or copy a checkpoint directory here and pass its path with --model /path/to/checkpoint. "
+        "To plan memory and latency without the weights, add --init random (quality is then not meaningful)."
+    )
 
 
 def offline_requested(offline: bool = False) -> bool:

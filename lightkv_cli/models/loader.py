@@ -20,6 +20,7 @@ from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for, supported_families
 from lightkv_cli.models.checkpoints import check_checkpoint_dir, damaged_checkpoint
+from lightkv_cli.models.hub import fetch_checkpoint, missing_message
 
 #: Short names for published checkpoints.
 ALIASES = {
@@ -31,14 +32,6 @@ ALIASES = {
 }
 #: Shipped configs (architecture only) so that ``--init random`` works offline for aliased models.
 _SHIPPED_CONFIGS = {source: source.replace("/", "__") + ".json" for source in ALIASES.values()}
-#: Approximate download size of each aliased checkpoint (for the missing-weights message), GB.
-_DOWNLOAD_GB = {
-    "llava-hf/llava-1.5-7b-hf": 14,
-    "llava-hf/llava-v1.6-vicuna-7b-hf": 14,
-    "llava-hf/llava-v1.6-mistral-7b-hf": 15,
-    "Qwen/Qwen2-VL-7B-Instruct": 17,
-    "Qwen/Qwen2.5-VL-7B-Instruct": 17,
-}
 #: ``config.model_type`` → (transformers class name, family label).
 _FAMILY_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
@@ -150,17 +143,6 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _missing_weights_message(name: str, source: str) -> str:
-    size = f" (about {_DOWNLOAD_GB[source]} GB)" if source in _DOWNLOAD_GB else ""
-    return (
-        f"model '{name}' ({source}) is not in the local Hugging Face cache and downloads are off "
-        "(HF_HUB_OFFLINE=1 or --offline). Unset it to download on first use, or run on a machine with internet "
-        f"access: `hf download {source}`{size}, "
-        "or copy a checkpoint directory here and pass its path with --model /path/to/checkpoint. "
-        "To plan memory and latency without the weights, add --init random (quality is then not meaningful)."
-    )
 
 
 def _family_class(model_type: str):
@@ -279,9 +261,7 @@ def load_model(
     if init == "pretrained":
         path = source
         if not local:
-            from lightkv_cli.models.hub import fetch_checkpoint
-
-            path = fetch_checkpoint(source, revision, offline, missing=_missing_weights_message(name, source))
+            path = fetch_checkpoint(source, revision, offline, missing=missing_message(name, source))
         loaded = _from_pretrained(name, path, dev, dt, "pretrained", weights_meaningful=True)
         if not local:
             loaded.source = source
@@ -425,7 +405,7 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
     except OSError:
         if local:
             raise
-        raise UserError(_missing_weights_message(name, source)) from None
+        raise UserError(missing_message(name, source)) from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise damaged_checkpoint(source, exc) from None
     cls = _family_class(config.model_type)
@@ -436,14 +416,14 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
     except OSError as exc:
         if local:
             raise damaged_checkpoint(source, exc) from None
-        raise UserError(_missing_weights_message(name, source)) from None
+        raise UserError(missing_message(name, source)) from None
     except Exception as exc:  # a truncated safetensors file, a shard that does not match its index, ...
         raise damaged_checkpoint(source, exc) from None
     try:
         processor = _load_processor(config.model_type, source)
     except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError) as exc:
         if not local:
-            raise UserError(_missing_weights_message(name, source)) from None
+            raise UserError(missing_message(name, source)) from None
         raise UserError(
             f"cannot load the tokenizer and processor of '{source}' ({type(exc).__name__}); copy the checkpoint's "
             "tokenizer and preprocessor files (tokenizer.json, tokenizer_config.json, preprocessor_config.json) "
