@@ -308,7 +308,7 @@ def greedy_generate(
     ctx = press(model) if press is not None else contextlib.nullcontext()
     decode_ms: list[float] = []
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
+    done = [False] * batch
     stopped: list[int | None] = [None] * batch
     cont_logits = followup_tokens = followup_logits = None
     with torch.inference_mode(), ctx, PeakMemory(device) as peak:
@@ -333,15 +333,8 @@ def greedy_generate(
         prompt_mask, prompt_last, prefill_lens = mask, last_pos, [layer.keys.shape[-2] for layer in cache.layers]
         fed_steps = 0
         for step in range(max_new_tokens):
-            ids = next_tok.cpu()
-            for b in range(batch):
-                if not done[b]:
-                    if int(ids[b]) in eos:
-                        done[b] = True
-                        stopped[b] = int(ids[b])
-                    else:
-                        tokens[b].append(int(ids[b]))
-            if bool(done.all()) or step == max_new_tokens - 1:
+            _take(next_tok.cpu().tolist(), tokens, done, stopped, eos)
+            if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             last_pos = last_pos + 1
@@ -393,6 +386,18 @@ def greedy_generate(
         followup_tokens=followup_tokens,
         followup_logits=followup_logits,
     )
+
+
+def _take(ids: list[int], tokens: list[list[int]], done: list[bool], stopped: list, eos: set[int]) -> None:
+    """Append one greedy step's token of every row still generating to ``tokens``; a row that emits an
+    end-of-sequence id stops (``done``) and records it in ``stopped`` (in place)."""
+    for b, t in enumerate(ids):
+        if done[b]:
+            continue
+        if t in eos:
+            done[b], stopped[b] = True, t
+        else:
+            tokens[b].append(t)
 
 
 def _cut_back(cache, lengths: Sequence[int]) -> None:
@@ -451,32 +456,26 @@ def _followup(
     ids = torch.tensor([c + [fill] * (M - len(c)) for c in chunks], dtype=torch.long, device=device)
     chunk_mask = torch.tensor([[1] * n + [0] * (M - n) for n in lens], dtype=mask.dtype, device=device)
     mask = torch.cat([mask, chunk_mask], dim=1)
-    before = torch.tensor([r for r in real], device=device).view(B, 1)  # tokens each row holds past its prompt
+    before = torch.tensor(real, device=device).view(B, 1)  # tokens each row holds past its prompt
     pos = last_pos + before + torch.arange(1, M + 1, device=device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **pass_cache, use_cache=True)
     last = torch.tensor([n - 1 for n in lens], device=device)
     logits = out.logits[torch.arange(B, device=device), last]
     nxt = _suppressed(logits, suppress).argmax(-1)
-    steps = [logits.float().cpu()]
+    steps = [logits.float()]  # kept on the device, copied to the host once at the end
     pos = last_pos + before + torch.tensor(lens, device=device).view(B, 1)  # each row's last position
     answers: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    done, ended = [False] * B, [None] * B
     for step in range(max_new_tokens):
-        ids_host = nxt.cpu().tolist()
-        for b in range(B):
-            if not done[b]:
-                if ids_host[b] in eos:
-                    done[b] = True
-                else:
-                    answers[b].append(ids_host[b])
+        _take(nxt.cpu().tolist(), answers, done, ended, eos)
         if all(done) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         pos = pos + 1
         out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, **pass_cache, use_cache=True)
-        steps.append(out.logits[:, -1].float().cpu())
+        steps.append(out.logits[:, -1].float())
         nxt = _suppressed(out.logits[:, -1], suppress).argmax(-1)
-    return answers, torch.stack(steps)
+    return answers, torch.stack(steps).cpu()
 
 
 def _suppressed(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
