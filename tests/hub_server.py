@@ -73,15 +73,9 @@ class FakeHub:
                 if not self._check(repo, rev):
                     return
                 files = sorted(p.name for p in hub.repos[repo].iterdir() if p.is_file())
-                payload = json.dumps(
-                    {"id": repo, "modelId": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(payload)
+                self._json(
+                    {"id": repo, "modelId": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}, body
+                )
 
             def _json(self, obj, body: bool):
                 payload = json.dumps(obj).encode()
