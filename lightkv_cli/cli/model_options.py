@@ -43,3 +43,14 @@ SystemPromptOpt = Annotated[
         "default prompt when the checkpoint has no template).",
     ),
 ]
+
+
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        metavar="auto|balanced|balanced_low_0|sequential",
+        help="Place a model larger than one device over all available devices with accelerate (CPU and disk "
+        "offload when they do not hold it).",
+    ),
+]

@@ -50,10 +50,11 @@ from lightkv_cli.cli.common import (
     threshold_overrides,
     write_reports_or_warn,
 )
-from lightkv_cli.cli.model_options import FollowupOpt, OfflineOpt, RevisionOpt, SystemPromptOpt
+from lightkv_cli.cli.model_options import DeviceMapOpt, FollowupOpt, OfflineOpt, RevisionOpt, SystemPromptOpt
 from lightkv_cli.cli.passes import BatchSizeOpt, TimingBatchOpt, TimingInputsOpt, pass_settings
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
+from lightkv_cli.models.placement import DEVICE_MAPS
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightkv_cli.engine.job import SweepRequest
@@ -232,6 +233,7 @@ def profile(
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     revision: RevisionOpt = None,
     offline: OfflineOpt = False,
+    device_map: DeviceMapOpt = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
     video: Annotated[
@@ -320,6 +322,7 @@ def profile(
         init=init,
         revision=revision,
         offline=offline,
+        device_map=_device_map(device_map),
         device=device,
         dtype=dtype,
         images=list(images or []),
@@ -364,6 +367,7 @@ def sweep(
     init: Annotated[str, typer.Option(help=InitHelp)] = "pretrained",
     revision: RevisionOpt = None,
     offline: OfflineOpt = False,
+    device_map: DeviceMapOpt = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
     methods: Annotated[
@@ -478,6 +482,7 @@ def sweep(
         init=init,
         revision=revision,
         offline=offline,
+        device_map=_device_map(device_map),
         device=device,
         dtype=dtype,
         images=list(images or []),
@@ -488,3 +493,14 @@ def sweep(
         command=command_line(ctx),
     )
     _execute_sweep(request, resume=resume, save_profile=save_profile, profiles_dir=profiles_dir)
+
+
+def _device_map(value: str | None) -> str | None:
+    """``--device-map``, checked: one of accelerate's strategies.
+
+    Raises:
+        UserError: another value.
+    """
+    if value is not None and value not in DEVICE_MAPS:
+        raise UserError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got '{value}'")
+    return value

@@ -69,6 +69,7 @@ class SweepRequest:
         dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
         revision: branch, tag or commit of a Hub id (``--revision``).
         offline: download nothing (``--offline``, or ``HF_HUB_OFFLINE=1``).
+        device_map: accelerate's placement over the available devices (``--device-map``), or None.
         images: image files and/or folders (:func:`~lightkv_cli.inputs.gather_inputs`).
         videos: videos (folders of frames or video files).
         prompt: the question asked about every image (exclusive with ``prompts``).
@@ -92,6 +93,7 @@ class SweepRequest:
     dtype: str = "auto"
     revision: str | None = None
     offline: bool = False
+    device_map: str | None = None
     images: Sequence[Path] = ()
     videos: Sequence[Path] = ()
     prompt: str | None = None
@@ -321,6 +323,8 @@ def _load_model(loader, request: SweepRequest) -> LoadedModel:
             kw["revision"] = request.revision
         if request.offline:
             kw["offline"] = True
+        if request.device_map is not None:
+            kw["device_map"] = request.device_map
         return loader.load_model(request.model, init=request.init, device=request.device, dtype=request.dtype, **kw)
     except OSError as exc:
         if exc.errno is None:  # transformers' own OSErrors (a missing file in a checkpoint) say enough

@@ -21,6 +21,7 @@ from lightkv_cli.errors import UserError
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for, supported_families
 from lightkv_cli.models.checkpoints import check_checkpoint_dir, damaged_checkpoint
 from lightkv_cli.models.hub import fetch_checkpoint, missing_message
+from lightkv_cli.models.placement import placed, placement_kwargs
 
 #: Short names for published checkpoints.
 ALIASES = {
@@ -221,6 +222,7 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     offline: bool = False,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load ``name`` for profiling.
 
@@ -234,6 +236,10 @@ def load_model(
         dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
         revision: branch, tag or commit of a Hub id (``--revision``); None: the default branch.
         offline: download nothing (``--offline``; also when ``HF_HUB_OFFLINE`` is set).
+        device_map: ``auto``, ``balanced``, ``balanced_low_0`` or ``sequential`` (``--device-map``), or an explicit
+            module → device mapping: the model is placed over the available devices by accelerate (CPU and
+            disk offload when they do not hold it); inputs go to the device of its input embeddings. None:
+            the whole model on ``device``.
 
     Raises:
         UserError: unknown model, weights not cached while offline, a download that fails (gated or missing
@@ -250,7 +256,7 @@ def load_model(
         from lightkv_cli.models.tiny import TINY_MODELS, ensure_tiny_checkpoint
 
         path = ensure_tiny_checkpoint(name=name)
-        loaded = _from_pretrained(name, str(path), dev, dt, "random", weights_meaningful=False)
+        loaded = _from_pretrained(name, str(path), dev, dt, "random", weights_meaningful=False, device_map=device_map)
         loaded.notes.append(
             f"{name}: embedded {TINY_MODELS[name][1].split(':')[0]} model with random weights; answers and quality "
             "figures are not meaningful, token counts, bytes and timings are real"
@@ -262,7 +268,7 @@ def load_model(
         path = source
         if not local:
             path = fetch_checkpoint(source, revision, offline, missing=missing_message(name, source))
-        loaded = _from_pretrained(name, path, dev, dt, "pretrained", weights_meaningful=True)
+        loaded = _from_pretrained(name, path, dev, dt, "pretrained", weights_meaningful=True, device_map=device_map)
         if not local:
             loaded.source = source
             loaded.notes.append(f"{name}: {source} from the Hugging Face cache ({Path(path).name[:12]})")
@@ -394,7 +400,7 @@ def _fallback_processor(config):
     return processor
 
 
-def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedModel:
+def _from_pretrained(name, source, dev, dt, init, weights_meaningful, device_map=None) -> LoadedModel:
     from transformers import AutoConfig
 
     local = Path(source).is_dir()
@@ -411,7 +417,12 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
     cls = _family_class(config.model_type)
     try:
         model = cls.from_pretrained(
-            source, local_files_only=True, dtype=dt, attn_implementation="sdpa", use_safetensors=True
+            source,
+            local_files_only=True,
+            dtype=dt,
+            attn_implementation="sdpa",
+            use_safetensors=True,
+            **placement_kwargs(device_map),
         )
     except OSError as exc:
         if local:
@@ -429,8 +440,8 @@ def _from_pretrained(name, source, dev, dt, init, weights_meaningful) -> LoadedM
             "tokenizer and preprocessor files (tokenizer.json, tokenizer_config.json, preprocessor_config.json) "
             "into it"
         ) from None
-    model = model.to(dev).eval()
-    return LoadedModel(name, source, model, processor, adapter_for(model), init, weights_meaningful, dev, dt)
+    model, dev, notes = placed(model, name, dev, device_map)
+    return LoadedModel(name, source, model, processor, adapter_for(model), init, weights_meaningful, dev, dt, notes)
 
 
 def _published_schedules() -> dict[str, dict]:
