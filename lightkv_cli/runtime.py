@@ -77,7 +77,9 @@ def cache_stats(cache, vision_tokens: int, record: CompressionRecord | None = No
 
     Without a record, or after an in-prefill method (``record.evicts_text`` False), layer 0 holds the
     whole prompt and every token a layer lost is a vision token (text is never touched), hence
-    ``vision held = held - text``, measured from the cache. After post-prefill eviction
+    ``vision held = held - text``, measured from the cache. A pre-LLM method removed
+    ``record.input_removed`` vision tokens before layer 0 (text untouched too), so the prompt's text is
+    ``held_0 + input_removed - vision``. After post-prefill eviction
     (``record.evicts_text`` True: text entries went too, per KV head) the vision entries each layer
     kept come from the record (its kept indices), and every layer processed the whole prompt.
 
@@ -106,7 +108,7 @@ def cache_stats(cache, vision_tokens: int, record: CompressionRecord | None = No
             layer_vision_tokens=list(record.layer_vision_tokens),
             processed_seq_lens=record.processed_seq_lens,
         )
-    text = lens[0] - vision_tokens
+    text = lens[0] + _input_removed(record) - vision_tokens
     return CacheStats(
         layer_seq_lens=lens,
         layer_bytes=sizes,
@@ -115,6 +117,11 @@ def cache_stats(cache, vision_tokens: int, record: CompressionRecord | None = No
         layer_vision_tokens=[n - text for n in lens],
         processed_seq_lens=list(lens),
     )
+
+
+def _input_removed(record: CompressionRecord | None) -> int:
+    """Vision tokens a pre-LLM method removed before layer 0 (0 without a record or for other methods)."""
+    return int(getattr(record, "input_removed", 0) or 0)
 
 
 def cache_stats_rows(
@@ -166,7 +173,7 @@ def cache_stats_rows(
             )
             continue
         held = [n - pad for n in lens]
-        text = held[0] - vision_tokens
+        text = held[0] + _input_removed(record) - vision_tokens
         out.append(
             CacheStats(
                 layer_seq_lens=held,

@@ -52,8 +52,9 @@ def methods_command() -> None:
     table.add_column("kind")
     table.add_column("schedules")
     table.add_column("what it does")
+    table.add_column("published setting (LLaVA-1.5-7B): actual R")
     for m in METHODS.values():
-        table.add_row(m.name, m.kind, "yes" if m.schedules else "no", m.summary)
+        table.add_row(m.name, m.kind, "yes" if m.schedules else "no", m.summary, m.published or "—")
     console.print(table)
     console.print(
         "Target retention R: in-prefill methods keep an average share R of the vision tokens over the layers; "

@@ -35,9 +35,13 @@ class CompressionRecord(Protocol):
             cached length of a layer no longer says how many vision tokens it holds (the record's
             :attr:`layer_vision_tokens` does); False when only vision tokens were removed, so
             ``vision held = held − text`` can be measured from the cache itself.
+        input_removed: vision tokens removed before decoder layer 0 (pre-LLM methods: the prompt the
+            decoder sees is ``S − input_removed`` long, so layer 0 no longer holds the whole prompt); 0
+            for every other method.
     """
 
     evicts_text: ClassVar[bool]
+    input_removed: int
 
     @property
     def seq_len(self) -> int: ...
@@ -66,7 +70,7 @@ class StageRecord:
     """What one reduction stage did during the last prefill.
 
     Attributes:
-        layer: the decoder layer after which the stage ran.
+        layer: the decoder layer after which the stage ran (−1: before layer 0, a pre-LLM method).
         seq_len_in, seq_len_out: sequence length before and after (same for every row).
         vision_in, vision_out: vision tokens per row before and after.
         guidance: ``(B, vision_in)`` float32 weights the stage used (None if the method uses none).
@@ -171,6 +175,8 @@ class PrefillRecord:
         grids: ``(rows, cols)`` of every grid of row 0 (see ``VisionLayout.grids``).
         special_tokens: never-merged vision tokens of row 0 (e.g. LLaVA-NeXT newlines).
         input_tokens_rows: per row, :attr:`input_tokens` of that row (row 0: :attr:`input_tokens`).
+        input_removed: vision tokens per row removed before decoder layer 0 (pre-LLM methods, whose one
+            stage has ``layer == -1``); 0 for methods that shorten the sequence inside the decoder.
 
     Row 0's fields (``input_tokens``, ``grids``, :attr:`per_image_retention`) describe the first row; the
     ``_rows`` fields (:attr:`input_tokens_rows`, :attr:`per_image_retention_rows`) every row, from the
@@ -191,6 +197,7 @@ class PrefillRecord:
     grids: list[tuple[int, int]] = field(default_factory=list)
     special_tokens: int = 0
     input_tokens_rows: list[list[int]] = field(default_factory=list)
+    input_removed: int = 0
     owners: list[int] | None = field(default=None, repr=False, compare=False)
     #: every row's layout (host), read by :meth:`to_host` for the per-row fields
     layouts: list | None = field(default=None, repr=False, compare=False)
@@ -306,6 +313,8 @@ class EvictionRecord:
 
     #: eviction removes text entries as well (see :class:`CompressionRecord`)
     evicts_text: ClassVar[bool] = True
+    #: prefill runs on the whole prompt
+    input_removed: ClassVar[int] = 0
 
     def __init__(
         self,

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: How a method compresses (shown by ``lightkv methods`` and in reports).
 KIND_MERGE, KIND_DROP, KIND_EVICT = "in-prefill merge", "in-prefill drop", "post-prefill eviction"
+#: Pre-LLM reduction: fewer vision tokens enter decoder layer 0 (every layer caches the same ``k``).
+KIND_PRE = "pre-LLM drop"
 
 #: ``build(model, *, target, schedule, positions) -> press``: exactly one of ``target`` (a retention
 #: ``R`` in ``(0, 1]``) and ``schedule`` (a :class:`Schedule`) is given.
@@ -38,13 +40,15 @@ class MethodInfo:
     Attributes:
         name: the name users type and results record.
         summary: one line for ``lightkv methods``, ``--help`` and reports.
-        kind: :data:`KIND_MERGE`, :data:`KIND_DROP` or :data:`KIND_EVICT`.
+        kind: :data:`KIND_MERGE`, :data:`KIND_DROP`, :data:`KIND_PRE` or :data:`KIND_EVICT`.
         build: ``build(model, *, target=None, schedule=None, positions="keep")`` → the press, for a
             target ``R`` or an explicit schedule (called by :func:`make_press`, which checks the
             arguments first); it sets ``expected_retention`` where it can be predicted and
             ``schedule_note``.
         guidance: LightKV guidance mode of this entry (None for other methods).
         schedules: whether the method runs explicit LightKV schedules (``--layers/--windows/--ratios``).
+        published: the published setting on LLaVA-1.5-7B and the average vision retention ``R`` it actually
+            gives (``shared/docs/METHODS.md`` §5.7); empty where no setting is published.
     """
 
     name: str
@@ -53,6 +57,7 @@ class MethodInfo:
     build: Build
     guidance: str | None = None
     schedules: bool = False
+    published: str = ""
 
     @property
     def target(self) -> str:
@@ -99,6 +104,36 @@ def _build_fastv(model, *, target=None, schedule=None, positions="keep"):
     return FastV.for_retention(target, model, positions=positions)
 
 
+def _build_dart(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.dart import DART
+
+    return DART.for_retention(target, model, positions=positions)
+
+
+def _build_pdrop(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.pdrop import PyramidDrop
+
+    return PyramidDrop.for_retention(target, model, positions=positions)
+
+
+def _build_divprune(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.divprune import DivPrune
+
+    return DivPrune.for_retention(target, model, positions=positions)
+
+
+def _build_downsample(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.downsample import Downsample
+
+    return Downsample.for_retention(target, model, positions=positions)
+
+
+def _build_visionzip(model, *, target=None, schedule=None, positions="keep"):
+    from lightkv_cli.methods.visionzip import VisionZip
+
+    return VisionZip.for_retention(target, model, positions=positions)
+
+
 def _matched_eviction(cls, target: float):
     """An eviction press whose KV budget matches an in-prefill method's at vision retention ``target``."""
     press = cls(match_retention=target)
@@ -128,6 +163,7 @@ METHODS: dict[str, MethodInfo] = {
             functools.partial(_build_lightkv, guidance="cross"),
             guidance="cross",
             schedules=True,
+            published="layers 12, 18, 24, windows 4-2-1, ratio 0.5: R = 0.574",
         ),
         MethodInfo(
             "lightkv-prompt",
@@ -156,6 +192,7 @@ METHODS: dict[str, MethodInfo] = {
             "FastV (ECCV 2024): drop the least-attended vision tokens before layer 2",
             KIND_DROP,
             _build_fastv,
+            published="K = 2, R = 50%: R = 0.531",
         ),
         MethodInfo(
             "snapkv",
@@ -169,6 +206,40 @@ METHODS: dict[str, MethodInfo] = {
             KIND_DROP,
             _build_random,
             schedules=True,
+        ),
+        MethodInfo(
+            "dart",
+            "DART (arXiv 2502.11494): after layer 1 keep pivot tokens and the vision tokens least duplicating them",
+            KIND_DROP,
+            _build_dart,
+            published="K = 2, 128 tokens (TOPK 16): R = 0.277",
+        ),
+        MethodInfo(
+            "pdrop",
+            "PyramidDrop (arXiv 2410.17247): drop the least-attended vision tokens in 3 stages, keeping λ, λ², λ³",
+            KIND_DROP,
+            _build_pdrop,
+            published="λ = 0.5 at layers 8, 16, 24: R = 0.469",
+        ),
+        MethodInfo(
+            "divprune",
+            "DivPrune (arXiv 2503.02175): before layer 0 keep each image's most diverse vision tokens (max-min cosine)",
+            KIND_PRE,
+            _build_divprune,
+            published="SUBSET_RATIO 0.098 (56 tokens): R = 0.097",
+        ),
+        MethodInfo(
+            "visionzip",
+            "VisionZip (arXiv 2412.04467): before layer 0 keep the tokens the [CLS] attends most, merge the rest",
+            KIND_PRE,
+            _build_visionzip,
+            published="54 dominant + 10 contextual (64 tokens): R = 0.111",
+        ),
+        MethodInfo(
+            "downsample",
+            "Downsampling baseline (ours, after VTC-Bench): average-pool each vision grid before layer 0",
+            KIND_PRE,
+            _build_downsample,
         ),
     )
 }
@@ -216,8 +287,9 @@ def make_press(
         positions: ``keep`` or ``renumber`` (in-prefill methods; eviction never moves positions).
 
     Returns:
-        A press (:class:`~lightkv_cli.methods.lightkv.LightKV`, ``RandomDrop``, ``FastV``, ``VLCache`` or
-        ``SnapKV``) with ``expected_retention`` set where it can be predicted.
+        A press (:class:`~lightkv_cli.methods.lightkv.LightKV`, ``RandomDrop``, ``FastV``, ``DART``,
+        ``PyramidDrop``, ``DivPrune``, ``VLCache`` or ``SnapKV``) with ``expected_retention`` set where it
+        can be predicted.
 
     Raises:
         UserError: an unknown method, a target the model cannot reach, a schedule given to a method

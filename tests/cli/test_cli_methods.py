@@ -20,6 +20,10 @@ def test_methods_lists_every_method_with_its_kind(runner):
     for m in METHODS.values():
         assert m.name in text and m.kind in text
     assert "equal KV bytes" in text
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "400"})  # wide: the published settings unwrapped
+    wide = _flat(result.output)
+    for name in ("visionzip", "dart", "divprune", "pdrop", "fastv", "lightkv"):
+        assert METHODS[name].published and METHODS[name].published.split("R = ")[-1] in wide, name
 
 
 def test_sweep_compares_all_methods_at_equal_kv_bytes(runner, tmp_path, two_images):

@@ -120,8 +120,10 @@ def test_batched_quality_pass_equals_batch_one(family):
             ("Is there a cup?", "skimage_chelsea.png"),
         ],
     )
-    methods = ["lightkv", "fastv", "random", "vlcache", "snapkv"]
-    common = dict(methods=methods, retentions=[1.0, 0.5], max_new_tokens=4, repeats=1, warmup=0, timing_inputs=1)
+    methods = ["lightkv", "fastv", "random", "vlcache", "snapkv", "divprune", "downsample"]
+    # 0.45, not 0.5: at 0.5 FastV's 71st and 72nd scores of tiny-qwen2-vl's first input tie exactly in float32
+    # (torch 2.14), so one ulp of batched rounding decides which is kept; an exact tie is no decision to compare
+    common = dict(methods=methods, retentions=[1.0, 0.45], max_new_tokens=4, repeats=1, warmup=0, timing_inputs=1)
     alone = Sweep(lm, inputs, SweepSettings(batch_size=1, **common)).run()
     batched = Sweep(lm, inputs, SweepSettings(batch_size=3, **common)).run()
     assert batched["quality_pass"]["batch_size"] == 3

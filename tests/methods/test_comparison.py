@@ -12,11 +12,11 @@ from test_lightkv import _generate
 from tiny_families import evicted_prompt_masks
 
 from lightkv_cli import LightKV
-from lightkv_cli.errors import UserError
+from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.fastv import FastV
 from lightkv_cli.methods.merging import merges_per_window, window_ids
 from lightkv_cli.methods.random_drop import RandomDrop
-from lightkv_cli.methods.registry import KIND_DROP, KIND_EVICT, KIND_MERGE, METHODS, make_press
+from lightkv_cli.methods.registry import KIND_DROP, KIND_EVICT, KIND_MERGE, KIND_PRE, METHODS, make_press
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache, layer_budgets
 from lightkv_cli.runtime import cache_stats
@@ -78,7 +78,7 @@ SHIPPED = {
 
 def test_registry_names_and_kinds():
     assert [m for m in METHODS if m in SHIPPED] == list(SHIPPED)  # all shipped, in this order
-    assert {m.kind for m in METHODS.values()} <= {KIND_MERGE, KIND_DROP, KIND_EVICT}
+    assert {m.kind for m in METHODS.values()} <= {KIND_MERGE, KIND_DROP, KIND_PRE, KIND_EVICT}
     shipped = [METHODS[m] for m in SHIPPED]
     assert {m.name for m in shipped if m.kind == KIND_EVICT} == {"vlcache", "snapkv"}
     assert {m.name for m in shipped if m.schedules} == {"lightkv", "lightkv-prompt", "lightkv-uniform", "random"}
@@ -356,7 +356,8 @@ def test_eviction_parameters_are_validated(bad):
 
 @pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen2-vl"])
 def test_every_method_runs_on_the_other_families(name, images):
-    """Each method compresses LLaVA-NeXT and Qwen2-VL prompts to comparable KV bytes at one target."""
+    """Each method compresses LLaVA-NeXT and Qwen2-VL prompts to comparable KV bytes at one target
+    (VisionZip, defined for LLaVA-1.5 only, refuses them)."""
     from lightkv_cli.models.loader import load_model
     from lightkv_cli.runtime import greedy_generate
 
@@ -366,7 +367,12 @@ def test_every_method_runs_on_the_other_families(name, images):
     n = int(t.adapter.vision_mask(inputs["input_ids"]).sum())
     ref = greedy_generate(t.model, inputs, n, 3, None)
     for method in METHODS:
-        got = greedy_generate(t.model, inputs, n, 3, None, press=make_press(method, t.model, target=0.55))
+        press = make_press(method, t.model, target=0.55)
+        if method == "visionzip":
+            with pytest.raises(UnsupportedInputError, match=r"LLaVA-1\.5 only"):
+                greedy_generate(t.model, inputs, n, 3, None, press=press)
+            continue
+        got = greedy_generate(t.model, inputs, n, 3, None, press=press)
         ratio = got.cache.total_bytes / ref.cache.total_bytes
         assert 0.5 < ratio < 0.8, (method, ratio)
         assert got.cache.vision_retention < 0.85, method

@@ -1,0 +1,141 @@
+"""DivPrune: keep the most diverse vision tokens of each image, before the decoder.
+
+Implements "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models" (Alvar et al.,
+CVPR 2025, arXiv 2503.02175) from its definition in ``shared/docs/METHODS.md`` §5.3 (not from the
+authors' code, whose limits — batch 1, a hard-coded system-prompt length, configuration through
+environment variables, the O(k²n) recomputation — are not reproduced).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightkv_cli.errors import UserError
+from lightkv_cli.methods.base import POSITION_MODES
+from lightkv_cli.methods.prellm import InputPress
+from lightkv_cli.methods.vision import compact
+
+#: The published setting (``SUBSET_RATIO``): 56 of LLaVA-1.5's 576 tokens, actual R = 0.097.
+PUBLISHED_RATIO = 0.098
+#: Distance entries computed at once when looking for the first token (bounds the memory of that step).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min diversity selection of ``k`` of ``m`` tokens, for every batch row at once.
+
+    With ``D_ij = 1 − cos(x_i, x_j)`` (float32): ``s₀ = argmax_j min_{i≠j} D_ij``, then
+    ``s_t = argmax_{j∉S} min_{i∈S} D_ij``, the minimum kept as a running ``(B, m)`` vector updated with one
+    row ``D[s_t]`` per step (O(k·m·D) work, O(m) memory per row after the first step; the first step
+    reads every ``D_ij`` in column chunks, never ``k×m×m``). Ties go to the lowest index.
+
+    Args:
+        features: ``(B, m, D)`` one visual input's token features (any float dtype).
+        k: tokens to keep, ``1 ≤ k``; ``k ≥ m`` keeps all.
+
+    Returns:
+        ``(B, k)`` long indices into ``m``, ascending (all ``m`` when ``k ≥ m``). No host read.
+    """
+    B, m, _ = features.shape
+    device = features.device
+    if k >= m:
+        return torch.arange(m, device=device).expand(B, -1).clone()
+    x = F.normalize(features.float(), dim=-1)  # (B, m, D)
+    col_min = torch.empty(B, m, device=device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * m))
+    for a in range(0, m, step):
+        c = min(step, m - a)
+        d = 1.0 - torch.matmul(x, x[:, a : a + c].transpose(1, 2))  # (B, m, c): D[i, j] for j in the chunk
+        d[:, torch.arange(a, a + c, device=device), torch.arange(c, device=device)] = float("inf")  # i == j
+        col_min[:, a : a + c] = d.amin(dim=1)
+    chosen = torch.zeros(B, m, dtype=torch.bool, device=device)
+    s = col_min.argmax(dim=1)  # (B,)
+    run = torch.full((B, m), float("inf"), device=device)
+    rows = torch.arange(B, device=device)
+    for t in range(k):
+        chosen[rows, s] = True
+        if t == k - 1:
+            break
+        row = 1.0 - torch.matmul(x, x[rows, s].unsqueeze(-1)).squeeze(-1)  # (B, m): D[s, j]
+        run = torch.minimum(run, row)
+        s = run.masked_fill(chosen, float("-inf")).argmax(dim=1)
+    return compact(chosen, k)
+
+
+@dataclass
+class DivPrune(InputPress):
+    """DivPrune (arXiv 2503.02175): before decoder layer 0, keep the ``k = round(R·m)`` most diverse of
+    each visual input's ``m`` vision tokens, drop the rest.
+
+    For each image (or video) of each row, ``X`` = its ``(m, D)`` projector outputs as the decoder would
+    receive them (special tokens such as LLaVA-NeXT's newlines or a CLS token are not candidates and are
+    always kept); the kept tokens are the greedy max-min selection of :func:`max_min_select` on
+    ``D_ij = 1 − cos(X_i, X_j)``, in sequence order. ``k = round(R·m)`` with Python's ``round`` (at least
+    1). Every layer caches ``k`` of the ``m`` tokens, so the retention is ``R ≈ k/m`` (special tokens count
+    as kept). The published setting is ``SUBSET_RATIO = 0.098``: 56 of LLaVA-1.5's 576 tokens, actual
+    ``R = 0.097``. Prefill compute falls in every decoder layer; the vision tower runs unchanged.
+
+    Args:
+        subset_ratio: ``R``, the share of each input's droppable tokens kept, in ``(0, 1]`` (0.098 in the
+            paper; 1 keeps everything).
+        positions: ``"keep"`` (default: kept tokens keep their positions, Qwen's their M-RoPE ids) or
+            ``"renumber"`` (contiguous positions, as the published LLaVA code; 1-D RoPE families only).
+
+    Attributes:
+        expected_retention: predicted average vision retention (:meth:`predict`, :meth:`for_retention`).
+        schedule_note: how :meth:`for_retention` chose the ratio.
+
+    Raises:
+        UserError: ``subset_ratio`` outside ``(0, 1]`` or an unknown ``positions``.
+    """
+
+    subset_ratio: float = PUBLISHED_RATIO
+    positions: str = "keep"
+    expected_retention: float | None = field(default=None, compare=False)
+    schedule_note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        self.subset_ratio = float(self.subset_ratio)
+        if math.isnan(self.subset_ratio) or not (0.0 < self.subset_ratio <= 1.0):
+            raise UserError(f"DivPrune subset_ratio must be in (0, 1], got {self.subset_ratio}")
+        if self.positions not in POSITION_MODES:
+            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+
+    def describe(self) -> dict:
+        """Parameters for results files."""
+        return {
+            "subset_ratio": round(self.subset_ratio, 6),
+            "positions": self.positions,
+            "schedule_note": self.schedule_note,
+        }
+
+    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
+        """``round(R·m)``, at least 1 (``m`` when ``R = 1``; 0 when ``m = 0``)."""
+        if m <= 0:
+            return 0
+        return m if self.subset_ratio >= 1.0 else min(m, max(1, round(self.subset_ratio * m)))
+
+    def select(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """The greedy max-min selection (:func:`max_min_select`)."""
+        return max_min_select(features, k)
+
+    @classmethod
+    def for_retention(cls, retention: float, model: nn.Module, positions: str = "keep") -> DivPrune:
+        """DivPrune keeping the share ``retention`` of each input's tokens in every layer
+        (``SUBSET_RATIO = R``; the measured ``R`` differs from it by rounding only).
+
+        Raises:
+            UserError: ``retention`` outside ``(0, 1]``.
+        """
+        if math.isnan(retention) or not (0.0 < retention <= 1.0):
+            raise UserError(f"retention must be in (0, 1], got {retention}")
+        press = cls(subset_ratio=round(retention, 9), positions=positions)
+        press.predict(model)
+        press.schedule_note = f"SUBSET_RATIO {press.subset_ratio:g} before layer 0, for target {retention:g}"
+        return press
