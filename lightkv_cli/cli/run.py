@@ -52,6 +52,7 @@ from lightkv_cli.cli.common import (
 )
 from lightkv_cli.cli.model_options import DeviceMapOpt, FollowupOpt, OfflineOpt, RevisionOpt, SystemPromptOpt
 from lightkv_cli.cli.passes import BatchSizeOpt, TimingBatchOpt, TimingInputsOpt, pass_settings
+from lightkv_cli.cli.ray_options import RayAddressOpt, RayOpt, WorkersOpt, ray_options
 from lightkv_cli.demo_model import DEMO_NAME
 from lightkv_cli.errors import UserError
 from lightkv_cli.models.placement import DEVICE_MAPS
@@ -429,6 +430,9 @@ def sweep(
     resume: ResumeOpt = False,
     save_profile: SaveProfileOpt = None,
     profiles_dir: ProfilesDirOpt = Path("profiles"),
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Sweep methods × schedules × target retentions; report, recommend and optionally save an operating point."""
     from lightkv_cli.engine.job import SweepRequest
@@ -437,6 +441,7 @@ def sweep(
     from lightkv_cli.methods.schedule import Schedule
     from lightkv_cli.scoring.thresholds import Thresholds
 
+    on_ray = ray_options(ray, ray_address, workers, device_map)
     cfg = ctx.meta.get(_CONFIG_KEY)  # the --config file's tables; its options are in the defaults already
     thresholds = Thresholds()
     if cfg is not None and cfg.thresholds is not None:  # decide_on left out of the table keeps the default
@@ -491,6 +496,7 @@ def sweep(
         limit=limit,
         output=output,
         command=command_line(ctx),
+        ray=on_ray,
     )
     _execute_sweep(request, resume=resume, save_profile=save_profile, profiles_dir=profiles_dir)
 

@@ -25,6 +25,7 @@ from lightkv_cli.errors import LightKVError, UserError
 from lightkv_cli.files import OutputLock, describe_os_error, move_aside_numbered, remove_stale_temp_files
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lightkv_cli.engine.distributed import RayOptions
     from lightkv_cli.engine.plan import SweepSettings
     from lightkv_cli.engine.sweep import Sweep
     from lightkv_cli.inputs import Inputs
@@ -84,6 +85,8 @@ class SweepRequest:
         lock: the output folder's lock, when the caller holds it for longer than the sweep (to write
             the reports under it): :func:`run_sweep` acquires it and leaves releasing it to the caller.
             None: :func:`run_sweep` locks ``output`` itself for the duration of the sweep.
+        ray: spread the runs over the workers of a Ray cluster (:mod:`lightkv_cli.engine.distributed`);
+            None: run them here, one after the other.
     """
 
     settings: SweepSettings
@@ -104,6 +107,7 @@ class SweepRequest:
     backup: bool = True
     command: str = ""
     lock: OutputLock | None = None
+    ray: RayOptions | None = None
 
     @property
     def results_path(self) -> Path | None:
@@ -203,8 +207,13 @@ def run_sweep(request: SweepRequest, events: SweepEvents | None = None) -> dict:
         SweepInterrupted: Ctrl-C (or a signal raised as ``KeyboardInterrupt``) during the sweep (the
             finished runs are kept).
         SweepFailed: the uncompressed reference ran out of memory (recorded), the results file cannot
-            be written, the model does not fit or its cache cannot be written.
+            be written, the model does not fit or its cache cannot be written; with ``request.ray``, every
+            Ray worker died (the finished runs are kept).
         RuntimeError: the uncompressed reference failed otherwise (a bug: its traceback says where).
+
+    With ``request.ray`` the runs are spread over Ray workers (:mod:`lightkv_cli.engine.distributed`):
+    ``events`` hear the same as from a serial sweep, except :meth:`SweepEvents.model_loaded` (the model is
+    loaded on the workers, not here), and progress comes once per finished run or timing round.
     """
     if request.lock is None and request.output is not None:
         with OutputLock(request.output, command=request.command) as own:
@@ -213,17 +222,55 @@ def run_sweep(request: SweepRequest, events: SweepEvents | None = None) -> dict:
 
 
 def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
-    from lightkv_cli.engine.prepare import fit_inputs, prepare_inputs
     from lightkv_cli.engine.sweep import Sweep
-    from lightkv_cli.inputs import IMAGE_EXTENSIONS, gather_inputs
-    from lightkv_cli.methods.registry import METHODS
-    from lightkv_cli.models import loader
 
     settings = request.settings
     if request.previous is not None:  # before anything loads: settings that would mix runs
         from lightkv_cli.results import check_resume
 
         check_resume(request.previous, settings.to_dict(), request.results_path)
+    got = read_inputs(request, events)
+    if request.output is not None:
+        check_output_dir(request.output)
+        note = request.lock.acquire() if request.lock is not None else None
+        if note:
+            events.note(note)
+        remove_stale_temp_files(request.output, OUTPUT_FILES)
+    if request.ray is not None:
+        from lightkv_cli.engine.distributed import run_distributed
+
+        return run_distributed(request, got, events)
+    prepared = load_prepared(request, got, events)
+    results_path = request.results_path
+    sweep = Sweep(
+        prepared.loaded,
+        prepared.inputs,
+        settings,
+        command=request.command,
+        skipped=prepared.skipped,
+        results_path=results_path,
+        previous=request.previous,
+    )
+    moved = move_aside_earlier(request)
+    events.ready(sweep, moved[0] if moved else None)
+    sweep.on_progress = events.progress
+    sweep.on_phase = events.phase
+    sweep.on_note = events.note
+    try:
+        with events.running():
+            return sweep.run()
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted(sweep.results, getattr(exc, "signum", 2), moved) from None
+
+
+def read_inputs(request: SweepRequest, events: SweepEvents) -> Inputs:
+    """Gather the inputs of ``request`` (:func:`~lightkv_cli.inputs.gather_inputs`) and tell ``events``.
+
+    Raises:
+        UserError: no image among them, or none could be read.
+    """
+    from lightkv_cli.inputs import IMAGE_EXTENSIONS, gather_inputs
+
     got = gather_inputs(
         list(request.images), prompt=request.prompt, prompts=request.prompts, limit=request.limit, videos=request.videos
     )
@@ -237,12 +284,39 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
     events.inputs_read(got)
     if not got.items:
         raise UserError("nothing could be processed: no readable image among the inputs (see the skipped lines above)")
-    if request.output is not None:
-        check_output_dir(request.output)
-        note = request.lock.acquire() if request.lock is not None else None
-        if note:
-            events.note(note)
-        remove_stale_temp_files(request.output, OUTPUT_FILES)
+    return got
+
+
+@dataclass
+class Prepared:
+    """The model a sweep runs on and its model inputs (:func:`load_prepared`).
+
+    Attributes:
+        loaded: the model.
+        inputs: the prepared inputs that fit the model (:class:`~lightkv_cli.engine.prepare.ProfileInput`).
+        skipped: ``{"path", "reason"}`` of the inputs left out (unreadable, or too long for the model).
+    """
+
+    loaded: LoadedModel
+    inputs: list
+    skipped: list[dict]
+
+
+def load_prepared(request: SweepRequest, got: Inputs, events: SweepEvents) -> Prepared:
+    """Load the model of ``request`` and prepare ``got`` for it (the follow-up question, the system prompt,
+    the inputs that fit, the words out of the tokenizer's vocabulary), telling ``events``: what the serial
+    sweep and every worker of a distributed one (:mod:`lightkv_cli.engine.distributed`) do first.
+
+    Raises:
+        SweepInterrupted: Ctrl-C while the model loads or the inputs are prepared (nothing was run).
+        SweepFailed: the model or the inputs do not fit in memory, its cache cannot be written.
+        UserError: an unknown model (:func:`~lightkv_cli.models.loader.load_model`).
+    """
+    from lightkv_cli.engine.prepare import fit_inputs, prepare_inputs
+    from lightkv_cli.methods.registry import METHODS
+    from lightkv_cli.models import loader
+
+    settings = request.settings
     try:
         with events.loading_model(request.model):
             lm = _load_model(loader, request)
@@ -271,34 +345,27 @@ def _run_sweep(request: SweepRequest, events: SweepEvents) -> dict:
     for s in unfit:
         events.input_skipped(f"skipped {s.path.name}: {s.reason}")
     _flag_out_of_vocabulary(lm, inputs, events)
-    results_path = request.results_path
-    sweep = Sweep(
-        lm,
-        inputs,
-        settings,
-        command=request.command,
-        skipped=[{"path": str(s.path), "reason": s.reason} for s in [*got.skipped, *unfit]],
-        results_path=results_path,
-        previous=request.previous,
-    )
-    moved: list[Path] = []
-    if results_path is not None and request.previous is None and request.backup:
-        try:
-            moved = move_aside_numbered(results_path.parent, OUTPUT_FILES)
-        except OSError as exc:
-            raise SweepFailed(
-                f"{describe_os_error(exc, 'move aside the earlier results')}; nothing was run "
-                "(give another --output, or --resume to continue the earlier sweep)"
-            ) from None
-    events.ready(sweep, moved[0] if moved else None)
-    sweep.on_progress = events.progress
-    sweep.on_phase = events.phase
-    sweep.on_note = events.note
+    skipped = [{"path": str(s.path), "reason": s.reason} for s in [*got.skipped, *unfit]]
+    return Prepared(lm, inputs, skipped)
+
+
+def move_aside_earlier(request: SweepRequest) -> list[Path]:
+    """When ``request`` starts a new sweep (no ``previous``) with ``backup``, move the output folder's earlier
+    results and reports to numbered backups; return where they went.
+
+    Raises:
+        SweepFailed: they cannot be moved (nothing was run).
+    """
+    path = request.results_path
+    if path is None or request.previous is not None or not request.backup:
+        return []
     try:
-        with events.running():
-            return sweep.run()
-    except KeyboardInterrupt as exc:
-        raise SweepInterrupted(sweep.results, getattr(exc, "signum", 2), moved) from None
+        return move_aside_numbered(path.parent, OUTPUT_FILES)
+    except OSError as exc:
+        raise SweepFailed(
+            f"{describe_os_error(exc, 'move aside the earlier results')}; nothing was run "
+            "(give another --output, or --resume to continue the earlier sweep)"
+        ) from None
 
 
 def _flag_out_of_vocabulary(lm: LoadedModel, inputs: list, events: SweepEvents) -> None:

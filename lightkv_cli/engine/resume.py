@@ -90,3 +90,13 @@ class Resume:
         self._timings = timings
         self.results["timing_pass"]["rounds_done"] = done
         self.results["timing_pass"]["order"] = list(timing_pass.get("order") or [])[:done]
+
+    def continue_timing(self, runs: list[dict], timing_pass: dict) -> None:
+        """Take over the timing pass of another process's results (a distributed sweep's driver: ``runs``,
+        every run of the sweep, and its ``timing_pass`` section): the finished rounds' samples are kept as
+        a resumed sweep keeps them, so :meth:`timing_rounds` continues with the next round."""
+        self.results["runs"] = runs
+        self.results["timing_pass"]["rounds_done"] = 0
+        self.results["timing_pass"]["order"] = []
+        self._timings = {}
+        self._adopt_timings(timing_pass, runs)

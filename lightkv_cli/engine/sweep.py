@@ -59,6 +59,7 @@ from lightkv_cli.runtime import OWN, CacheStats, GenerationResult, greedy_genera
 from lightkv_cli.scoring.continuation import ContinuationScores, ReferenceContinuation, continuation_scores
 from lightkv_cli.scoring.fidelity import exact_match
 from lightkv_cli.scoring.recommend import recommend
+from lightkv_cli.scoring.thresholds import Thresholds
 
 #: Quality-pass batch size when ``settings.batch_size`` is None, on a CPU.
 CPU_BATCH_SIZE = 8
@@ -236,17 +237,7 @@ class Sweep(Summaries, Resume, TimingPass):
         """
         self.on_phase("quality", self.total_steps)
         if self.pending and self.pending[0].press is not None:
-            # Resumed after the reference finished: recompute its answers and logits (not recorded again).
-            oom = None
-            try:
-                self._reference = self._quality(self.runs[0])
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                oom = out_of_memory_text(exc)
-            if oom is not None:
-                free_memory(self.loaded.device)
-                raise SweepFailed(self._reference_oom(oom, recomputed=True), self.results)
+            self.recompute_reference()
         for spec in self.pending:
             run = self._run_one(spec)
             self.results["runs"].append(run)
@@ -258,40 +249,57 @@ class Sweep(Summaries, Resume, TimingPass):
         self._finish_run()
         return self.results
 
+    def recompute_reference(self) -> None:
+        """Recompute the uncompressed reference's answers and logits for a resumed sweep whose reference
+        finished (they are not recorded again): every other run is scored against them.
+
+        Raises:
+            SweepFailed: the reference ran out of memory.
+        """
+        oom = None
+        try:
+            self._reference = self._quality(self.runs[0])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            oom = out_of_memory_text(exc)
+        if oom is not None:
+            free_memory(self.loaded.device)
+            raise SweepFailed(self._reference_oom(oom, recomputed=True), self.results)
+
+    @property
+    def reference(self) -> dict[str, _InputOutcome]:
+        """The uncompressed reference's outcomes per input id (empty until it ran or was recomputed)."""
+        return self._reference
+
+    def use_reference(self, outcomes: dict[str, _InputOutcome]) -> None:
+        """Score the runs to come against ``outcomes``, the uncompressed reference measured elsewhere (by
+        another worker of a distributed sweep, on the same model and inputs)."""
+        self._reference = outcomes
+
+    def run_quality(self, spec: RunSpec) -> dict:
+        """The quality pass of ``spec`` as its ``runs[]`` entry, not yet added to the results; a failure is
+        recorded with ``status: "oom"`` or ``"error"`` (the reference's outcomes are kept for scoring).
+
+        Raises:
+            Exception: what the uncompressed reference raised, other than running out of memory.
+        """
+        return self._run_one(spec)
+
+    def failed_run(self, spec: RunSpec, error: str) -> dict:
+        """The ``runs[]`` entry of ``spec`` recorded with ``status: "error"`` and ``error``, without running it
+        (a distributed sweep's run whose workers died)."""
+        return self._summarise(spec, {}, "error", error)
+
     def _reference_oom(self, text: str, recomputed: bool = False) -> str:
         """The line that says the uncompressed reference does not fit, and what to try."""
-        where = str(self.loaded.device)
-        recorded = (
-            f"; recorded in {self.results_path}"
-            if self.results_path is not None and self._written_runs is not None and not recomputed
-            else ""
-        )
-        what = "recomputing the uncompressed reference to resume" if recomputed else "the uncompressed reference run"
-        return f"{what} on {where} ran {text}; nothing can be compared without it; {OOM_ADVICE}{recorded}"
+        recorded = self.results_path if self._written_runs is not None and not recomputed else None
+        return reference_oom_text(str(self.loaded.device), text, recorded, recomputed)
 
     def _finish_run(self) -> None:
-        runs = self.results["runs"]
-        base = next((r for r in runs if r.get("method") == "uncompressed" and r.get("status") == "ok"), None)
-        if base is not None:
-            for r in runs:
-                if r.get("status") == "ok":
-                    _add_ratios(r, base)
-        self.results["recommendation"] = recommend(runs, self.settings.thresholds)
-        if self.results_path is None:
-            return
-        try:
-            write_json_atomic(self.results_path, self.results)
-        except OSError as exc:
-            if self._written_runs is None:
-                kept = "nothing was written"
-            else:
-                kept = f"it keeps the {self._written_runs} run(s) written before"
-            hint = os_error_hint(exc)
-            fix = f"{hint} and continue with --resume" if hint else "continue with --resume once it can be written"
-            raise SweepFailed(
-                f"{describe_os_error(exc, path=self.results_path)}; {kept}; {fix}", self.results
-            ) from None
-        self._written_runs = len(runs)
+        self._written_runs = finish_results(
+            self.results, self.settings.thresholds, self.results_path, self._written_runs
+        )
 
     def _generate(self, spec: RunSpec, indices: Sequence[int], scoring: bool = False) -> tuple[GenerationResult, Batch]:
         """One greedy generation of the left-padded batch of ``self.inputs[i]`` for ``i`` in ``indices``; with
@@ -419,6 +427,50 @@ class Sweep(Summaries, Resume, TimingPass):
         if spec.press is None:
             self._reference = outcomes
         return self._summarise(spec, outcomes, status, error)
+
+
+def finish_results(results: dict, thresholds: Thresholds, path: Path | None, written: int | None) -> int | None:
+    """Bring ``results`` up to date after a run (or timing round) finished: every ``ok`` run's ratios to
+    the uncompressed run, the recommendation (:func:`~lightkv_cli.scoring.recommend.recommend` under
+    ``thresholds``), and, with ``path``, the atomic write of ``results`` there. No model is needed: a
+    distributed sweep's driver keeps its results file with this.
+
+    Args:
+        written: the runs the file held after its last write (None: never written), for the message of a
+            failed write.
+
+    Returns:
+        The runs the file now holds (``written`` when ``path`` is None).
+
+    Raises:
+        SweepFailed: the file cannot be written (its message names the path, the errno and the fix).
+    """
+    runs = results["runs"]
+    base = next((r for r in runs if r.get("method") == "uncompressed" and r.get("status") == "ok"), None)
+    if base is not None:
+        for r in runs:
+            if r.get("status") == "ok":
+                _add_ratios(r, base)
+    results["recommendation"] = recommend(runs, thresholds)
+    if path is None:
+        return written
+    try:
+        write_json_atomic(path, results)
+    except OSError as exc:
+        kept = "nothing was written" if written is None else f"it keeps the {written} run(s) written before"
+        hint = os_error_hint(exc)
+        fix = f"{hint} and continue with --resume" if hint else "continue with --resume once it can be written"
+        raise SweepFailed(f"{describe_os_error(exc, path=path)}; {kept}; {fix}", results) from None
+    return len(runs)
+
+
+def reference_oom_text(device: str, text: str, recorded: Path | None = None, recomputed: bool = False) -> str:
+    """The line that says the uncompressed reference does not fit on ``device`` (it ran ``text``: out of
+    memory, :func:`~lightkv_cli.measure.memory.out_of_memory_text`), and what to try; ``recorded``: the
+    results file that records it; ``recomputed``: it was recomputed to resume."""
+    where = f"; recorded in {recorded}" if recorded is not None else ""
+    what = "recomputing the uncompressed reference to resume" if recomputed else "the uncompressed reference run"
+    return f"{what} on {device} ran {text}; nothing can be compared without it; {OOM_ADVICE}{where}"
 
 
 def _add_ratios(run: dict, base: dict) -> None:

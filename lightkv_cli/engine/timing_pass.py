@@ -10,6 +10,7 @@ inputs, settings, runs, results and generation) kept in its own module so each s
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -47,6 +48,13 @@ class TimingPass:
     def _timing_pass(self) -> None:
         """Warm-up, then the remaining rounds of the timing pass (module docstring); the results are
         written after every round."""
+        for _ in self.timing_rounds():
+            pass
+
+    def timing_rounds(self) -> Iterator[int]:
+        """The timing pass one round at a time: warm-up before the first round, then each remaining round,
+        after which the results are brought up to date (written when the sweep has a results file) and the
+        rounds done so far are yielded. Yields nothing when no round is left or no run can be timed."""
         tp = self.results["timing_pass"]
         by_id = {r["id"]: r for r in self.results["runs"]}
         specs = [s for s in self.runs if by_id.get(s.id, {}).get("status") == "ok"]
@@ -86,6 +94,7 @@ class TimingPass:
             tp["rounds_done"] = r + 1
             self._apply_timings()
             self._finish_run()
+            yield r + 1
 
     def _timed(self, spec: RunSpec, t: _Timing, u: int, keep: bool = True) -> None:
         """One timed generation of unit ``u`` (``t.units[u]``) for run ``spec``, its times appended to
