@@ -57,8 +57,9 @@ class DART(SequencePress):
             None keeps every vision token (no stage runs). Ignored when ``budget`` is set.
         budget: share of each input's vision tokens kept in layers ``≥ K``, in ``(0, 1]`` (the authors'
             Qwen code: ``1 − reduction_ratio``); each prefill then uses
-            ``topk = max(0, ⌊(budget·n − special − 4)/8⌋)`` for its own ``n`` (dynamic-resolution inputs
-            keep the same share whatever their size); 1 keeps everything. None: use ``topk``.
+            ``topk = max(0, ⌊(budget·n − special − 4)/8 + ½⌋)`` (the nearest count) for its own ``n``
+            (dynamic-resolution inputs keep the same share whatever their size); 1 keeps everything. None:
+            use ``topk``.
         positions: ``"keep"`` (default, as the paper) or ``"renumber"`` (1-D RoPE families only).
 
     Attributes:
@@ -127,7 +128,7 @@ class DART(SequencePress):
             return None
         if self.budget is None:
             return self.topk
-        return max(0, math.floor((self.budget * n - special - PIVOTS) / (2 * PIVOTS) + _FLOOR_EPS))
+        return max(0, math.floor((self.budget * n - special - PIVOTS) / (2 * PIVOTS) + 0.5 + _FLOOR_EPS))
 
     def kept(self, n: int, special: int = 0) -> int:
         """Droppable vision tokens a row of ``n`` (``special`` never dropped) keeps: ``4 + 8·TOPK``, or all
@@ -164,8 +165,10 @@ class DART(SequencePress):
         """DART at layer ``K`` keeping the share of vision tokens that gives average retention ``retention``.
 
         ``k = (R·L − K)·n/(L − K)`` vision tokens in layers ``≥ K``, i.e. ``budget = (R·L − K)/(L − K)``,
-        applied to each input's ``n``: ``topk = ⌊(k − special − 4)/8⌋`` (``special``: never-dropped
-        tokens, 0 for LLaVA-1.5), so the measured ``R`` is at most the target. ``R = 1`` keeps everything.
+        applied to each input's ``n``: ``topk = ⌊(k − special − 4)/8 + ½⌋`` (``special``: never-dropped
+        tokens, 0 for LLaVA-1.5), the nearest of DART's counts ``4 + 8·TOPK``, so the measured ``R`` is within
+        ``4·(L − K)/(L·n)`` of the target (equal KV bytes with the other methods, as closely as DART allows).
+        ``R = 1`` keeps everything.
         Example: ``R = 1/9`` on LLaVA-1.5-7B (``n = 576``) gives ``topk = 3``, ``k = 28``, actual ``R = 0.108``.
 
         Raises:
