@@ -198,9 +198,17 @@ class DART(SequencePress):
             )
         press = cls(layer=layer, topk=None, budget=round(budget, 9), positions=positions)
         press.predict(model)
+        topk = press.per_pivot(n, special)
+        exact = press.budget * n - special
+        kept = press.kept(n, special)
         press.schedule_note = (
-            f"keep {press.budget:.4f} of the vision tokens (topk {press.per_pivot(n, special)} for {n}) after "
+            f"keep {press.budget:.4f} of the vision tokens (topk {topk} for {n}) after "
             f"layer {layer - 1} of {L}, solved for target {retention:g}"
+            + (
+                f"; DART keeps 4 + 8·TOPK tokens, so {kept} is the nearest to the {exact:.1f} the target asks"
+                if budget < 1.0 and abs(kept - exact) >= 0.5
+                else ""
+            )
         )
         return press
 

@@ -140,6 +140,18 @@ def run_cells(run: dict) -> list[str]:
     ]
 
 
+def run_settings(results: dict) -> list[tuple[str, str]]:
+    """``(run id, how it was set)`` for every run whose method recorded how it chose its parameters for the
+    target (``params.schedule_note``: the schedule solved, a published split, a count that cannot meet the
+    target exactly and why, a family the method refuses), in file order."""
+    out = []
+    for r in runs_of(results):
+        note = (r.get("params") or {}).get("schedule_note")
+        if note:
+            out.append((str(r.get("id", "?")), str(note)))
+    return out
+
+
 def paired_ratio_of(run: dict, metric: str) -> dict | None:
     """The run's paired timing ratio to uncompressed for ``metric`` (``prefill``, ``time_to_first_token``,
     ``decode_ms_per_token``): ``{"median", "low", "high", "n"}`` from ``timing_ratio`` (results version 2),

@@ -39,6 +39,7 @@ from lightkv_cli.report.facts import (
     recommendation_text,
     run_by_id,
     run_cells,
+    run_settings,
     runs_of,
     spread_median,
     summary_line,
@@ -301,6 +302,7 @@ def _runs(results: dict) -> dict:
         "rows": rows,
         "numeric": list(range(2, len(header))),
         "errors": errors,
+        "settings": run_settings(results),
     }
 
 

@@ -14,6 +14,7 @@ from lightkv_cli.report.facts import (
     fmt_num,
     recommendation_text,
     run_cells,
+    run_settings,
     runs_of,
     summary_line,
     table_columns,
@@ -135,6 +136,10 @@ def render_markdown(results: dict) -> str:
         ),
         "",
     ]
+    settings = run_settings(results)
+    if settings:
+        out += ["How each run was set for its target:", ""]
+        out += [f"- {_md(run_id)}: {_md(note)}" for run_id, note in settings] + [""]
     failed = [r for r in runs_of(results) if r.get("status") not in ("ok", None)]
     if failed:
         out += ["Failed runs:", ""]

@@ -832,3 +832,17 @@ def test_markdown_leads_with_the_recommendation_and_lists_what_changed(rich):
     assert "- **lightkv@0.5** on in0 — \\<script\\>alert(1)\\</script\\> What is shown?" in changed
     assert "uncompressed “a \\<i\\>cat\\</i\\>” → compressed “a dog” (ground truth “a cat”)" in changed
     assert "data:image" not in md
+
+
+def test_how_each_run_was_set_is_listed_in_both_reports(rich):
+    res = copy.deepcopy(rich)
+    runs = res["runs"]
+    assert len(runs) >= 2
+    runs[1].setdefault("params", {})["schedule_note"] = "DART keeps 4 + 8·TOPK tokens, so 44 is the nearest <b>"
+    md, html = render_markdown(res), render_html(res)
+    expect = f"- {runs[1]['id']}: DART keeps 4 + 8·TOPK tokens, so 44 is the nearest"
+    assert expect in md and "How each run was set" in md
+    assert "so 44 is the nearest &lt;b&gt;" in html and "How each run was set" in html
+    for r in runs:
+        (r.get("params") or {}).pop("schedule_note", None)
+    assert "How each run was set" not in render_markdown(res) and "How each run was set" not in render_html(res)
