@@ -147,4 +147,11 @@ class Downsample(InputPress):
         grids, _ = adapter_for(model).prediction_grids()
         shapes = ", ".join(f"{r}×{c}→{'×'.join(map(str, pooled_shape(r, c, press.ratio)))}" for r, c in grids)
         press.schedule_note = f"average-pool each grid before layer 0 ({shapes}), for target {retention:g}"
+        m = sum(r * c for r, c in grids)
+        kept, exact = press.kept_count(m, grids), press.ratio * m
+        if abs(kept - exact) >= 0.5:
+            press.schedule_note += (
+                f"; a pooled grid holds g_r·g_c tokens with an aspect within 2× of the grid's, so {kept} is the "
+                f"nearest to the {exact:.1f} the target asks"
+            )
         return press
