@@ -8,7 +8,6 @@ environment variables, the O(k²n) recomputation — are not reproduced).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightkv_cli.errors import UserError
-from lightkv_cli.methods.base import POSITION_MODES
-from lightkv_cli.methods.prellm import InputPress
+from lightkv_cli.methods.prellm import InputPress, check_share, rounded_count
 from lightkv_cli.methods.vision import compact
 
 #: The published setting (``SUBSET_RATIO``): 56 of LLaVA-1.5's 576 tokens, actual R = 0.097.
@@ -101,11 +98,7 @@ class DivPrune(InputPress):
     schedule_note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        self.subset_ratio = float(self.subset_ratio)
-        if math.isnan(self.subset_ratio) or not (0.0 < self.subset_ratio <= 1.0):
-            raise UserError(f"DivPrune subset_ratio must be in (0, 1], got {self.subset_ratio}")
-        if self.positions not in POSITION_MODES:
-            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        self.subset_ratio = self._checked(self.subset_ratio, "DivPrune subset_ratio")
 
     def describe(self) -> dict:
         """Parameters for results files."""
@@ -117,9 +110,7 @@ class DivPrune(InputPress):
 
     def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
         """``round(R·m)``, at least 1 (``m`` when ``R = 1``; 0 when ``m = 0``)."""
-        if m <= 0:
-            return 0
-        return m if self.subset_ratio >= 1.0 else min(m, max(1, round(self.subset_ratio * m)))
+        return rounded_count(self.subset_ratio, m)
 
     def select(self, features: torch.Tensor, k: int) -> torch.Tensor:
         """The greedy max-min selection (:func:`max_min_select`)."""
@@ -133,8 +124,7 @@ class DivPrune(InputPress):
         Raises:
             UserError: ``retention`` outside ``(0, 1]``.
         """
-        if math.isnan(retention) or not (0.0 < retention <= 1.0):
-            raise UserError(f"retention must be in (0, 1], got {retention}")
+        check_share(retention, "retention")
         press = cls(subset_ratio=round(retention, 9), positions=positions)
         press.predict(model)
         press.schedule_note = f"SUBSET_RATIO {press.subset_ratio:g} before layer 0, for target {retention:g}"

@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightkv_cli.errors import UserError
-from lightkv_cli.methods.base import POSITION_MODES
-from lightkv_cli.methods.prellm import InputPress, InputSlot
+from lightkv_cli.methods.prellm import InputPress, InputSlot, check_share
 from lightkv_cli.models.adapters import adapter_for
 
 
@@ -78,11 +76,7 @@ class Downsample(InputPress):
     schedule_note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        self.ratio = float(self.ratio)
-        if math.isnan(self.ratio) or not (0.0 < self.ratio <= 1.0):
-            raise UserError(f"downsample ratio must be in (0, 1], got {self.ratio}")
-        if self.positions not in POSITION_MODES:
-            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        self.ratio = self._checked(self.ratio, "downsample ratio")
 
     def describe(self) -> dict:
         """Parameters for results files."""
@@ -140,8 +134,7 @@ class Downsample(InputPress):
         Raises:
             UserError: ``retention`` outside ``(0, 1]``.
         """
-        if math.isnan(retention) or not (0.0 < retention <= 1.0):
-            raise UserError(f"retention must be in (0, 1], got {retention}")
+        check_share(retention, "retention")
         press = cls(ratio=round(retention, 9), positions=positions)
         press.predict(model)
         grids, _ = adapter_for(model).prediction_grids()

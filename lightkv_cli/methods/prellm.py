@@ -35,6 +35,7 @@ dict attention mask handed to the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.base import POSITION_MODES, Press
 from lightkv_cli.methods.hf_compat import cache_from_kwargs, check_dynamic_cache
 from lightkv_cli.methods.records import PrefillRecord, StageRecord
@@ -83,6 +84,25 @@ class InputSlot:
     inputs: int
 
 
+def rounded_count(ratio: float, m: int) -> int:
+    """``round(R·m)`` (Python's ``round``), at least 1; ``m`` when ``R ≥ 1``; 0 when ``m ≤ 0``."""
+    if m <= 0:
+        return 0
+    return m if ratio >= 1.0 else min(m, max(1, round(ratio * m)))
+
+
+def check_share(value: float, what: str) -> float:
+    """``value`` as a float in ``(0, 1]``.
+
+    Raises:
+        UserError: NaN or outside ``(0, 1]``, naming ``what``.
+    """
+    value = float(value)
+    if math.isnan(value) or not (0.0 < value <= 1.0):
+        raise UserError(f"{what} must be in (0, 1], got {value}")
+    return value
+
+
 class InputPress(Press):
     """Base of pre-LLM reduction: select each visual input's kept vision tokens before layer 0.
 
@@ -92,6 +112,16 @@ class InputPress(Press):
     """
 
     positions: str = "keep"
+
+    def _checked(self, value: float, what: str) -> float:
+        """A subclass's share parameter, checked (:func:`check_share`), and its ``positions``.
+
+        Raises:
+            UserError: either is invalid.
+        """
+        if self.positions not in POSITION_MODES:
+            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        return check_share(value, what)
 
     # --- what a subclass provides ----------------------------------------------------------
     def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:

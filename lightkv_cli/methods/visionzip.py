@@ -31,7 +31,6 @@ feature layers, and feature layer 0 (the embeddings, before any attention).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightkv_cli.errors import UnsupportedInputError, UserError
-from lightkv_cli.methods.base import POSITION_MODES
-from lightkv_cli.methods.prellm import InputPress, InputSlot
+from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.methods.prellm import InputPress, InputSlot, check_share, rounded_count
 from lightkv_cli.methods.vision import compact
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
@@ -109,11 +107,7 @@ class VisionZip(InputPress):
     schedule_note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        self.ratio = float(self.ratio)
-        if math.isnan(self.ratio) or not (0.0 < self.ratio <= 1.0):
-            raise UserError(f"VisionZip ratio must be in (0, 1], got {self.ratio}")
-        if self.positions not in POSITION_MODES:
-            raise UserError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
+        self.ratio = self._checked(self.ratio, "VisionZip ratio")
 
     def describe(self) -> dict:
         """Parameters for results files."""
@@ -121,9 +115,7 @@ class VisionZip(InputPress):
 
     def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
         """``round(R·m)``, at least 1 (``m`` when ``R = 1``)."""
-        if m <= 0:
-            return 0
-        return m if self.ratio >= 1.0 else min(m, max(1, round(self.ratio * m)))
+        return rounded_count(self.ratio, m)
 
     # --- capture in the vision tower ---------------------------------------------------------
     def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
@@ -227,8 +219,7 @@ class VisionZip(InputPress):
         Raises:
             UserError: ``retention`` outside ``(0, 1]``.
         """
-        if math.isnan(retention) or not (0.0 < retention <= 1.0):
-            raise UserError(f"retention must be in (0, 1], got {retention}")
+        check_share(retention, "retention")
         press = cls(ratio=round(retention, 9), positions=positions)
         press.predict(model)
         try:
