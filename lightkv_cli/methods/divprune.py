@@ -22,6 +22,8 @@ from lightkv_cli.methods.vision import compact
 PUBLISHED_RATIO = 0.098
 #: Distance entries computed at once when looking for the first token (bounds the memory of that step).
 _CHUNK_ELEMENTS = 1 << 24
+#: Distance matrices up to this many entries (``B·m²``, float32: 256 MiB) are computed once.
+_FULL_ELEMENTS = 1 << 26
 
 
 def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -29,8 +31,11 @@ def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
 
     With ``D_ij = 1 − cos(x_i, x_j)`` (float32): ``s₀ = argmax_j min_{i≠j} D_ij``, then
     ``s_t = argmax_{j∉S} min_{i∈S} D_ij``, the minimum kept as a running ``(B, m)`` vector updated with one
-    row ``D[s_t]`` per step (O(k·m·D) work, O(m) memory per row after the first step; the first step
-    reads every ``D_ij`` in column chunks, never ``k×m×m``). Ties go to the lowest index.
+    row ``D[s_t]`` per step; ties go to the lowest index. When ``B·m²`` entries fit in
+    :data:`_FULL_ELEMENTS`, ``D`` is computed once with ``−inf`` on its diagonal, so a chosen token's own row
+    takes it out of the running minimum and a step is three ops (gather a row, minimum, argmax), whatever
+    ``B``; otherwise each step computes its row (O(m) memory per row) and the first step reads ``D`` in
+    column chunks, never ``k×m×m``.
 
     Args:
         features: ``(B, m, D)`` one visual input's token features (any float dtype).
@@ -44,12 +49,28 @@ def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
     if k >= m:
         return torch.arange(m, device=device).expand(B, -1).clone()
     x = F.normalize(features.float(), dim=-1)  # (B, m, D)
+    eye = torch.arange(m, device=device)
+    if B * m * m <= _FULL_ELEMENTS:
+        d = 1.0 - torch.matmul(x, x.transpose(1, 2))  # (B, m, m)
+        d[:, eye, eye] = float("inf")
+        s = d.amin(dim=1).argmax(dim=1)  # (B,)
+        d[:, eye, eye] = float("-inf")  # a chosen token's row removes it from the running minimum
+        flat = d.view(B * m, m)
+        base = torch.arange(B, device=device) * m
+        run = flat.index_select(0, s + base)  # (B, m)
+        picks = [s]
+        for _ in range(k - 1):
+            s = run.argmax(dim=1)
+            picks.append(s)
+            run = torch.minimum(run, flat.index_select(0, s + base))
+        chosen = torch.zeros(B, m, dtype=torch.bool, device=device).scatter_(1, torch.stack(picks, dim=1), True)
+        return compact(chosen, k)
     col_min = torch.empty(B, m, device=device)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * m))
     for a in range(0, m, step):
         c = min(step, m - a)
         d = 1.0 - torch.matmul(x, x[:, a : a + c].transpose(1, 2))  # (B, m, c): D[i, j] for j in the chunk
-        d[:, torch.arange(a, a + c, device=device), torch.arange(c, device=device)] = float("inf")  # i == j
+        d[:, eye[a : a + c], torch.arange(c, device=device)] = float("inf")  # i == j
         col_min[:, a : a + c] = d.amin(dim=1)
     chosen = torch.zeros(B, m, dtype=torch.bool, device=device)
     s = col_min.argmax(dim=1)  # (B,)

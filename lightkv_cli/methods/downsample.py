@@ -107,14 +107,17 @@ class Downsample(InputPress):
             by_shape.setdefault(tuple(shape), []).append(g)
         for (r, c), gids in by_shape.items():
             gr, gc = pooled_shape(r, c, self.ratio)
+            if len(by_shape) == 1:  # every token is on a grid of this shape (the usual case): no search
+                on = torch.arange(slot.grid.numel())
+            else:
+                on = torch.nonzero(torch.isin(slot.grid, torch.tensor(gids)), as_tuple=False).flatten()
+            if on.numel() != len(gids) * r * c:
+                raise ValueError(f"a {r}×{c} grid of the layout is not filled by its tokens")
             rank = torch.full((len(slot.grids),), -1, dtype=torch.long)
             rank[gids] = torch.arange(len(gids))
-            on = rank[slot.grid] >= 0  # (m,) tokens on a grid of this shape
-            table = torch.full((len(gids), r * c), -1, dtype=torch.long)  # (G, r·c) token index into m
-            raster = slot.coords[on, 0] * c + slot.coords[on, 1]
-            table[rank[slot.grid[on]], raster] = torch.nonzero(on, as_tuple=False).flatten()
-            if bool((table < 0).any()):
-                raise ValueError(f"a {r}×{c} grid of the layout is not filled by its tokens")
+            yx = slot.coords.index_select(0, on)
+            table = torch.empty(len(gids), r * c, dtype=torch.long)  # (G, r·c) token index into m
+            table[rank[slot.grid.index_select(0, on)], yx[:, 0] * c + yx[:, 1]] = on
             x = features[:, table.flatten().to(device)].view(B * len(gids), r, c, D).permute(0, 3, 1, 2)
             pooled = F.adaptive_avg_pool2d(x.float(), (gr, gc))  # (B·G, D, gr, gc)
             values.append(pooled.permute(0, 2, 3, 1).reshape(B, len(gids) * gr * gc, D))

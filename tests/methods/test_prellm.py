@@ -45,13 +45,18 @@ def test_max_min_selection_equals_brute_force(m, k):
     assert torch.equal(max_min_select(x, m), torch.arange(m).expand(3, -1))
 
 
-def test_selection_chunked_first_step_is_the_same(monkeypatch):
+@pytest.mark.parametrize("m,k", [(40, 7), (97, 20)])
+def test_streaming_selection_equals_the_full_matrix_one(monkeypatch, m, k):
     import lightkv_cli.methods.divprune as dp
 
-    x = torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(3))
-    whole = max_min_select(x, 12)
-    monkeypatch.setattr(dp, "_CHUNK_ELEMENTS", 2 * 50 * 7)  # 7 columns at a time
-    assert torch.equal(max_min_select(x, 12), whole)
+    x = torch.randn(3, m, 16, generator=torch.Generator().manual_seed(m + k))
+    whole = max_min_select(x, k)  # the distance matrix once
+    monkeypatch.setattr(dp, "_FULL_ELEMENTS", 0)  # one row per step
+    assert torch.equal(max_min_select(x, k), whole)
+    monkeypatch.setattr(dp, "_CHUNK_ELEMENTS", 3 * m * 7)  # and the first step 7 columns at a time
+    assert torch.equal(max_min_select(x, k), whole)
+    for b in range(3):
+        assert whole[b].tolist() == _brute_force(x[b], k), b
 
 
 def _encode(lm, imgs, questions):
