@@ -299,7 +299,8 @@ class DART(SequencePress):
         vis = inp.vision
         _, S, D = inp.hidden.shape
         device = inp.hidden.device
-        last = max(int(lay.positions[-1]) for lay in vis.layouts)  # host tensors: no device read
+        # the layouts are host tensors: one host read for the batch, no device read
+        last = max(torch.cat([lay.positions[-1:] for lay in vis.layouts]).tolist())
         if S - 1 - last < PIVOTS:
             raise UnsupportedInputError(
                 f"DART needs at least {PIVOTS} text tokens after the last image (its text pivots); this prompt "
