@@ -129,9 +129,9 @@ class DivPrune(InputPress):
             "schedule_note": self.schedule_note,
         }
 
-    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
-        """``round(R·m)``, at least 1 (``m`` when ``R = 1``; 0 when ``m = 0``)."""
-        return rounded_count(self.subset_ratio, m)
+    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = (), special: int = 0) -> int:
+        """``round(R·(m + special)) − special``, at least 1 (:func:`~lightkv_cli.methods.prellm.rounded_count`)."""
+        return rounded_count(self.subset_ratio, m, special)
 
     def select(self, features: torch.Tensor, k: int) -> torch.Tensor:
         """The greedy max-min selection (:func:`max_min_select`)."""

@@ -82,11 +82,21 @@ class Downsample(InputPress):
         """Parameters for results files."""
         return {"ratio": round(self.ratio, 6), "positions": self.positions, "schedule_note": self.schedule_note}
 
-    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
-        """``Σ g_r·g_c`` over the input's grids (:func:`pooled_shape`); ``m`` when ``R = 1``."""
+    def grid_ratio(self, m: int, special: int = 0) -> float:
+        """The share of each grid's ``m`` tokens pooled into, so that the input keeps ``R`` of all its vision
+        tokens, the ``special`` never-pooled ones (LLaVA-NeXT's newlines) counted as kept:
+        ``(R·(m + s) − s)/m``, at least ``1/m``."""
+        if m <= 0 or self.ratio >= 1.0:
+            return 1.0
+        return min(1.0, max(1.0 / m, (self.ratio * (m + special) - special) / m))
+
+    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = (), special: int = 0) -> int:
+        """``Σ g_r·g_c`` over the input's grids (:func:`pooled_shape` at :meth:`grid_ratio`); ``m`` when
+        ``R = 1``."""
         if m <= 0 or self.ratio >= 1.0:
             return max(m, 0)
-        return min(m, sum(gr * gc for gr, gc in (pooled_shape(r, c, self.ratio) for r, c in grids)))
+        share = self.grid_ratio(m, special)
+        return min(m, sum(gr * gc for gr, gc in (pooled_shape(r, c, share) for r, c in grids)))
 
     def choose(self, features: torch.Tensor, k: int, slot: InputSlot) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool every grid of the input; grids of one shape (video frames, equal images) in one call.
@@ -105,8 +115,9 @@ class Downsample(InputPress):
         by_shape: dict[tuple[int, int], list[int]] = {}
         for g, shape in enumerate(slot.grids):
             by_shape.setdefault(tuple(shape), []).append(g)
+        share = self.grid_ratio(slot.index.numel(), slot.special)
         for (r, c), gids in by_shape.items():
-            gr, gc = pooled_shape(r, c, self.ratio)
+            gr, gc = pooled_shape(r, c, share)
             if len(by_shape) == 1:  # every token is on a grid of this shape (the usual case): no search
                 on = torch.arange(slot.grid.numel())
             else:
@@ -140,11 +151,12 @@ class Downsample(InputPress):
         check_share(retention, "retention")
         press = cls(ratio=round(retention, 9), positions=positions)
         press.predict(model)
-        grids, _ = adapter_for(model).prediction_grids()
-        shapes = ", ".join(f"{r}×{c}→{'×'.join(map(str, pooled_shape(r, c, press.ratio)))}" for r, c in grids)
-        press.schedule_note = f"average-pool each grid before layer 0 ({shapes}), for target {retention:g}"
+        grids, special = adapter_for(model).prediction_grids()
         m = sum(r * c for r, c in grids)
-        kept, exact = press.kept_count(m, grids), press.ratio * m
+        share = press.grid_ratio(m, special)
+        shapes = ", ".join(f"{r}×{c}→{'×'.join(map(str, pooled_shape(r, c, share)))}" for r, c in grids)
+        press.schedule_note = f"average-pool each grid before layer 0 ({shapes}), for target {retention:g}"
+        kept, exact = press.kept_count(m, grids, special), share * m
         if abs(kept - exact) >= 0.5:
             press.schedule_note += (
                 f"; a pooled grid holds g_r·g_c tokens with an aspect within 2× of the grid's, so {kept} is the "

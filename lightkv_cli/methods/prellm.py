@@ -74,6 +74,7 @@ class InputSlot:
         grids: ``(rows, cols)`` of the input's grids (one per LLaVA-1.5 image, two per LLaVA-NeXT image,
             one per Qwen frame).
         inputs: visual inputs per row.
+        special: the input's never-dropped vision tokens (LLaVA-NeXT's newlines, a CLS token).
     """
 
     input: int
@@ -82,13 +83,16 @@ class InputSlot:
     grid: torch.Tensor
     grids: list[tuple[int, int]]
     inputs: int
+    special: int = 0
 
 
-def rounded_count(ratio: float, m: int) -> int:
-    """``round(R·m)`` (Python's ``round``), at least 1; ``m`` when ``R ≥ 1``; 0 when ``m ≤ 0``."""
+def rounded_count(ratio: float, m: int, special: int = 0) -> int:
+    """Droppable tokens kept of an input with ``m`` droppable and ``special`` never-dropped vision tokens, so
+    that the input keeps ``round(R·(m + special))`` in all (measured retention counts the special tokens as
+    kept): ``round(R·(m + s)) − s`` (Python's ``round``), at least 1; ``m`` when ``R ≥ 1``; 0 when ``m ≤ 0``."""
     if m <= 0:
         return 0
-    return m if ratio >= 1.0 else min(m, max(1, round(ratio * m)))
+    return m if ratio >= 1.0 else min(m, max(1, round(ratio * (m + special)) - special))
 
 
 def check_share(value: float, what: str) -> float:
@@ -124,9 +128,9 @@ class InputPress(Press):
         return check_share(value, what)
 
     # --- what a subclass provides ----------------------------------------------------------
-    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
-        """Droppable vision tokens kept of a visual input with ``m`` of them on ``grids`` (``≤ m``; ``m``
-        keeps all)."""
+    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = (), special: int = 0) -> int:
+        """Droppable vision tokens kept of a visual input with ``m`` of them on ``grids`` and ``special``
+        never-dropped ones (``≤ m``; ``m`` keeps all)."""
         raise NotImplementedError
 
     def select(self, features: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,7 +175,7 @@ class InputPress(Press):
             grids, special = adapter.prediction_grids()
         m = sum(r * c for r, c in grids)
         n = m + special
-        kept = special + self.kept_count(m, grids)
+        kept = special + self.kept_count(m, grids, special)
         self.expected_retention = kept / n if n else 1.0
         return [kept] * adapter.num_layers
 
@@ -306,7 +310,7 @@ class InputPress(Press):
         if not n:
             return None
         slots = self._input_slots(layouts)
-        plan = [(slot, self.kept_count(slot.index.numel(), slot.grids)) for slot in slots]
+        plan = [(slot, self.kept_count(slot.index.numel(), slot.grids, slot.special)) for slot in slots]
         removed = sum(slot.index.numel() - k for slot, k in plan)
         if removed <= 0:
             return None
@@ -391,13 +395,16 @@ class InputPress(Press):
         droppable = lay0.mergeable.cpu()
         coords = lay0.coords.cpu()
         count = (max(owner_of_grid) + 1) if owner_of_grid else 0
+        specials = torch.bincount(owner[~droppable], minlength=count).tolist()  # one host read
         slots = []
         for i in range(count):
             index = torch.nonzero((owner == i) & droppable, as_tuple=False).flatten()
             mine = [g for g, o in enumerate(owner_of_grid) if o == i]
             local = torch.full((len(grids),), -1, dtype=torch.long)
             local[mine] = torch.arange(len(mine))
-            slots.append(InputSlot(i, index, coords[index], local[image[index]], [grids[g] for g in mine], count))
+            slots.append(
+                InputSlot(i, index, coords[index], local[image[index]], [grids[g] for g in mine], count, specials[i])
+            )
         return slots
 
     def _decode(self, args: tuple, kwargs: dict):

@@ -113,9 +113,9 @@ class VisionZip(InputPress):
         """Parameters for results files."""
         return {"ratio": round(self.ratio, 6), "positions": self.positions, "schedule_note": self.schedule_note}
 
-    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = ()) -> int:
-        """``round(R·m)``, at least 1 (``m`` when ``R = 1``)."""
-        return rounded_count(self.ratio, m)
+    def kept_count(self, m: int, grids: Sequence[tuple[int, int]] = (), special: int = 0) -> int:
+        """``round(R·(m + special)) − special``, at least 1 (:func:`~lightkv_cli.methods.prellm.rounded_count`)."""
+        return rounded_count(self.ratio, m, special)
 
     # --- capture in the vision tower ---------------------------------------------------------
     def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:

@@ -172,10 +172,27 @@ def test_downsample_counts_on_dynamic_grids(images, name):
     with torch.no_grad(), press(lm.model):
         out = lm.model(**inputs, use_cache=True)
     rec = press.last_prefill
-    expect = rec.special_tokens + sum(a * b for a, b in (pooled_shape(r, c, 0.3) for r, c in rec.grids))
+    m = sum(r * c for r, c in rec.grids)
+    share = press.grid_ratio(m, rec.special_tokens)  # the never-pooled tokens count as kept
+    assert share == pytest.approx((0.3 * (m + rec.special_tokens) - rec.special_tokens) / m)
+    expect = rec.special_tokens + sum(a * b for a, b in (pooled_shape(r, c, share) for r, c in rec.grids))
     stats = cache_stats(out.past_key_values, rec.vision_tokens, rec)
     assert stats.layer_vision_tokens == [expect] * lm.adapter.num_layers
     assert press.predict(lm.model, grids=rec.grids, special=rec.special_tokens)[0] == expect
+    assert abs(rec.vision_retention - 0.3) < 0.02  # the measured R is the target's, newlines included
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny"])
+def test_divprune_measured_retention_counts_special_tokens(images, name):
+    lm = load(name)
+    inputs = encode(lm, sized(name, images)[:1])
+    press = make_press("divprune", lm.model, target=0.35)
+    with torch.no_grad(), press(lm.model):
+        lm.model(**inputs, use_cache=True)
+    rec = press.last_prefill
+    n = rec.vision_tokens
+    assert rec.layer_vision_tokens[0] == round(0.35 * n)  # newlines (LLaVA-NeXT) among the kept
+    assert abs(rec.vision_retention - 0.35) <= 0.5 / n
 
 
 def test_visionzip_refusals():
