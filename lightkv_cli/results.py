@@ -301,6 +301,7 @@ class TimingBatch(_Open):
     tokens_per_s: Num = None
     peak_memory_bytes: Num = None
     peak_memory_kind: str | None = None
+    peak_memory_per_device: dict[str, Num] | None = None
     nvml: RunNvml | None = None
     ratio: TimingRatios | None = None
 
@@ -345,6 +346,7 @@ class Run(_Open):
     timing: RunTiming | None = None
     peak_memory_bytes: Num = None
     peak_memory_kind: str | None = None
+    peak_memory_per_device: dict[str, Num] | None = None
     nvml: RunNvml | None = None
     flops_prefill: Num = None
     capacity: RunCapacity | None = None

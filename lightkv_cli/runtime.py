@@ -18,6 +18,7 @@ import torch
 
 from lightkv_cli.measure.memory import PeakMemory
 from lightkv_cli.measure.timing import Stopwatch
+from lightkv_cli.models.placement import cuda_devices
 
 if TYPE_CHECKING:
     from lightkv_cli.methods.records import CompressionRecord
@@ -199,6 +200,8 @@ class GenerationResult:
         cache: what the KV cache held after prefill, per request of the batch (padding included).
         peak_memory_bytes: peak memory during the generation (see ``peak_memory_kind``).
         peak_memory_kind: ``cuda_allocator``, ``process_rss_peak`` or ``process_rss_lifetime_peak``.
+        peak_memory_per_device: for a model over several GPUs (``--device-map``), each GPU's allocator peak
+            (``"cuda:1"`` → bytes); empty otherwise.
         row_caches: what the cache held for each row, its real entries only (:func:`cache_stats_rows`).
         stopped: per row, the end-of-sequence id it stopped on, or None (it ran to ``max_new_tokens``).
         continuation_logits: with ``continuation=``: per row the ``(m_b, V)`` float32 CPU logits of the
@@ -224,6 +227,7 @@ class GenerationResult:
     continuation_logits: list[torch.Tensor] | None = None
     followup_tokens: list[list[int]] | None = None
     followup_logits: torch.Tensor | None = None
+    peak_memory_per_device: dict[str, int] = field(default_factory=dict)
 
 
 #: ``greedy_generate(continuation=OWN)``: teacher-force the run's own answer (the uncompressed reference).
@@ -318,7 +322,7 @@ def greedy_generate(
     done = [False] * batch
     stopped: list[int | None] = [None] * batch
     cont_logits = followup_tokens = followup_logits = None
-    with torch.inference_mode(), ctx, PeakMemory(device) as peak:
+    with torch.inference_mode(), ctx, PeakMemory(device, cuda_devices(model)) as peak:
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         pass_cache = cache_kwarg(model.forward, cache)
         with Stopwatch(device) as sw:
@@ -387,6 +391,7 @@ def greedy_generate(
         cache=stats,
         peak_memory_bytes=int(peak.peak_bytes or 0),
         peak_memory_kind=peak.kind or "",
+        peak_memory_per_device=dict(peak.per_device),
         row_caches=rows,
         stopped=stopped,
         continuation_logits=cont_logits,

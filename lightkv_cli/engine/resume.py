@@ -84,6 +84,7 @@ class Resume:
                 t.samples = {k: [list(x)[:done] for x in v] for k, v in (old.get("samples") or {}).items()}
                 t.peak = int(old.get("peak_memory_bytes") or 0)
                 t.peak_kind = old.get("peak_memory_kind") or ""
+                t.peak_per_device = dict(old.get("peak_memory_per_device") or {})
                 t.nvml = old.get("nvml")
                 mine.append(t)
             timings[r["id"]] = mine

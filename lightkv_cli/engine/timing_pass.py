@@ -39,6 +39,7 @@ class _Timing:
     error: str | None = None
     peak: int = 0
     peak_kind: str = ""
+    peak_per_device: dict = field(default_factory=dict)
     nvml: dict | None = None
 
 
@@ -115,6 +116,8 @@ class TimingPass:
             return
         t.peak = max(t.peak, int(result.peak_memory_bytes))
         t.peak_kind = result.peak_memory_kind
+        for dev, b in result.peak_memory_per_device.items():
+            t.peak_per_device[dev] = max(t.peak_per_device.get(dev, 0), int(b))
         if not keep:
             return
         pre = sum(self.inputs[i].preprocess_ms for i in unit)
@@ -156,6 +159,8 @@ class TimingPass:
         entry["tokens_per_s"] = 1000.0 * t.batch_size / dec["median"] if dec and dec["median"] > 0 else None
         entry["peak_memory_bytes"] = t.peak or None
         entry["peak_memory_kind"] = t.peak_kind or None
+        if t.peak_per_device:
+            entry["peak_memory_per_device"] = dict(t.peak_per_device)
         entry["nvml"] = t.nvml
         ratios = {}
         if t.status == "ok" and ref is not None and not is_reference:
@@ -177,6 +182,8 @@ class TimingPass:
         run["timing_batch_size"] = t.batch_size
         run["peak_memory_bytes"] = entry.get("peak_memory_bytes")
         run["peak_memory_kind"] = entry.get("peak_memory_kind")
+        if entry.get("peak_memory_per_device"):
+            run["peak_memory_per_device"] = entry["peak_memory_per_device"]
         run["nvml"] = entry.get("nvml")
         if t.peak and run.get("kv_bytes") is not None:
             run["capacity"] = self._capacity(run["kv_bytes"], t.peak, t.peak_kind, t.batch_size)

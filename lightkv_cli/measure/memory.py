@@ -9,6 +9,7 @@ import gc
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from types import TracebackType
 
 import torch
@@ -82,13 +83,19 @@ class PeakMemory:
             or None when unavailable), so ``peak_bytes - baseline_bytes`` is the block's growth.
         kind: one of the kinds above; set on enter.
         kind_label: human-readable description of ``kind``.
+        others: further CUDA devices measured alongside ``device`` (a model placed over several GPUs with
+            ``--device-map``); ``peak_bytes`` stays ``device``'s.
+        per_device: with ``others``, the allocator peak of every measured device (``"cuda:0"`` → bytes), set
+            on exit; empty otherwise.
     """
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, others: Sequence[torch.device] = ()) -> None:
         self.device = as_device(device) or torch.device("cpu")
+        self.others = [d for d in (as_device(o) for o in others) if d is not None and is_cuda(d) and d != self.device]
         self.peak_bytes: int | None = None
         self.baseline_bytes: int | None = None
         self.kind: str | None = None
+        self.per_device: dict[str, int] = {}
 
     @property
     def kind_label(self) -> str:
@@ -99,6 +106,8 @@ class PeakMemory:
         self.peak_bytes = None
         if is_cuda(self.device):
             self.kind = "cuda_allocator"
+            for d in self.others:
+                torch.cuda.reset_peak_memory_stats(d)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = int(torch.cuda.memory_allocated(self.device))
             return self
@@ -115,6 +124,9 @@ class PeakMemory:
     ) -> None:
         if self.kind == "cuda_allocator":
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            if self.others:
+                self.per_device = {str(self.device): self.peak_bytes}
+                self.per_device.update({str(d): int(torch.cuda.max_memory_allocated(d)) for d in self.others})
             return
         if self.kind == "process_rss_peak":
             hwm_kb = _read_proc_status_kb("VmHWM")

@@ -38,3 +38,19 @@ def placed(model, name: str, device, device_map) -> tuple[object, object, list[s
     dev = emb if emb.type != "meta" else torch.device("cpu")
     places = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()})
     return model.eval(), dev, [f"{name}: placed by accelerate over {', '.join(places) or str(dev)} (--device-map)"]
+
+
+def cuda_devices(model) -> list:
+    """The CUDA devices accelerate placed parts of ``model`` on (``hf_device_map`` values such as ``0`` or
+    ``"cuda:1"``), in index order; empty for a model on one device, on CPU or disk."""
+    import torch
+
+    found = set()
+    for where in (getattr(model, "hf_device_map", None) or {}).values():
+        if isinstance(where, int):
+            found.add(where)
+        elif isinstance(where, str) and where.startswith("cuda"):
+            found.add(int(where.split(":")[1]) if ":" in where else 0)
+        elif isinstance(where, torch.device) and where.type == "cuda":
+            found.add(where.index or 0)
+    return [torch.device("cuda", i) for i in sorted(found)]

@@ -54,3 +54,33 @@ def test_unknown_device_map_is_one_line_before_the_model_loads(runner, tmp_path,
     args = ["profile", "--model", "tiny", "--images", str(images), "--device-map", "everywhere"]
     _assert_user_error(runner.invoke(app, args), "--device-map must be one of", "auto", "everywhere")
     assert not no_model_load
+
+
+def test_cuda_devices_of_a_device_map():
+    from types import SimpleNamespace
+
+    from lightkv_cli.models.placement import cuda_devices
+
+    model = SimpleNamespace(hf_device_map={"a": 1, "b": "cuda:0", "c": "cpu", "d": "disk", "e": 1, "f": "cuda"})
+    assert cuda_devices(model) == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert cuda_devices(SimpleNamespace()) == [] and cuda_devices(SimpleNamespace(hf_device_map={"a": "cpu"})) == []
+
+
+def test_allocator_peak_per_device_with_a_fake_allocator(monkeypatch):
+    """Every GPU of a split model is reset on enter and read on exit; the first stays ``peak_bytes``."""
+    from lightkv_cli.measure.memory import PeakMemory
+
+    peaks = {0: 5 << 20, 1: 7 << 20, 2: 3 << 20}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: resets.append(torch.device(d).index))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: peaks[torch.device(d).index])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 << 20)
+    others = [torch.device("cuda", 1), torch.device("cuda", 2), torch.device("cuda", 0), torch.device("cpu")]
+    with PeakMemory("cuda:0", others) as peak:
+        pass
+    assert sorted(resets) == [0, 1, 2]
+    assert peak.kind == "cuda_allocator" and peak.peak_bytes == 5 << 20
+    assert peak.per_device == {"cuda:0": 5 << 20, "cuda:1": 7 << 20, "cuda:2": 3 << 20}
+    with PeakMemory("cuda:0") as alone:
+        pass
+    assert alone.per_device == {} and alone.peak_bytes == 5 << 20
