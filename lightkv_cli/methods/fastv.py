@@ -118,7 +118,8 @@ class FastV(SequencePress):
     def for_retention(cls, retention: float, model: nn.Module, layer: int = 2, positions: str = "keep") -> FastV:
         """FastV at layer ``K`` whose drop ratio gives average vision retention closest to ``retention``.
 
-        ``R = (1 − retention)·L / (L − K)``, then the closest achievable count.
+        ``ratio = (1 − retention)·L/(L − K)·n/m`` (``n`` vision tokens of the family's representative image,
+        ``m`` of them droppable: LLaVA-NeXT's newlines are kept), then the closest achievable count.
 
         Raises:
             UserError: ``retention`` outside ``(0, 1]`` or below ``K / L`` (what FastV keeps at most).
@@ -135,7 +136,12 @@ class FastV(SequencePress):
                 f"target retention {retention:g} is below the lowest FastV reaches with K={layer} on this "
                 f"{L}-layer model ({lowest:.3f}: layers before K keep every vision token); choose a larger target"
             )
-        ratio = min(1.0, (1.0 - retention) * L / (L - layer))
+        # the share of the droppable tokens to drop so that all n vision tokens (never-dropped ones such as
+        # LLaVA-NeXT's newlines counted as kept) average ``retention``: n/m of the share when all are droppable
+        grids, special = adapter.prediction_grids()
+        m = sum(r * c for r, c in grids)
+        n = m + special
+        ratio = min(1.0, (1.0 - retention) * L / (L - layer) * n / max(1, m))
         press = cls(layer=layer, ratio=round(ratio, 6), positions=positions)
         press.predict(model)
         press.schedule_note = (

@@ -171,9 +171,11 @@ class PyramidDrop(SequencePress):
     ) -> PyramidDrop:
         """PyramidDrop on ``layers`` (default: :func:`default_boundaries`) with ``λ`` solved for ``retention``.
 
-        ``λ`` is found by bisection on :func:`retention_of` (floors ignored: the measured ``R`` can be a
-        little lower). The paper's unpublished 192/128/64-token rows were advised (PyramidDrop#29) as
-        boundaries such as [2, 8, 16] with a solved ``λ``: ``λ = 0.19`` gives ``R ≈ 0.111`` on 32 layers.
+        ``λ`` is found by bisection on the retention :meth:`predict` gives for the family's representative
+        image (its floors, and never-dropped tokens such as LLaVA-NeXT's newlines counted as kept), the nearer
+        of the two counts around the target. The paper's unpublished 192/128/64-token rows were advised
+        (PyramidDrop#29) as boundaries such as [2, 8, 16] with a solved ``λ``: ``λ = 0.19`` gives
+        ``R ≈ 0.111`` on 32 layers.
 
         Raises:
             UserError: ``retention`` outside ``(0, 1]``, or at or below ``l₁ / L`` (layers before the first
@@ -193,14 +195,22 @@ class PyramidDrop(SequencePress):
                 f"on this {L}-layer model ({lowest:.3f}: layers before {bounds[0]} keep every vision token); "
                 "choose a larger target or an earlier first boundary"
             )
+        def predicted(lam: float) -> float:  # the family's representative image, special tokens kept
+            probe = cls(layers=layers, ratio=lam, positions=positions)
+            probe.predict(model)
+            return probe.expected_retention
+
         lo, hi = 0.0, 1.0
-        for _ in range(60):
+        for _ in range(40):
             mid = (lo + hi) / 2
-            if retention_of(bounds, mid, L) < retention:
+            if predicted(mid) < retention:
                 lo = mid
             else:
                 hi = mid
-        ratio = 1.0 if retention >= 1.0 else round(hi, 6)
+        if retention >= 1.0:
+            ratio = 1.0
+        else:  # the nearer of the two counts around the target
+            ratio = round(hi if abs(predicted(hi) - retention) <= abs(predicted(lo) - retention) else lo, 6)
         press = cls(layers=layers, ratio=ratio, positions=positions)
         press.predict(model)
         press.schedule_note = (
