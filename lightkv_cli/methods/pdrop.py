@@ -195,6 +195,7 @@ class PyramidDrop(SequencePress):
                 f"on this {L}-layer model ({lowest:.3f}: layers before {bounds[0]} keep every vision token); "
                 "choose a larger target or an earlier first boundary"
             )
+
         def predicted(lam: float) -> float:  # the family's representative image, special tokens kept
             probe = cls(layers=layers, ratio=lam, positions=positions)
             probe.predict(model)
