@@ -88,3 +88,29 @@ def evicted_prompt_masks(layers, kept: list[torch.Tensor], num_heads: int, num_k
     finally:
         for h in handles:
             h.remove()
+
+
+def encode_rows(lm, imgs, questions) -> dict:
+    """Processor output (tensors only) for one left-padded row per question, row ``i`` with ``imgs[i]``."""
+    tok = lm.processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        texts = [lm.adapter.format_prompt(q) for q in questions]
+        enc = lm.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def capture_stages(press) -> list:
+    """Wrap ``press.reduce`` to keep every stage's ``(input, output)``; returns the list it fills."""
+    seen = []
+    inner = press.reduce
+
+    def reduce(inp):
+        out = inner(inp)
+        seen.append((inp, out))
+        return out
+
+    press.reduce = reduce
+    return seen

@@ -42,7 +42,13 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError
-from lightkv_cli.methods.hf_compat import cache_from_kwargs, causal_mask, check_dynamic_cache
+from lightkv_cli.methods.hf_compat import (
+    cache_from_kwargs,
+    causal_mask,
+    check_dynamic_cache,
+    refuse_embeds_without_ids,
+    refuse_vision_after_prefill,
+)
 from lightkv_cli.methods.records import PrefillRecord, StageRecord
 from lightkv_cli.methods.vision import VisionTokens, compact
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
@@ -130,6 +136,24 @@ class StageOutput:
     hidden: torch.Tensor
     guidance: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
+
+
+def drop_lowest(inp: StageInput, scores: torch.Tensor, n_drop: int) -> StageOutput:
+    """The stage that drops every row's ``n_drop`` droppable vision tokens with the lowest ``scores``
+    (FastV, PyramidDrop): special tokens are never dropped; ties go to the earlier token.
+
+    Args:
+        inp: the stage's input.
+        scores: ``(B, n)`` float32 score of each vision token (recorded as the stage's guidance).
+        n_drop: tokens dropped per row, ``≥ 1`` (a host int).
+    """
+    B, S, _ = inp.hidden.shape
+    vis = inp.vision
+    ranked = scores.masked_fill(~vis.mergeable, float("inf"))
+    order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]
+    keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
+    keep.scatter_(1, vis.positions.gather(1, order), False)
+    return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
 
 
 @dataclass
@@ -252,17 +276,12 @@ class SequencePress(Press):
 
     def _top_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        inputs_embeds = kwargs.get("inputs_embeds")
         cache = cache_from_kwargs(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         adapter = self._adapter
         if past == 0:
             if input_ids is None:
-                if inputs_embeds is not None:
-                    raise UnsupportedInputError(
-                        f"{type(self).__name__} needs input_ids to find the vision tokens; "
-                        "generate(inputs_embeds=...) without input_ids is not supported: pass input_ids"
-                    )
+                refuse_embeds_without_ids(self, kwargs)
                 self._state = _ForwardState(phase="off")
                 return None
             if cache is not None:
@@ -277,17 +296,7 @@ class SequencePress(Press):
             return None
         # decode (or a continued prefill)
         st = self._state
-        # One new token per row is a decode step (never an image); only a longer continuation can carry
-        # image tokens, and only that one is checked (the check reads the device).
-        if (
-            input_ids is not None
-            and input_ids.shape[-1] > 1
-            and bool(torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any())
-        ):
-            raise UnsupportedInputError(
-                "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
-                "in a later turn); compress one complete prompt per prefill"
-            )
+        refuse_vision_after_prefill(adapter, kwargs, input_ids)
         if st.phase in ("prefill", "decode") and st.groups and cache is st.cache:
             mask = kwargs.get("attention_mask")
             st.phase = "decode"

@@ -65,14 +65,17 @@ from lightkv_cli.methods.eviction_scores import (  # noqa: F401  (re-exported: t
     select_kept,
     select_per_head,
 )
-from lightkv_cli.methods.hf_compat import cache_from_kwargs, check_dynamic_cache
+from lightkv_cli.methods.hf_compat import (
+    cache_from_kwargs,
+    check_dynamic_cache,
+    refuse_embeds_without_ids,
+    refuse_vision_after_prefill,
+)
 from lightkv_cli.methods.records import EvictionRecord
 from lightkv_cli.models.adapters import FamilyAdapter
 
+
 #: Keyword arguments of a top-level forward that carry new visual input.
-_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_embeds", "video_embeds")
-
-
 @dataclass
 class EvictionPlan:
     """What a method decided from every layer's statistics, still on the device.
@@ -272,11 +275,7 @@ class EvictionPress(DecodeMasks, Press):
         st = self._state
         if past == 0:
             if input_ids is None:
-                if kwargs.get("inputs_embeds") is not None:
-                    raise UnsupportedInputError(
-                        f"{type(self).__name__} needs input_ids to find the vision tokens; "
-                        "generate(inputs_embeds=...) without input_ids is not supported: pass input_ids"
-                    )
+                refuse_embeds_without_ids(self, kwargs)
                 self._state = _EvictState()
                 return None
             if cache is not None:
@@ -325,11 +324,7 @@ class EvictionPress(DecodeMasks, Press):
             )
             self._observation(vision.device)
             return None
-        if self._new_visual_input(kwargs, input_ids):
-            raise UnsupportedInputError(
-                "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
-                "in a later turn); compress one complete prompt per prefill"
-            )
+        refuse_vision_after_prefill(adapter, kwargs, input_ids)
         if st.phase in ("prefill", "decode") and cache is not None and cache is st.cache:
             if st.first_step and input_ids is not None and input_ids.shape[-1] == 1:
                 self._first_step_masks(st)  # before any layer adds this step's token to its cache
@@ -348,15 +343,6 @@ class EvictionPress(DecodeMasks, Press):
             )
         st.phase = "off"
         return None
-
-    def _new_visual_input(self, kwargs: dict, input_ids: torch.Tensor | None) -> bool:
-        """Whether a forward after the prefill brings vision tokens. A decode step (one new token, no pixels)
-        is not checked, so it reads nothing from the device; longer continuations are."""
-        if any(kwargs.get(k) is not None for k in _VISUAL_KWARGS):
-            return True
-        if input_ids is None or input_ids.shape[-1] <= 1:
-            return False
-        return bool(self._adapter.vision_mask(input_ids).any())
 
     def _capture_hook(self, layer: int, attn: nn.Module):
         norm = getattr(attn, "q_norm", None)

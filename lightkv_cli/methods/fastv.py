@@ -16,7 +16,7 @@ from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.attention import expand_kv, post_rope_qk
-from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
+from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput, drop_lowest
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 _FLOOR_EPS = 1e-9
@@ -178,17 +178,11 @@ class FastV(SequencePress):
         Every row drops ``⌊ratio·n⌋`` of its droppable tokens, ``n`` the smallest row's count (rows
         must keep the same number); the counts are known on the host, so the stage reads nothing back.
         """
-        B, S, _ = inp.hidden.shape
         vis = inp.vision
         n_drop = self.dropped(min(vis.mergeable_counts))
         if n_drop == 0:
             return None
-        scores = self._scores(inp)  # (B, n) float32
-        ranked = scores.masked_fill(~vis.mergeable, float("inf"))  # special tokens are never dropped
-        order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]  # lowest first; ties: earlier first
-        keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
-        keep.scatter_(1, vis.positions.gather(1, order), False)
-        return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
+        return drop_lowest(inp, self._scores(inp), n_drop)  # scores: (B, n) float32
 
     def _scores(self, inp: StageInput) -> torch.Tensor:
         B = inp.hidden.shape[0]

@@ -130,3 +130,40 @@ def check_dynamic_cache(cache) -> None:
                 "same length, so shortening the sequence saves no memory and is not supported; use the "
                 "default DynamicCache"
             )
+
+
+#: Forward arguments that carry pixels or ready-made visual features.
+VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_embeds", "video_embeds")
+
+
+def refuse_embeds_without_ids(press: object, kwargs: dict) -> None:
+    """Refuse a prefill given ``inputs_embeds`` without ``input_ids``: a press finds the vision tokens by
+    their ids.
+
+    Raises:
+        UnsupportedInputError: ``inputs_embeds`` given (the message names the press and the fix).
+    """
+    if kwargs.get("inputs_embeds") is not None:
+        raise UnsupportedInputError(
+            f"{type(press).__name__} needs input_ids to find the vision tokens; "
+            "generate(inputs_embeds=...) without input_ids is not supported: pass input_ids"
+        )
+
+
+def refuse_vision_after_prefill(adapter, kwargs: dict, input_ids) -> None:
+    """Refuse a forward after the prefill that brings vision input (pixels, or image ids in a continuation
+    of several tokens). A decode step (one new token, no pixels) is not checked, so it reads nothing from
+    the device.
+
+    Raises:
+        UnsupportedInputError: vision input after the prefill (chunked prefill splitting an image, or a new
+            image in a later turn).
+    """
+    found = any(kwargs.get(k) is not None for k in VISUAL_KWARGS)
+    if not found and input_ids is not None and input_ids.shape[-1] > 1:
+        found = bool(adapter.vision_mask(input_ids).any())
+    if found:
+        raise UnsupportedInputError(
+            "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
+            "in a later turn); compress one complete prompt per prefill"
+        )

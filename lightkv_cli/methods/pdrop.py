@@ -17,7 +17,7 @@ from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.attention import expand_kv
-from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
+from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput, drop_lowest
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 #: The paper's boundaries [8, 16, 24] as fractions of LLaVA-1.5-7B's 32 layers.
@@ -249,7 +249,6 @@ class PyramidDrop(SequencePress):
         stage reads nothing back from the device.
         """
         vis = inp.vision
-        B, S, _ = inp.hidden.shape
         L = self._adapter.num_layers
         stage = self.stage_layers(L).index(inp.layer) + 1
         removed_so_far = vis.layouts[0].count - vis.count
@@ -257,12 +256,7 @@ class PyramidDrop(SequencePress):
         n_drop = m_now - self.kept(m_now + removed_so_far, stage)
         if n_drop <= 0:
             return None
-        scores = self._scores(inp)  # (B, n) float32
-        ranked = scores.masked_fill(~vis.mergeable, float("inf"))  # special tokens are never dropped
-        order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]  # lowest first; ties: earlier first
-        keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
-        keep.scatter_(1, vis.positions.gather(1, order), False)
-        return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
+        return drop_lowest(inp, self._scores(inp), n_drop)  # scores: (B, n) float32
 
     def _scores(self, inp: StageInput) -> torch.Tensor:
         """``(B, n)`` float32 head-mean attention of the last token to each vision token, at layer ``l_s``."""

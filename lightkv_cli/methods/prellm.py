@@ -45,7 +45,12 @@ from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.base import POSITION_MODES, Press
-from lightkv_cli.methods.hf_compat import cache_from_kwargs, check_dynamic_cache
+from lightkv_cli.methods.hf_compat import (
+    cache_from_kwargs,
+    check_dynamic_cache,
+    refuse_embeds_without_ids,
+    refuse_vision_after_prefill,
+)
 from lightkv_cli.methods.records import PrefillRecord, StageRecord
 from lightkv_cli.methods.vision import compact
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
@@ -221,11 +226,7 @@ class InputPress(Press):
         adapter = self._adapter
         if past == 0:
             if input_ids is None:
-                if kwargs.get("inputs_embeds") is not None:
-                    raise UnsupportedInputError(
-                        f"{type(self).__name__} needs input_ids to find the vision tokens; "
-                        "generate(inputs_embeds=...) without input_ids is not supported: pass input_ids"
-                    )
+                refuse_embeds_without_ids(self, kwargs)
                 self._state = _InputState()
                 return None
             if cache is not None:
@@ -234,15 +235,7 @@ class InputPress(Press):
             self._state = _InputState(phase="pending", seq_len=input_ids.shape[1], input_ids=input_ids, cache=cache)
             return None
         st = self._state
-        if (
-            input_ids is not None
-            and input_ids.shape[-1] > 1
-            and bool(torch.isin(input_ids, torch.tensor(adapter.vision_token_ids(), device=input_ids.device)).any())
-        ):
-            raise UnsupportedInputError(
-                "image tokens arrived after the prefill (chunked prefill splitting an image, or a new image "
-                "in a later turn); compress one complete prompt per prefill"
-            )
+        refuse_vision_after_prefill(adapter, kwargs, input_ids)
         if st.phase != "reduced":
             st.phase = "off"
             return None

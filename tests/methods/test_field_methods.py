@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_families import capture_stages, full_inputs, generate, load, sized
 from tiny_families import encode as encode_one
-from tiny_families import full_inputs, generate, load, sized
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from lightkv_cli.errors import UserError
@@ -28,20 +28,6 @@ from lightkv_cli.methods.pdrop import PyramidDrop, default_boundaries, retention
 from lightkv_cli.methods.registry import KIND_DROP, METHODS, make_press
 
 QUESTIONS = ["What is shown?", "Describe this image in one sentence.", "Which colour is the largest object here?"]
-
-
-def _capture(press):
-    """Wrap ``press.reduce`` to keep every stage's input and output."""
-    seen = []
-    inner = press.reduce
-
-    def reduce(inp):
-        out = inner(inp)
-        seen.append((inp, out))
-        return out
-
-    press.reduce = reduce
-    return seen
 
 
 def _prefill(tiny, inputs, press):
@@ -160,7 +146,7 @@ def test_dart_selection_equals_per_row_reference(tiny, images, encode):
     inputs = encode([images[0], images[1], images[1], images[0], images[0], images[1]], QUESTIONS, 2)
     assert (inputs["attention_mask"] == 0).any()  # left padding is exercised
     press = DART(layer=2, topk=20)
-    seen = _capture(press)
+    seen = capture_stages(press)
     _prefill(tiny, inputs, press)
     (inp, out), *_ = seen
     expected = _dart_reference(tiny, inputs, layer=2, topk=20)
@@ -195,7 +181,7 @@ def test_pdrop_scores_equal_eager_full_attention(tiny, images, encode):
     mask = inputs["attention_mask"]
     assert (mask == 0).any()
     press = PyramidDrop(ratio=0.5)
-    seen = _capture(press)
+    seen = capture_stages(press)
     rec = _prefill(tiny, inputs, press)
     assert [inp.layer for inp, _ in seen] == [3, 7, 11]
     with torch.no_grad():
@@ -226,7 +212,7 @@ def test_pdrop_scores_equal_eager_attention_on_mrope(images):
     lm = load("tiny-qwen2.5-vl")
     inputs = encode_one(lm, sized("tiny-qwen2.5-vl", images)[:1])
     press = make_press("pdrop", lm.model, target=0.55)
-    seen = _capture(press)
+    seen = capture_stages(press)
     with torch.no_grad(), press(lm.model):
         lm.model(**inputs, use_cache=True)
     assert len(seen) == 3

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import ALL_FAMILIES, SIZES, load
+from tiny_families import ALL_FAMILIES, SIZES, encode_rows, load
 
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache
@@ -36,17 +36,6 @@ def family(request, images):
     return name, lm, [imgs[i % 2] for i in range(len(QUESTIONS))]
 
 
-def _encode(lm, imgs, questions):
-    tok = lm.processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        texts = [lm.adapter.format_prompt(q) for q in questions]
-        enc = lm.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-
-
 def _generate(model, inputs, press):
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True)
     with torch.no_grad(), press(model):
@@ -57,7 +46,7 @@ def _generate(model, inputs, press):
 @pytest.mark.parametrize("method", list(PRESSES))
 def test_padded_rows_evict_and_decode_as_alone(family, method):
     name, lm, imgs = family
-    batch = _encode(lm, imgs, QUESTIONS)
+    batch = encode_rows(lm, imgs, QUESTIONS)
     mask = batch["attention_mask"]
     pads = (mask == 0).sum(1).tolist()
     assert len(set(pads)) == len(QUESTIONS)  # different pad counts, left padding
@@ -69,7 +58,7 @@ def test_padded_rows_evict_and_decode_as_alone(family, method):
     assert rec.budgets == [max(col) for col in zip(*rec.row_budgets)]
     fillers = 0
     for b, (img, q) in enumerate(zip(imgs, QUESTIONS)):
-        one = _encode(lm, [img], [q])
+        one = encode_rows(lm, [img], [q])
         S_b = one["input_ids"].shape[1]
         assert S_b == S - pads[b]
         ref, alone = _generate(lm.model, one, PRESSES[method]())

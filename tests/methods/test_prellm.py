@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import SIZES, full_inputs, load
+from tiny_families import SIZES, encode_rows, full_inputs, load
 
 from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.divprune import DivPrune, max_min_select
@@ -59,17 +59,6 @@ def test_streaming_selection_equals_the_full_matrix_one(monkeypatch, m, k):
         assert whole[b].tolist() == _brute_force(x[b], k), b
 
 
-def _encode(lm, imgs, questions):
-    tok = lm.processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        texts = [lm.adapter.format_prompt(q) for q in questions]
-        enc = lm.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-
-
 def _generate(model, inputs, press=None):
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True)
     with torch.no_grad():
@@ -92,7 +81,7 @@ def test_registry_entry_and_published_setting(tiny):
 
 @pytest.mark.parametrize("ratio,kept", [(0.098, 56), (0.3, 173), (0.55, 317)])
 def test_cache_holds_round_r_n_in_every_layer(tiny, images, ratio, kept):
-    inputs = _encode(tiny, images[:1], QUESTIONS[:1])
+    inputs = encode_rows(tiny, images[:1], QUESTIONS[:1])
     S, n, L = inputs["input_ids"].shape[1], 576, tiny.adapter.num_layers
     assert int(tiny.adapter.vision_mask(inputs["input_ids"]).sum()) == n and kept == round(ratio * n)
     press = DivPrune(subset_ratio=ratio)
@@ -118,7 +107,7 @@ def test_cache_holds_round_r_n_in_every_layer(tiny, images, ratio, kept):
 
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
 def test_cached_decode_equals_uncached_reference(tiny, images, positions):
-    inputs = _encode(tiny, images[:1], QUESTIONS[:1])
+    inputs = encode_rows(tiny, images[:1], QUESTIONS[:1])
     S = inputs["input_ids"].shape[1]
     press = DivPrune(subset_ratio=0.3, positions=positions)
     out = _generate(tiny.model, inputs, press)
@@ -141,7 +130,7 @@ def test_cached_decode_equals_uncached_reference(tiny, images, positions):
 
 
 def test_ratio_one_is_bit_identical(tiny, images):
-    inputs = _encode(tiny, images[:1], QUESTIONS[:1])
+    inputs = encode_rows(tiny, images[:1], QUESTIONS[:1])
     plain = _generate(tiny.model, inputs)
     press = make_press("divprune", tiny.model, target=1.0)
     out = _generate(tiny.model, inputs, press)
@@ -167,7 +156,7 @@ def test_left_padded_batch_equals_each_row_alone(request, images, name, method):
     size = SIZES[name][0]
     imgs = [im if size is None else im.resize(size) for im in images]
     imgs = [imgs[i % 2] for i in range(len(QUESTIONS))]
-    batch = _encode(lm, imgs, QUESTIONS)
+    batch = encode_rows(lm, imgs, QUESTIONS)
     pads = (batch["attention_mask"] == 0).sum(1).tolist()
     assert len(set(pads)) == len(QUESTIONS)
     press = PRESSES[method]()
@@ -175,7 +164,7 @@ def test_left_padded_batch_equals_each_row_alone(request, images, name, method):
     rec = press.last_prefill
     S = batch["input_ids"].shape[1]
     for b, (img, q) in enumerate(zip(imgs, QUESTIONS)):
-        one = _encode(lm, [img], [q])
+        one = encode_rows(lm, [img], [q])
         alone_press = PRESSES[method]()
         alone = _generate(lm.model, one, alone_press)
         assert torch.equal(rec.kept_index[0][b][: pads[b]], torch.arange(pads[b])), b  # padding stays

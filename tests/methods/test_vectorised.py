@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from tiny_families import capture_stages
 
 from lightkv_cli import LightKV
 from lightkv_cli.methods.attention import expand_kv, post_rope_qk
@@ -32,26 +33,12 @@ QUESTIONS = [
 SCHEDULE = dict(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[0.5, 0.3, 0.5])
 
 
-def _capture(press):
-    """Wrap ``press.reduce`` to keep every stage's input and output."""
-    seen = []
-    inner = press.reduce
-
-    def reduce(inp):
-        out = inner(inp)
-        seen.append((inp, out))
-        return out
-
-    press.reduce = reduce
-    return seen
-
-
 def _run(tiny, encode, images, press, batch):
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
     imgs = [images[i % 2] for i in range(2 * batch)]
     inputs = encode(imgs, qs, num_images_per_prompt=2)
     assert (inputs["attention_mask"] == 0).any() or batch == 1  # left padding is exercised
-    seen = _capture(press)
+    seen = capture_stages(press)
     with torch.no_grad(), press(tiny.model):
         tiny.model(**inputs)
     assert seen, "no stage ran"
