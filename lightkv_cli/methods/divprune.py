@@ -33,9 +33,10 @@ def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
     ``s_t = argmax_{j∉S} min_{i∈S} D_ij``, the minimum kept as a running ``(B, m)`` vector updated with one
     row ``D[s_t]`` per step; ties go to the lowest index. When ``B·m²`` entries fit in
     :data:`_FULL_ELEMENTS`, ``D`` is computed once with ``−inf`` on its diagonal, so a chosen token's own row
-    takes it out of the running minimum and a step is three ops (gather a row, minimum, argmax), whatever
-    ``B``; otherwise each step computes its row (O(m) memory per row) and the first step reads ``D`` in
-    column chunks, never ``k×m×m``.
+    takes it out of the running minimum (the chosen set is where the minimum is ``−inf``) and a step is three
+    ops writing into buffers allocated once (argmax, gather a row, minimum), whatever ``B``; otherwise each
+    step computes its row (O(m) memory per row) and the first step reads ``D`` in column chunks, never
+    ``k×m×m``.
 
     Args:
         features: ``(B, m, D)`` one visual input's token features (any float dtype).
@@ -53,18 +54,17 @@ def max_min_select(features: torch.Tensor, k: int) -> torch.Tensor:
     if B * m * m <= _FULL_ELEMENTS:
         d = 1.0 - torch.matmul(x, x.transpose(1, 2))  # (B, m, m)
         d[:, eye, eye] = float("inf")
-        s = d.amin(dim=1).argmax(dim=1)  # (B,)
+        s = d.amin(dim=1).argmax(dim=1, keepdim=True)  # (B, 1)
         d[:, eye, eye] = float("-inf")  # a chosen token's row removes it from the running minimum
-        flat = d.view(B * m, m)
-        base = torch.arange(B, device=device) * m
-        run = flat.index_select(0, s + base)  # (B, m)
-        picks = [s]
-        for _ in range(k - 1):
-            s = run.argmax(dim=1)
-            picks.append(s)
-            run = torch.minimum(run, flat.index_select(0, s + base))
-        chosen = torch.zeros(B, m, dtype=torch.bool, device=device).scatter_(1, torch.stack(picks, dim=1), True)
-        return compact(chosen, k)
+        rows = s.view(B, 1, 1).expand(B, 1, m)  # a view of s: it follows every in-place argmax below
+        run = torch.gather(d, 1, rows).view(B, m)  # (B, m): min over the chosen of D[i, j]; −inf if chosen
+        row = torch.empty(B, 1, m, device=device)
+        flat_row = row.view(B, m)
+        for _ in range(k - 1):  # three kernels a step, no allocation: argmax, gather, minimum
+            torch.argmax(run, dim=1, keepdim=True, out=s)
+            torch.gather(d, 1, rows, out=row)
+            torch.minimum(run, flat_row, out=run)
+        return compact(torch.isneginf(run), k)
     col_min = torch.empty(B, m, device=device)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * m))
     for a in range(0, m, step):

@@ -388,16 +388,22 @@ class InputPress(Press):
         droppable = lay0.mergeable.cpu()
         coords = lay0.coords.cpu()
         count = (max(owner_of_grid) + 1) if owner_of_grid else 0
-        specials = torch.bincount(owner[~droppable], minlength=count).tolist()  # one host read
+        # Host tensors only, and no boolean indexing (a nonzero): sort by (input, special) so each input's
+        # droppable tokens are one run, in sequence order, sized by one bincount read.
+        key = owner * 2 + (~droppable).long()
+        sizes = torch.bincount(key, minlength=2 * count).view(count, 2).tolist()  # [droppable, special]
+        order = torch.argsort(key, stable=True)
         slots = []
-        for i in range(count):
-            index = torch.nonzero((owner == i) & droppable, as_tuple=False).flatten()
+        start = 0
+        for i, (drop, special) in enumerate(sizes):
+            index = order[start : start + drop]
+            start += drop + special
             mine = [g for g, o in enumerate(owner_of_grid) if o == i]
-            local = torch.full((len(grids),), -1, dtype=torch.long)
-            local[mine] = torch.arange(len(mine))
-            slots.append(
-                InputSlot(i, index, coords[index], local[image[index]], [grids[g] for g in mine], count, specials[i])
-            )
+            local = [-1] * len(grids)
+            for j, g in enumerate(mine):
+                local[g] = j
+            grid_of = torch.tensor(local, dtype=torch.long)[image[index]]
+            slots.append(InputSlot(i, index, coords[index], grid_of, [grids[g] for g in mine], count, special))
         return slots
 
     def _decode(self, args: tuple, kwargs: dict):

@@ -45,6 +45,18 @@ def test_max_min_selection_equals_brute_force(m, k):
     assert torch.equal(max_min_select(x, m), torch.arange(m).expand(3, -1))
 
 
+def test_max_min_selection_ties_and_duplicates_keep_exactly_k():
+    # 12 tokens, 4 distinct one-hot features (each three times): distances are exactly 0 or 1, so after the 4
+    # distinct ones every candidate ties at 0 and the lowest index must win; exactly k per row either way.
+    basis = torch.eye(16)[:4]
+    x = torch.stack([basis[[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]], basis[[3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0]]])
+    for k in (3, 4, 6, 11):
+        got = max_min_select(x, k)
+        assert got.shape == (2, k)
+        for b in range(2):
+            assert got[b].tolist() == _brute_force(x[b], k), (b, k)
+
+
 @pytest.mark.parametrize("m,k", [(40, 7), (97, 20)])
 def test_streaming_selection_equals_the_full_matrix_one(monkeypatch, m, k):
     import lightkv_cli.methods.divprune as dp

@@ -96,7 +96,7 @@ class LlavaAdapter(FamilyAdapter):
                     mergeable = within != 0
                     within = (within - 1).clamp(min=0)
                 coords = torch.stack([within // cols, within % cols], dim=1)
-                coords[~mergeable] = -1
+                coords.masked_fill_((~mergeable).unsqueeze(1), -1)  # host tensors; no index_put (an item read)
                 shared[n] = (coords, image, mergeable)
             coords, image, mergeable = shared[n]
             layouts.append(
@@ -213,7 +213,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     width = cols + 1
                     c = torch.stack([k // width, k % width], 1) if rows else torch.full((n_hi, 2), -1)
                     is_nl = newline[q:q_end].clone()
-                    c[is_nl] = -1
+                    c.masked_fill_(is_nl.unsqueeze(1), -1)
                     positions.append(torch.arange(q, q_end))
                     coords.append(c)
                     image.append(torch.full((n_hi,), len(grids), dtype=torch.long))
