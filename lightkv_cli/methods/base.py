@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods.hf_compat import (
     cache_from_kwargs,
     causal_mask,
@@ -364,7 +365,7 @@ class SequencePress(Press):
     def _stage_hook(self, layer: int):
         def hook(module, args, kwargs, output):
             # Named range so `torch.profiler` shows what the compression step costs (benchmarks).
-            with torch.profiler.record_function("lightkv::stage"):
+            with profile_range("lightkv::stage"):
                 return self._run_stage(layer, module, args, kwargs, output)
 
         return hook
@@ -520,7 +521,7 @@ class SequencePress(Press):
                 mask = g.masks.get(layer_type, _MISSING)
                 if mask is _MISSING:
                     cache = cache_from_kwargs(kwargs)
-                    with torch.profiler.record_function("lightkv::mask"):
+                    with profile_range("lightkv::mask"):
                         mask = causal_mask(
                             config, layer_type, hidden, self._mask_2d(st, g, hidden, cache, layer), cache, layer
                         )

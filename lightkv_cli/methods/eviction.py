@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods import attention
 from lightkv_cli.methods.base import Press
 from lightkv_cli.methods.eviction_decode import DecodeMasks
@@ -249,7 +250,7 @@ class EvictionPress(DecodeMasks, Press):
         if mask is not None and mask.ndim == 2:
             real = mask.to(vis_rows.device).bool()
             facts += [(~real).sum(1), (real[:, 1:] >= real[:, :-1]).all(1)]
-        with torch.profiler.record_function("lightkv::host_read"):
+        with profile_range("lightkv::host_read"):
             values = torch.stack([f.long() for f in facts]).tolist()
         return vis_rows, real, values
 
@@ -398,7 +399,7 @@ class EvictionPress(DecodeMasks, Press):
             scale = float(getattr(attn, "scaling", attn.head_dim**-0.5))
             st.layers.append((layer, kwargs["position_embeddings"], scale))
             if len(st.layers) == st.queries.shape[0]:
-                with torch.profiler.record_function("lightkv::evict_stats"):
+                with profile_range("lightkv::evict_stats"):
                     self._group_statistics(st)
             return None
 
@@ -449,7 +450,7 @@ class EvictionPress(DecodeMasks, Press):
         st = self._state
         if st.phase != "prefill":
             return None
-        with torch.profiler.record_function("lightkv::evict"):
+        with profile_range("lightkv::evict"):
             self._evict(st)
         st.phase = "decode"
         return None

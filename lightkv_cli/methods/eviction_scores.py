@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lightkv_cli.errors import UserError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods import attention
 
 
@@ -329,7 +330,7 @@ def read_host(budgets: torch.Tensor | Sequence[Sequence[int]], details: dict) ->
     if not parts:
         return [[int(b) for b in row] for row in budgets], out
     device = parts[0].device
-    with torch.profiler.record_function("lightkv::host_read"):
+    with profile_range("lightkv::host_read"):
         flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts]).tolist()
 
     def take(i: int, shape: torch.Size) -> list:

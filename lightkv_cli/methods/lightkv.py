@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UserError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods import schedule
 from lightkv_cli.methods.attention import post_rope_qk
 from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
@@ -197,7 +198,7 @@ class LightKV(SequencePress):
         k = self.layers.index(inp.layer)
         windows, ratio = self.windows[k], self.ratios[k]
         vis = inp.vision
-        with torch.profiler.record_function("lightkv::match"):
+        with profile_range("lightkv::match"):
             D = inp.hidden.shape[-1]
             feats = inp.hidden.gather(1, vis.positions.unsqueeze(-1).expand(-1, -1, D))  # (B, n, D)
             plan = batched_plan(
@@ -207,9 +208,9 @@ class LightKV(SequencePress):
         if m == 0:
             return None
         src, dst = plan.top(m)
-        with torch.profiler.record_function("lightkv::guidance"):
+        with profile_range("lightkv::guidance"):
             g_all = self._guidance_weights(inp)  # (B, n) float32 over each row's vision tokens
-        with torch.profiler.record_function("lightkv::merge"):
+        with profile_range("lightkv::merge"):
             return self._merge(inp, feats, src, dst, g_all)
 
     def _merge(

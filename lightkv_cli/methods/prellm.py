@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError, UserError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods.base import POSITION_MODES, Press
 from lightkv_cli.methods.hf_compat import (
     cache_from_kwargs,
@@ -262,7 +263,7 @@ class InputPress(Press):
     def _lm_pre_hook(self, module, args, kwargs):
         st = self._state
         if st.phase == "pending":
-            with torch.profiler.record_function("lightkv::prellm"):
+            with profile_range("lightkv::prellm"):
                 return self._prefill(args, kwargs)
         if st.phase == "reduced":
             return self._decode(args, kwargs)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.measure.timing import profile_range
 from lightkv_cli.methods.prellm import InputPress, InputSlot, check_share, rounded_count
 from lightkv_cli.methods.vision import compact
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
@@ -135,7 +136,7 @@ class VisionZip(InputPress):
         x = kwargs.get("hidden_states", args[0] if args else None)  # (items, 1 + P, width), post-LayerNorm
         items, N, _ = x.shape
         H, d = module.num_heads, module.head_dim
-        with torch.profiler.record_function("lightkv::visionzip_cls"):
+        with profile_range("lightkv::visionzip_cls"):
             q = module.q_proj(x[:, :1]).float().view(items, 1, H, d).transpose(1, 2)  # (items, H, 1, d)
             k = module.k_proj(x).float().view(items, N, H, d).transpose(1, 2)  # (items, H, N, d)
             probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * module.scale, dim=-1)  # (items, H, 1, N)

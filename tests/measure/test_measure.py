@@ -21,7 +21,7 @@ from lightkv_cli.measure.costs import kv_bytes_per_token, max_concurrent_request
 from lightkv_cli.measure.environment import environment_info
 from lightkv_cli.measure.memory import PeakMemory, detect_memory_budget
 from lightkv_cli.measure.nvml import NvmlSampler, _downsample, nvml_environment
-from lightkv_cli.measure.timing import Stopwatch
+from lightkv_cli.measure.timing import Stopwatch, profile_range
 from lightkv_cli.scoring.stats import Spread
 from lightkv_cli.units import parse_memory_size
 
@@ -64,6 +64,18 @@ def test_stopwatch_measures_sleep() -> None:
     with Stopwatch("cpu") as quick:
         pass
     assert 0.0 <= quick.ms < sw.ms
+
+
+def test_profile_range_records_only_while_a_profiler_runs() -> None:
+    with profile_range("lightkv::test_off") as off:
+        torch.ones(3).sum()
+    assert off is None  # a no-op context: no profiler op dispatched
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with profile_range("lightkv::test_on"):
+            torch.ones(3).sum()
+    names = [e.name for e in prof.events()]
+    assert names.count("lightkv::test_on") == 1
+    assert "lightkv::test_off" not in names
 
 
 def _touch(n_bytes: int) -> torch.Tensor:
