@@ -139,24 +139,6 @@ class StageOutput:
     pairs: torch.Tensor | None = None
 
 
-def drop_lowest(inp: StageInput, scores: torch.Tensor, n_drop: int) -> StageOutput:
-    """The stage that drops every row's ``n_drop`` droppable vision tokens with the lowest ``scores``
-    (FastV, PyramidDrop): special tokens are never dropped; ties go to the earlier token.
-
-    Args:
-        inp: the stage's input.
-        scores: ``(B, n)`` float32 score of each vision token (recorded as the stage's guidance).
-        n_drop: tokens dropped per row, ``≥ 1`` (a host int).
-    """
-    B, S, _ = inp.hidden.shape
-    vis = inp.vision
-    ranked = scores.masked_fill(~vis.mergeable, float("inf"))
-    order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]
-    keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
-    keep.scatter_(1, vis.positions.gather(1, order), False)
-    return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
-
-
 @dataclass
 class _Group:
     """State of the layers after one stage (they all see the same shorter sequence)."""
@@ -180,6 +162,7 @@ class _ForwardState:
     vision: VisionTokens | None = None
     cache: Any = None
     groups: list[_Group] = field(default_factory=list)
+    group_of: dict[int, _Group] = field(default_factory=dict)  # decoder layer -> the group it belongs to
     record: PrefillRecord | None = None
     captured: dict = field(default_factory=dict)  # layer -> {"q": ..., "k": ...}
 
@@ -233,6 +216,8 @@ class SequencePress(Press):
 
     # --- hooks -----------------------------------------------------------------------------
     def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
+        self._prefill_handles: list[Any] = []
+        self._layer_handles: list[Any] = []
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.positions == "renumber" and not adapter.supports_renumber:
@@ -244,27 +229,41 @@ class SequencePress(Press):
         self._adapter = adapter
         self._state = _ForwardState(phase="off")
         self._last_prefill = None
-        L = adapter.num_layers
-        stages = self.stage_layers(L)
-        handles = [
-            model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
-            # The vision layout is read where the decoder's inputs are complete (image features in
-            # the embeddings, M-RoPE positions): the language model's own pre-hook.
-            adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
-        ]
-        layers = adapter.layers
-        for lay in stages:
-            handles.append(layers[lay].register_forward_hook(self._stage_hook(lay), with_kwargs=True))
+        self._stages = self.stage_layers(adapter.num_layers)
+        # Only this hook stays: prefill's (layouts, stages, q/k) live from a prefill's start to its first
+        # decode step, the compressed layers' from a stage's first cut to the next prefill (issue 16).
+        return [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
+
+    def _attach_prefill_hooks(self) -> None:
+        if self._prefill_handles:
+            return
+        adapter, add = self._adapter, self._prefill_handles.append
+        # The vision layout is read where the decoder's inputs are complete (image features in the
+        # embeddings, M-RoPE positions): the language model's own pre-hook.
+        add(adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
+        for lay in self._stages:
+            add(adapter.layers[lay].register_forward_hook(self._stage_hook(lay), with_kwargs=True))
             if self.needs_qk:
-                attn = layers[lay].self_attn
-                handles.append(attn.q_proj.register_forward_hook(self._capture_hook(lay, "q")))
-                handles.append(attn.k_proj.register_forward_hook(self._capture_hook(lay, "k")))
-        if stages:
-            for lay in range(min(stages) + 1, L):
-                handles.append(layers[lay].register_forward_pre_hook(self._layer_pre_hook(lay), with_kwargs=True))
-        return handles
+                attn = adapter.layers[lay].self_attn
+                add(attn.q_proj.register_forward_hook(self._capture_hook(lay, "q")))
+                add(attn.k_proj.register_forward_hook(self._capture_hook(lay, "k")))
+
+    def _attach_layer_hooks(self, first_layer: int) -> None:
+        layers = self._adapter.layers  # once, from the first group's layer on (later groups follow it)
+        for lay in range(first_layer, len(layers)) if not self._layer_handles else ():
+            self._layer_handles.append(
+                layers[lay].register_forward_pre_hook(self._layer_pre_hook(lay), with_kwargs=True)
+            )
+
+    @staticmethod
+    def _remove(handles: list[Any]) -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
 
     def _detach(self) -> None:
+        self._remove(self._prefill_handles)
+        self._remove(self._layer_handles)
         self._state = _ForwardState(phase="off")
 
     def _capture_hook(self, layer: int, what: str):
@@ -281,6 +280,7 @@ class SequencePress(Press):
         past = cache.get_seq_length() if cache is not None else 0
         adapter = self._adapter
         if past == 0:
+            self._remove(self._layer_handles)  # a new prefill: its own stages decide which layers shrink
             if input_ids is None:
                 refuse_embeds_without_ids(self, kwargs)
                 self._state = _ForwardState(phase="off")
@@ -292,10 +292,12 @@ class SequencePress(Press):
             if mask is None or mask.ndim != 2:
                 mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
             adapter.check_prompt(input_ids)
+            self._attach_prefill_hooks()
             # Layouts are found in the language model's pre-hook (``_lm_pre_hook``).
             self._state = _ForwardState(phase="pending", seq_len=S, mask_2d=mask, cache=cache, input_ids=input_ids)
             return None
         # decode (or a continued prefill)
+        self._remove(self._prefill_handles)
         st = self._state
         refuse_vision_after_prefill(adapter, kwargs, input_ids)
         if st.phase in ("prefill", "decode") and st.groups and cache is st.cache:
@@ -478,6 +480,8 @@ class SequencePress(Press):
             removed=removed,
         )
         st.groups.append(group)
+        st.group_of.update(dict.fromkeys(range(group.first_layer, self._adapter.num_layers), group))
+        self._attach_layer_hooks(group.first_layer)
         return new_hidden, group
 
     @staticmethod
@@ -492,13 +496,6 @@ class SequencePress(Press):
             tail = torch.ones(g.mask_2d.shape[0], past_here - g.seq_len + hidden.shape[1], device=g.mask_2d.device)
         return torch.cat([g.mask_2d, tail.to(g.mask_2d.dtype)], dim=1)
 
-    def _group_for(self, st: _ForwardState, layer: int) -> _Group | None:
-        found = None
-        for g in st.groups:
-            if g.first_layer <= layer:
-                found = g
-        return found
-
     def _layer_pre_hook(self, layer: int):
         config = self._adapter.text_config
         types = getattr(config, "layer_types", None)
@@ -508,7 +505,7 @@ class SequencePress(Press):
             st = self._state
             if st.phase not in ("prefill", "decode"):
                 return None
-            g = self._group_for(st, layer)
+            g = st.group_of.get(layer)
             if g is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)

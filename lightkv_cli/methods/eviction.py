@@ -219,17 +219,34 @@ class EvictionPress(DecodeMasks, Press):
         self._last_prefill = None
         types = getattr(adapter.text_config, "layer_types", None)
         self._layer_types = [types[i] if types else "full_attention" for i in range(adapter.num_layers)]
-        handles = [
+        # Only the top-level hooks stay: the per-layer statistics hooks live through one evicting prefill,
+        # the per-layer decode pre-hooks from its end to the next prefill (issue 16: no idle hook calls).
+        self._prefill_handles: list[Any] = []
+        self._decode_handles: list[Any] = []
+        return [
             model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
             model.register_forward_hook(self._top_post_hook, with_kwargs=True),
         ]
-        for i, layer in enumerate(adapter.layers):
-            handles.append(layer.self_attn.q_proj.register_forward_hook(self._capture_hook(i, layer.self_attn)))
-            handles.append(layer.register_forward_hook(self._stats_hook(i), with_kwargs=True))
-            handles.append(layer.register_forward_pre_hook(self._decode_pre_hook(i), with_kwargs=True))
-        return handles
+
+    def _attach_layer_hooks(self, decode: bool) -> None:
+        """Attach every layer's decode pre-hook (``decode``) or its q_proj capture and statistics hooks."""
+        handles = self._decode_handles if decode else self._prefill_handles
+        for i, layer in enumerate(self._adapter.layers) if not handles else ():
+            if decode:
+                handles.append(layer.register_forward_pre_hook(self._decode_pre_hook(i), with_kwargs=True))
+            else:
+                handles.append(layer.self_attn.q_proj.register_forward_hook(self._capture_hook(i, layer.self_attn)))
+                handles.append(layer.register_forward_hook(self._stats_hook(i), with_kwargs=True))
+
+    def _remove_layer_hooks(self, decode: bool) -> None:
+        handles = self._decode_handles if decode else self._prefill_handles
+        for h in handles:
+            h.remove()
+        handles.clear()
 
     def _detach(self) -> None:
+        for decode in (False, True):
+            self._remove_layer_hooks(decode)
         self._state = _EvictState()
 
     def _prompt_facts(
@@ -275,6 +292,7 @@ class EvictionPress(DecodeMasks, Press):
         adapter = self._adapter
         st = self._state
         if past == 0:
+            self._remove_layer_hooks(decode=True)
             if input_ids is None:
                 refuse_embeds_without_ids(self, kwargs)
                 self._state = _EvictState()
@@ -312,6 +330,7 @@ class EvictionPress(DecodeMasks, Press):
             start = min(t for t in starts if t is not None)
             # rows not evicted still get statistics (ignored): from their first real query on
             row_starts = [t if t is not None else max(start, p) for t, p in zip(starts, pads)]
+            self._attach_layer_hooks(decode=False)
             self._state = _EvictState(
                 phase="prefill",
                 seq_len=S,
@@ -453,6 +472,8 @@ class EvictionPress(DecodeMasks, Press):
         with profile_range("lightkv::evict"):
             self._evict(st)
         st.phase = "decode"
+        self._remove_layer_hooks(decode=False)
+        self._attach_layer_hooks(decode=True)
         return None
 
     def _evict(self, st: _EvictState) -> None:

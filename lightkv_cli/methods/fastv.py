@@ -16,10 +16,28 @@ from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.attention import expand_kv, post_rope_qk
-from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput, drop_lowest
+from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 _FLOOR_EPS = 1e-9
+
+
+def drop_lowest(inp: StageInput, scores: torch.Tensor, n_drop: int) -> StageOutput:
+    """The stage that drops every row's ``n_drop`` droppable vision tokens with the lowest ``scores``
+    (FastV, PyramidDrop): special tokens are never dropped; ties go to the earlier token.
+
+    Args:
+        inp: the stage's input.
+        scores: ``(B, n)`` float32 score of each vision token (recorded as the stage's guidance).
+        n_drop: tokens dropped per row, ``≥ 1`` (a host int).
+    """
+    B, S, _ = inp.hidden.shape
+    vis = inp.vision
+    ranked = scores.masked_fill(~vis.mergeable, float("inf"))
+    order = torch.sort(ranked, dim=1, stable=True).indices[:, :n_drop]
+    keep = torch.ones(B, S, dtype=torch.bool, device=inp.hidden.device)
+    keep.scatter_(1, vis.positions.gather(1, order), False)
+    return StageOutput(keep=keep, removed=n_drop, hidden=inp.hidden, guidance=scores)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch import nn
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.attention import expand_kv
-from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput, drop_lowest
+from lightkv_cli.methods.base import POSITION_MODES, SequencePress, StageInput, StageOutput
+from lightkv_cli.methods.fastv import drop_lowest
 from lightkv_cli.models.adapters import FamilyAdapter, adapter_for
 
 #: The paper's boundaries [8, 16, 24] as fractions of LLaVA-1.5-7B's 32 layers.

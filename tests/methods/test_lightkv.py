@@ -285,6 +285,40 @@ def test_hooks_removed_on_exit_and_on_error(tiny, images, encode):
     assert len(layers[4]._forward_pre_hooks) == 0
 
 
+def _hooks(modules) -> list[tuple[int, int]]:
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
+
+
+def _added(modules, before, kind: int | None = None) -> list[int]:
+    """Indices of ``modules`` with more hooks (``kind`` 0: pre-hooks, 1: forward hooks, None: either)."""
+    kinds = (0, 1) if kind is None else (kind,)
+    return [i for i, (n, b) in enumerate(zip(_hooks(modules), before)) if any(n[k] > b[k] for k in kinds)]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1e-9])
+def test_decode_runs_hooks_only_where_the_sequence_shrank(tiny, images, encode, ratio):
+    """Prefill hooks leave at the first decode step; compressed layers' pre-hooks exist only after a cut."""
+    model, layers = tiny.model, list(tiny.adapter.layers)
+    everything = list(model.modules())
+    inputs = encode(images[:1], [QUESTION])
+    with torch.no_grad():
+        model(**inputs)  # transformers attaches its own output-recording hooks at a model's first forward
+    before_all, before_layers = _hooks(everything), _hooks(layers)
+    press = LightKV(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[ratio] * 3)
+    shrunk = list(range(4, 16)) if ratio == 0.5 else []  # ratio 1e-9 merges nothing
+    with torch.no_grad(), press(model):
+        assert _added(everything, before_all) == [0]  # the top-level pre-hook only, until a prefill starts
+        out = model(**inputs, use_cache=True)
+        assert _added(layers, before_layers, kind=1) == [3, 6, 9]  # the stages
+        assert _added(layers, before_layers, kind=0) == shrunk
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, out.past_key_values))
+        assert _added(layers, before_layers) == shrunk
+        assert len(_added(everything, before_all)) == 1 + len(shrunk)  # stage and q/k capture hooks gone
+    assert _hooks(everything) == before_all
+
+
 def test_rows_with_different_vision_counts_raise(tiny, images, encode):
     one = encode(images[:1], [QUESTION])
     two = encode(images, ["Compare."], num_images_per_prompt=2)
