@@ -107,14 +107,17 @@ def _print_time_vs_flops(rows: list[dict]) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="lightkv-published: prefill time ratio vs FLOPs ratio (× uncompressed, same cell)")
+    table = Table(
+        title="lightkv-published: prefill time ratio (paired median [95% interval]) vs FLOPs ratio "
+        "(× uncompressed, same cell)"
+    )
     for col in ("batch", "images", "prefill time ratio", "FLOPs ratio", "time − FLOPs"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
             str(r["batch"]),
             str(r["images"]),
-            f"{r['prefill_ratio']:.3f}",
+            f"{r['prefill_ratio']:.3f}" + (" [{:.3f}, {:.3f}]".format(*r["interval"]) if r.get("interval") else ""),
             f"{r['flops_ratio']:.3f}",
             f"{r['difference']:+.3f}",
         )

@@ -5,7 +5,9 @@ For an architecture built with random weights (weights change neither memory nor
 and LightKV at other target retentions, and measures:
 
 * time to first token / prefill time and decode ms/token over ``new_tokens`` greedy tokens with EOS
-  disabled (medians over repeats after warm-up; ratios to the uncompressed run of the same cell);
+  disabled (medians over repeats after warm-up); the methods of one (batch, images) combination run
+  interleaved, round by round, and their ratios to the uncompressed run are medians of per-round
+  paired ratios with bootstrap intervals;
 * KV bytes after prefill for the whole batch (total and vision) and the measured vision retention;
 * the analytic prefill FLOPs of the decoder (:func:`~lightkv_cli.measure.costs.prefill_flops`, from
   the tokens each layer processed), so that the prefill time ratio can be read beside the FLOPs ratio;
@@ -157,57 +159,95 @@ def measure(
     warmup: int,
     nvml_interval_ms: float = 20.0,
 ) -> dict:
-    """Time and size one (method, batch, images) cell.
+    """Time and size one (method, batch, images) cell: :func:`measure_interleaved` of one press."""
+    return measure_interleaved(bm, [press], batch, images, new_tokens, repeats, warmup, nvml_interval_ms)[0]
+
+
+def measure_interleaved(
+    bm: BenchModel,
+    presses: Sequence[LightKV | None],
+    batch: int,
+    images: int,
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    nvml_interval_ms: float = 20.0,
+) -> list[dict]:
+    """Time and size every press's (method, batch, images) cell, interleaved (DESIGN.md, "Measuring honestly").
+
+    ``warmup`` runs of each press, then ``repeats`` rounds in which every press runs once, in an order
+    rotated by one each round, on the same inputs: round ``r`` of two presses saw the same machine, so
+    their per-round ratio is a paired one (a machine whose load drifts moves both).
 
     Returns:
-        ``{"status": "ok", "prefill_ms", "decode_ms_per_token" (Spreads), "kv_bytes",
+        One dict per press: ``{"status": "ok", "prefill_ms", "decode_ms_per_token" (Spreads),
+        "prefill_rounds", "decode_rounds" (ms per round, for paired ratios), "kv_bytes",
         "kv_bytes_vision" (whole batch, after prefill), "vision_retention", "flops_prefill" (analytic
         decoder FLOPs of the whole batch's prefill), "peak_memory_bytes", "peak_memory_kind",
-        "nvml_peak_used_bytes"}``, or ``{"status": "oom", "error"}``.
+        "nvml_peak_used_bytes"}``, or ``{"status": "oom" | "error", "error"}`` (the others go on).
     """
-    inputs = synthetic_inputs(bm, batch, images)
-    n_vis = images * bm.vision_tokens_per_image
-    prefill, decode, peaks = [], [], []
-    try:
-        with NvmlSampler(bm.device, interval_ms=nvml_interval_ms) as sampler:
-            for _ in range(warmup):
-                greedy_generate(
-                    bm.model, inputs, n_vis, new_tokens, None, press=press, suppress_token_ids=[bm.image_token_id]
-                )
-            for _ in range(repeats):
-                res = greedy_generate(
-                    bm.model, inputs, n_vis, new_tokens, None, press=press, suppress_token_ids=[bm.image_token_id]
-                )
-                prefill.append(res.prefill_ms)
-                decode += res.decode_ms
-                peaks.append(res.peak_memory_bytes)
-    except torch.OutOfMemoryError as exc:
-        del inputs
-        _free(bm.device)
-        return {"status": "oom", "error": str(exc).splitlines()[0] if str(exc) else "out of memory"}
-    except Exception as exc:  # recorded, so that one failing cell does not lose the benchmark
-        del inputs
-        _free(bm.device)
-        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     from lightkv_cli.measure.costs import prefill_flops
 
-    nv = sampler.to_dict()
-    c = res.cache
-    out = {
-        "status": "ok",
-        "prefill_ms": Spread.of(prefill).to_dict(),
-        "decode_ms_per_token": Spread.of(decode).to_dict() if decode else None,
-        "kv_bytes": c.total_bytes * batch,
-        "kv_bytes_vision": c.vision_bytes * batch,
-        "vision_retention": c.vision_retention,
-        "layer_seq_lens": list(c.layer_seq_lens),
-        "flops_prefill": prefill_flops(bm.model.config, c.processed_seq_lens or c.layer_seq_lens, batch),
-        "peak_memory_bytes": max(peaks),
-        "peak_memory_kind": res.peak_memory_kind,
-        "nvml_peak_used_bytes": nv.get("peak_used_bytes") if nv.get("available") else None,
-        "nvml_note": nv.get("note"),
-    }
-    del inputs, res
+    inputs = synthetic_inputs(bm, batch, images)
+    n_vis = images * bm.vision_tokens_per_image
+    n = len(presses)
+    runs: list[dict] = [{"prefill": [], "decode": [], "peaks": [], "nvml": [], "res": None} for _ in presses]
+    failed: list[dict | None] = [None] * n
+
+    def once(i: int, timed: bool) -> None:
+        try:
+            with NvmlSampler(bm.device, interval_ms=nvml_interval_ms) as sampler:
+                res = greedy_generate(
+                    bm.model, inputs, n_vis, new_tokens, None, press=presses[i], suppress_token_ids=[bm.image_token_id]
+                )
+        except torch.OutOfMemoryError as exc:
+            failed[i] = {"status": "oom", "error": str(exc).splitlines()[0] if str(exc) else "out of memory"}
+        except Exception as exc:  # recorded, so that one failing cell does not lose the benchmark
+            failed[i] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            if timed:
+                r = runs[i]
+                r["prefill"].append(res.prefill_ms)
+                r["decode"].append(res.decode_ms)
+                r["peaks"].append(res.peak_memory_bytes)
+                r["nvml"].append(sampler.to_dict())
+                r["res"] = res
+            return
+        _free(bm.device)
+
+    for i in range(n):
+        for _ in range(warmup):
+            if failed[i] is None:
+                once(i, timed=False)
+    for rnd in range(repeats):
+        for i in [*range(rnd % n, n), *range(rnd % n)]:
+            if failed[i] is None:
+                once(i, timed=True)
+    out = []
+    for i, r in enumerate(runs):
+        if failed[i] is not None or r["res"] is None:
+            out.append(failed[i] or {"status": "error", "error": "no timed run (repeats = 0)"})
+            continue
+        c, decode = r["res"].cache, [t for step in r["decode"] for t in step]
+        nv = [x for x in r["nvml"] if x.get("available")]
+        out.append(
+            {
+                "status": "ok",
+                "prefill_ms": Spread.of(r["prefill"]).to_dict(),
+                "decode_ms_per_token": Spread.of(decode).to_dict() if decode else None,
+                "prefill_rounds": list(r["prefill"]),
+                "decode_rounds": [sum(step) / len(step) if step else None for step in r["decode"]],
+                "kv_bytes": c.total_bytes * batch,
+                "kv_bytes_vision": c.vision_bytes * batch,
+                "vision_retention": c.vision_retention,
+                "layer_seq_lens": list(c.layer_seq_lens),
+                "flops_prefill": prefill_flops(bm.model.config, c.processed_seq_lens or c.layer_seq_lens, batch),
+                "peak_memory_bytes": max(r["peaks"]),
+                "peak_memory_kind": r["res"].peak_memory_kind,
+                "nvml_peak_used_bytes": max(x["peak_used_bytes"] for x in nv) if nv else None,
+                "nvml_note": r["nvml"][-1].get("note"),
+            }
+        )
     _free(bm.device)
     return out
 
@@ -338,12 +378,14 @@ def run_benchmark(
         if results_path is not None:
             write_json_atomic(results_path, out)
 
+    from lightkv_cli.measure.paired import paired_ratio
+
     for images in images_per_prompt:
         for batch in batches:
-            base = None
-            for name, press in methods:
-                note(f"{name} · batch {batch} · {images} image(s)")
-                m = measure(bm, press, batch, images, new_tokens, repeats, warmup)
+            note(f"{len(methods)} methods interleaved · batch {batch} · {images} image(s)")
+            measured = measure_interleaved(bm, [p for _, p in methods], batch, images, new_tokens, repeats, warmup)
+            base = measured[0] if measured[0]["status"] == "ok" else None
+            for (name, press), m in zip(methods, measured):
                 row = {
                     "method": name,
                     "batch": batch,
@@ -358,23 +400,20 @@ def run_benchmark(
                     "expected_retention": 1.0 if press is None else press.expected_retention,
                     **m,
                 }
-                if press is None:
-                    base = row if m["status"] == "ok" else None
                 if base is not None and m["status"] == "ok":
-                    row["prefill_ratio"] = m["prefill_ms"]["median"] / base["prefill_ms"]["median"]
+                    # paired per round (the same machine state), median with a bootstrap interval
+                    for key, rounds in (("prefill", "prefill_rounds"), ("decode", "decode_rounds")):
+                        pr = paired_ratio([m[rounds]], [base[rounds]])
+                        row[f"{key}_ratio"] = pr.median if pr else None
+                        row[f"{key}_ratio_interval"] = [pr.low, pr.high] if pr else None
                     row["flops_ratio"] = m["flops_prefill"] / base["flops_prefill"]
-                    row["decode_ratio"] = (
-                        m["decode_ms_per_token"]["median"] / base["decode_ms_per_token"]["median"]
-                        if m["decode_ms_per_token"] and base["decode_ms_per_token"]
-                        else None
-                    )
                     row["kv_ratio"] = m["kv_bytes"] / base["kv_bytes"]
                     row["kv_vision_ratio"] = m["kv_bytes_vision"] / base["kv_bytes_vision"]
                     row["peak_ratio"] = (
                         m["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else None
                     )
                 cells.append(row)
-                save()
+            save()
     if search:
         for images in images_per_prompt:
             for name, press in methods[:2]:
@@ -432,18 +471,25 @@ def time_vs_flops(bench: dict, method: str = "lightkv-published") -> list[dict]:
         method: the cells' method name.
 
     Returns:
-        One ``{"batch", "images", "prefill_ratio", "flops_ratio", "difference"}`` per finished cell of
+        One ``{"batch", "images", "prefill_ratio", "interval" (its 95% bootstrap interval, or None),
+        "flops_ratio", "difference"}`` per finished cell of
         ``method`` (``difference`` = time ratio − FLOPs ratio), in the result's order.
     """
     rows = []
     for c in bench.get("cells", []):
-        if c.get("method") != method or c.get("status") != "ok" or c.get("flops_ratio") is None:
+        if (
+            c.get("method") != method
+            or c.get("status") != "ok"
+            or c.get("flops_ratio") is None
+            or c.get("prefill_ratio") is None
+        ):
             continue
         rows.append(
             {
                 "batch": c["batch"],
                 "images": c["images"],
                 "prefill_ratio": c["prefill_ratio"],
+                "interval": c.get("prefill_ratio_interval"),
                 "flops_ratio": c["flops_ratio"],
                 "difference": c["prefill_ratio"] - c["flops_ratio"],
             }

@@ -91,3 +91,48 @@ def test_bench_bad_options(runner, tmp_path):
     ) + " ".join((result.stderr or "").split())
     result = runner.invoke(app, ["bench", "--batches", "0", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
+
+
+def test_methods_run_interleaved_with_paired_ratios(monkeypatch):
+    """Warm-ups first, then rounds visiting every press once in an order rotated each round; a press that
+    runs out of memory is recorded as such and the others go on; ratios pair equal rounds."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig
+
+    from lightkv_cli.engine import bench
+    from lightkv_cli.models.tiny import TEXT_CONFIG
+
+    config = LlamaConfig(**TEXT_CONFIG)
+    L = config.num_hidden_layers
+    bm = SimpleNamespace(
+        model=SimpleNamespace(config=config),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        image_token_id=3,
+        vision_tokens_per_image=4,
+        image_size=8,
+        vocab_size=50,
+    )
+    a, b, oom = object(), object(), object()
+    calls, clock = [], iter(range(1, 1000))
+
+    def fake_generate(model, inputs, n_vis, new_tokens, _, press=None, suppress_token_ids=()):
+        calls.append(press)
+        if press is oom:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        t = float(next(clock))
+        cache = SimpleNamespace(
+            total_bytes=100, vision_bytes=40, vision_retention=0.4, layer_seq_lens=[10] * L, processed_seq_lens=None
+        )
+        return SimpleNamespace(prefill_ms=t, decode_ms=[t, t], peak_memory_bytes=7, peak_memory_kind="rss", cache=cache)
+
+    monkeypatch.setattr(bench, "greedy_generate", fake_generate)
+    got = bench.measure_interleaved(bm, [None, a, oom, b], batch=2, images=1, new_tokens=2, repeats=3, warmup=1)
+    assert calls == [None, a, oom, b, None, a, b, a, b, None, b, None, a]  # oom: out after its warm-up
+    assert [g["status"] for g in got] == ["ok", "ok", "oom", "ok"]
+    assert "out of memory" in got[2]["error"]
+    assert got[0]["prefill_rounds"] == [4.0, 9.0, 11.0] and got[1]["prefill_rounds"] == [5.0, 7.0, 12.0]
+    assert got[3]["decode_rounds"] == [6.0, 8.0, 10.0] and got[3]["decode_ms_per_token"]["n"] == 6
+    assert got[1]["kv_bytes"] == 200 and got[1]["flops_prefill"] > 0
