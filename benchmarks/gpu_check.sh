@@ -92,6 +92,6 @@ step bench 240 "$PY" -c "from lightkv_cli.cli import main; main()" bench --arch 
     grep -E '^\| ' "$OUT/ops.log"
     echo "-- sync-debug warnings during op counting: $(grep -c -i 'synchroniz' "$OUT/ops.log")"
     echo "-- bench: prefill time ratio vs FLOPs ratio (published schedule):"
-    sed -n '/prefill time ratio vs FLOPs ratio/,/^results:/p' "$OUT/bench.log"
+    sed -n '/lightkv-published: prefill time ratio/,/^results:/p' "$OUT/bench.log"
 } | tee "$OUT/summary.txt"
 [ "$FAILED" -eq 0 ]

@@ -84,6 +84,12 @@ def _inside_lightkv(e) -> bool:
     return False
 
 
+def _out_cache(out):
+    """The KV cache of a model output: ``cache`` (transformers >= 5.24; ``past_key_values`` is its deprecated
+    alias there) or ``past_key_values`` (earlier)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _measure(model, inputs, press, cache_kwarg):
     """Prefill (ops, syncs, step ms, total ms) and decode-step (ops, syncs) under one press context."""
     ctx = press(model) if press is not None else contextlib.nullcontext()
@@ -94,7 +100,7 @@ def _measure(model, inputs, press, cache_kwarg):
         out = holder["out"]
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        kw = cache_kwarg(model.forward, out.past_key_values)
+        kw = cache_kwarg(model.forward, _out_cache(out))
         decode = _count(lambda: model(input_ids=nxt, attention_mask=mask, use_cache=True, **kw))
     return prefill, decode
 
@@ -124,7 +130,7 @@ def _decode_pairs(model, inputs, out, press, cache_kwarg, steps: int, device) ->
     """
     nxt = out.logits[:, -1:].argmax(-1)
     mask = inputs["attention_mask"]
-    kw = cache_kwarg(model.forward, out.past_key_values)
+    kw = cache_kwarg(model.forward, _out_cache(out))
     pairs = []
     with torch.no_grad():
         for i in range(steps):
