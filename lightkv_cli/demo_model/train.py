@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lightkv_cli.demo_model import CHECKPOINT_DIR, TESTSET_DIR, build, data
-from lightkv_cli.methods.hf_compat import cache_kwarg
+from lightkv_cli.methods.hf_compat import cache_kwarg, output_cache
 
 N_VISION = (data.CANVAS // data.PATCH) ** 2  # 256
 #: A vision token is labelled with the object's colour and shape in vision pretraining when the object
@@ -153,7 +153,7 @@ def prefix_cache(
             position_ids = torch.cat([head_pos, N_HEAD + keep], dim=1)
     x = torch.cat([head, feats.to(head.dtype)], dim=1)
     out = lm(inputs_embeds=x, position_ids=position_ids, use_cache=True)
-    return out.past_key_values, (N_HEAD + N_VISION if position_ids is not None else x.shape[1])
+    return output_cache(out), (N_HEAD + N_VISION if position_ids is not None else x.shape[1])
 
 
 def suffix_logits(

@@ -33,6 +33,12 @@ def cache_from_kwargs(kwargs: dict) -> Any:
     return kwargs.get("cache") if cache is None else cache
 
 
+def output_cache(out) -> Any:
+    """The KV cache a model's forward returned: its output's ``cache`` (transformers ≥ 5.24, where
+    ``past_key_values`` is a deprecated alias) or ``past_key_values`` (earlier); None when it has none."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
 @functools.cache
 def _cache_param(fn) -> str:
     """``"cache"`` when ``fn``'s signature takes ``cache``, else ``"past_key_values"`` (read once per function)."""

@@ -14,6 +14,7 @@ from tiny_families import evicted_prompt_masks
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.fastv import FastV
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.merging import merges_per_window, window_ids
 from lightkv_cli.methods.random_drop import RandomDrop
 from lightkv_cli.methods.registry import KIND_DROP, KIND_EVICT, KIND_MERGE, KIND_PRE, METHODS, make_press
@@ -209,12 +210,12 @@ def test_vlcache_kept_counts_and_recent_window(tiny, one):
     assert rec.budgets == layer_budgets(rec.details["density"], 0.3, S)[0]
     assert sum(rec.budgets) == round(0.3 * L * S)
     assert len(set(rec.budgets)) > 1  # per-layer budgets differ with density
-    for layer, k, idx in zip(out.past_key_values.layers, rec.budgets, rec.kept_index):
+    for layer, k, idx in zip(output_cache(out).layers, rec.budgets, rec.kept_index):
         assert layer.keys.shape[-2] == layer.values.shape[-2] == k
         assert tuple(idx.shape) == (1, tiny.adapter.text_config.num_key_value_heads, k)
         recent = math.floor(0.1 * k)
         assert bool((idx[..., k - recent :] == torch.arange(S - recent, S)).all())
-    stats = cache_stats(out.past_key_values, tiny.adapter.vision_tokens_per_image(), rec)
+    stats = cache_stats(output_cache(out), tiny.adapter.vision_tokens_per_image(), rec)
     assert stats.layer_seq_lens == rec.budgets and stats.processed_seq_lens == [S] * L
     assert abs(stats.vision_retention - rec.vision_retention) < 1e-12
 
@@ -256,7 +257,7 @@ def test_snapkv_counts_and_statistics_match_brute_force(tiny, one, attentions):
     assert rec.budgets == [k] * tiny.adapter.num_layers
     Hkv = tiny.adapter.text_config.num_key_value_heads
     for layer, A in enumerate(attentions):
-        assert out.past_key_values.layers[layer].keys.shape[-2] == k
+        assert output_cache(out).layers[layer].keys.shape[-2] == k
         mean = A[0, :, S - 8 :].mean(1).view(Hkv, -1, S).mean(1)  # (H_kv, S)
         prefix = F.avg_pool1d(mean[:, None, : S - 8], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
         for h in range(Hkv):
@@ -272,7 +273,7 @@ def test_fastv_counts_and_scores_match_brute_force(tiny, one, attentions):
     S = one["input_ids"].shape[1]
     n = tiny.adapter.vision_tokens_per_image()
     L = tiny.adapter.num_layers
-    lens = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    lens = [layer.keys.shape[-2] for layer in output_cache(out).layers]
     assert lens == [S, S] + [S - n // 2] * (L - 2)
     assert press.predict(tiny.model) == [n, n] + [n - n // 2] * (L - 2)
     vis = torch.nonzero(_vision_mask(tiny, one["input_ids"])).flatten()
@@ -299,9 +300,7 @@ def test_random_drop_counts_per_window_and_per_layer(tiny, one):
     n = tiny.adapter.vision_tokens_per_image()
     assert rec.layer_vision_tokens == LightKV(**SCHEDULE).predict(tiny.model) == press.predict(tiny.model)
     S = one["input_ids"].shape[1]
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [
-        S - n + c for c in rec.layer_vision_tokens
-    ]
+    assert [layer.keys.shape[-2] for layer in output_cache(out).layers] == [S - n + c for c in rec.layer_vision_tokens]
     # stage 1: 4×4 windows of 6×6 tokens on the 24×24 grid, each loses exactly r_w = 18
     vis = torch.nonzero(_vision_mask(tiny, one["input_ids"])).flatten()
     survived = torch.isin(vis, rec.kept_index[0][0])
@@ -330,7 +329,7 @@ def test_vlcache_leaves_text_only_prompts_alone(tiny):
         with press(tiny.model):
             out = tiny.model(input_ids=ids, use_cache=True)
     assert torch.equal(ref, out.logits)
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [ids.shape[1]] * tiny.adapter.num_layers
+    assert [layer.keys.shape[-2] for layer in output_cache(out).layers] == [ids.shape[1]] * tiny.adapter.num_layers
 
 
 def test_matched_budget_keeps_as_many_entries_as_in_prefill(tiny, one):

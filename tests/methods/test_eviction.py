@@ -22,7 +22,7 @@ from test_lightkv import _added, _generate, _hooks
 from torch.profiler import ProfilerActivity, profile
 
 from lightkv_cli.methods.eviction import select_kept, select_per_head
-from lightkv_cli.methods.hf_compat import cache_kwarg
+from lightkv_cli.methods.hf_compat import cache_kwarg, output_cache
 from lightkv_cli.methods.snapkv import SnapKV
 from lightkv_cli.methods.vlcache import VLCache, layer_budget_tensor, layer_budgets
 
@@ -157,7 +157,7 @@ def _check_kept(rec, out, batch, scores_of, recent_of, vision):
         scores = scores_of(layer)  # (B, H_kv, S)
         Hkv = scores.shape[1]
         assert tuple(idx.shape) == (B, Hkv, K) and idx.device.type == "cpu"
-        assert out.past_key_values.layers[layer].keys.shape[-2] == K
+        assert output_cache(out).layers[layer].keys.shape[-2] == K
         assert max(r[layer] for r in rec.row_budgets) == K
         row_vis = []
         for b in range(B):
@@ -256,7 +256,7 @@ def _prefill_and_step(model, inputs, press):
         out = held["out"]
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        kw = cache_kwarg(model.forward, out.past_key_values)
+        kw = cache_kwarg(model.forward, output_cache(out))
         d_ops, d_sync = _count(lambda: model(input_ids=nxt, attention_mask=mask, use_cache=True, **kw))
     return p_ops, p_sync, d_ops, d_sync
 
@@ -288,7 +288,7 @@ def test_statistics_hooks_live_through_the_prefill_only(tiny, encode, images):
         assert _added(layers, before_layers, kind=0) == list(range(len(layers)))  # decode pre-hooks
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, out.past_key_values))
+        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, output_cache(out)))
         assert len(_added(everything, before_all)) == 1 + len(layers)
     assert _hooks(everything) == before_all
 

@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from lightkv_cli.errors import UserError
 from lightkv_cli.methods.dart import DART
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.pdrop import PyramidDrop, default_boundaries, retention_of
 from lightkv_cli.methods.registry import KIND_DROP, METHODS, make_press
 
@@ -119,7 +120,7 @@ def _dart_reference(tiny, inputs, layer: int, topk: int) -> torch.Tensor:
     with torch.no_grad():
         out = tiny.model(**inputs, use_cache=True, output_hidden_states=True)
         h = out.hidden_states[layer]  # input of layer K = output of layer K-1
-        keys = out.past_key_values.layers[layer - 1].keys  # (B, H_kv, S, d), post-RoPE
+        keys = output_cache(out).layers[layer - 1].keys  # (B, H_kv, S, d), post-RoPE
         norm = tiny.adapter.language_model.norm
         ids = inputs["input_ids"]
         vision = tiny.adapter.vision_mask(ids)

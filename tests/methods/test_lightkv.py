@@ -8,7 +8,7 @@ import torch
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError, UserError
-from lightkv_cli.methods.hf_compat import cache_kwarg
+from lightkv_cli.methods.hf_compat import cache_kwarg, output_cache
 from lightkv_cli.runtime import cache_stats
 
 QUESTION = "Describe this image in one sentence."
@@ -90,7 +90,7 @@ def test_cache_holds_what_the_schedule_predicts(tiny, images, encode, schedule):
         out = model(**inputs, use_cache=True)
     S = inputs["input_ids"].shape[1]
     n_vis = tiny.adapter.vision_tokens_per_image()
-    stats = cache_stats(out.past_key_values, n_vis)
+    stats = cache_stats(output_cache(out), n_vis)
     assert stats.layer_seq_lens[0] == S  # layer 0 is never shortened
     assert stats.layer_vision_tokens == predicted
     assert press.last_prefill.layer_seq_lens == stats.layer_seq_lens
@@ -115,10 +115,10 @@ def test_vision_bytes_ratio_equals_measured_retention(tiny, images, encode):
     inputs = encode(images[:1], [QUESTION])
     n_vis = tiny.adapter.vision_tokens_per_image()
     with torch.no_grad():
-        base = cache_stats(tiny.model(**inputs, use_cache=True).past_key_values, n_vis)
+        base = cache_stats(output_cache(tiny.model(**inputs, use_cache=True)), n_vis)
         press = LightKV(**SCHEDULE)
         with press(tiny.model):
-            comp = cache_stats(tiny.model(**inputs, use_cache=True).past_key_values, n_vis)
+            comp = cache_stats(output_cache(tiny.model(**inputs, use_cache=True)), n_vis)
     assert base.vision_retention == 1.0
     assert comp.vision_bytes / base.vision_bytes == pytest.approx(comp.vision_retention, abs=1e-12)
     text_bytes = base.total_bytes - base.vision_bytes
@@ -313,7 +313,7 @@ def test_decode_runs_hooks_only_where_the_sequence_shrank(tiny, images, encode, 
         assert _added(layers, before_layers, kind=0) == shrunk
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, out.past_key_values))
+        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, output_cache(out)))
         assert _added(layers, before_layers) == shrunk
         assert len(_added(everything, before_all)) == 1 + len(shrunk)  # stage and q/k capture hooks gone
     assert _hooks(everything) == before_all
@@ -409,7 +409,7 @@ def test_multi_token_decode_step_equals_reference(tiny, images, encode, position
     with torch.no_grad(), press(tiny.model):
         out = tiny.model(**inputs, use_cache=True)
         step = tiny.model(
-            input_ids=new, attention_mask=torch.ones_like(ids), **cache_kwarg(tiny.model.forward, out.past_key_values)
+            input_ids=new, attention_mask=torch.ones_like(ids), **cache_kwarg(tiny.model.forward, output_cache(out))
         )
         full = tiny.model(
             input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids), use_cache=False

@@ -24,6 +24,7 @@ import torch
 from tiny_families import ALL_FAMILIES, encode, evicted_prompt_masks, full_inputs, generate, load, sized
 
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.registry import KIND_EVICT, KIND_PRE, METHODS, make_press
 from lightkv_cli.runtime import cache_stats
 
@@ -66,7 +67,7 @@ def case(request, images):
         n=int(vision.sum()),
         vision=vision,
         prefill_logits=prefill.logits,
-        prefill_cache=prefill.past_key_values,
+        prefill_cache=output_cache(prefill),
         decode=generate(lm.model, inputs, n=STEPS),
     )
 
@@ -130,7 +131,7 @@ def test_cache_holds_what_the_method_rule_says(case, method):
     with torch.no_grad(), press(case.model):
         out = case.model(**case.inputs, use_cache=True)
     rec = press.last_prefill
-    cache = out.past_key_values
+    cache = output_cache(out)
     stats = cache_stats(cache, case.n, rec)
     S, n, L = case.S, case.n, case.lm.adapter.num_layers
     assert stats.text_tokens == S - n

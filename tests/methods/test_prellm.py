@@ -12,6 +12,7 @@ from tiny_families import SIZES, encode_rows, full_inputs, load
 from lightkv_cli.errors import UnsupportedInputError, UserError
 from lightkv_cli.methods.divprune import DivPrune, max_min_select
 from lightkv_cli.methods.downsample import Downsample
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.registry import KIND_PRE, METHODS, make_press
 from lightkv_cli.methods.visionzip import VisionZip
 from lightkv_cli.runtime import cache_stats, greedy_generate
@@ -100,7 +101,7 @@ def test_cache_holds_round_r_n_in_every_layer(tiny, images, ratio, kept):
     with torch.no_grad(), press(tiny.model):
         out = tiny.model(**inputs, use_cache=True)
     rec = press.last_prefill
-    stats = cache_stats(out.past_key_values, n, rec)
+    stats = cache_stats(output_cache(out), n, rec)
     assert stats.layer_seq_lens == rec.layer_seq_lens == [S - n + kept] * L
     assert stats.layer_vision_tokens == rec.layer_vision_tokens == [kept] * L
     assert stats.text_tokens == S - n and rec.input_removed == n - kept

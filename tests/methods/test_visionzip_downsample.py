@@ -15,6 +15,7 @@ from tiny_families import encode, load, sized
 
 from lightkv_cli.errors import UnsupportedInputError
 from lightkv_cli.methods.downsample import Downsample, pooled_shape
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.registry import KIND_PRE, METHODS, make_press
 from lightkv_cli.methods.visionzip import VisionZip, split_counts, vision_layer
 from lightkv_cli.runtime import cache_stats
@@ -176,7 +177,7 @@ def test_downsample_counts_on_dynamic_grids(images, name):
     share = press.grid_ratio(m, rec.special_tokens)  # the never-pooled tokens count as kept
     assert share == pytest.approx((0.3 * (m + rec.special_tokens) - rec.special_tokens) / m)
     expect = rec.special_tokens + sum(a * b for a, b in (pooled_shape(r, c, share) for r, c in rec.grids))
-    stats = cache_stats(out.past_key_values, rec.vision_tokens, rec)
+    stats = cache_stats(output_cache(out), rec.vision_tokens, rec)
     assert stats.layer_vision_tokens == [expect] * lm.adapter.num_layers
     assert press.predict(lm.model, grids=rec.grids, special=rec.special_tokens)[0] == expect
     assert abs(rec.vision_retention - 0.3) < 0.02  # the measured R is the target's, newlines included

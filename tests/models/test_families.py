@@ -13,6 +13,7 @@ from tiny_families import generate as _generate
 
 from lightkv_cli import LightKV
 from lightkv_cli.errors import UnsupportedInputError
+from lightkv_cli.methods.hf_compat import output_cache
 from lightkv_cli.methods.merging import window_ids
 from lightkv_cli.runtime import cache_stats, greedy_generate
 
@@ -152,7 +153,7 @@ def test_cache_holds_what_the_schedule_predicts(fam, sized):
         with torch.no_grad(), press(fam.model):
             out = fam.model(**inputs, use_cache=True)
         n_vis = sum(r * c for r, c in grids) + special
-        stats = cache_stats(out.past_key_values, n_vis)
+        stats = cache_stats(output_cache(out), n_vis)
         assert stats.layer_seq_lens[0] == inputs["input_ids"].shape[1]
         assert stats.layer_vision_tokens == predicted
         assert press.last_prefill.layer_vision_tokens == predicted
@@ -209,7 +210,7 @@ def test_qwen_video_frames_are_windowed_per_frame(name, images, tmp_path):
     predicted = press.predict(lm.model, grids=lay.grids)
     with torch.no_grad(), press(lm.model):
         out = lm.model(**inputs, use_cache=True)
-    assert cache_stats(out.past_key_values, 96).layer_vision_tokens == predicted
+    assert cache_stats(output_cache(out), 96).layer_vision_tokens == predicted
     assert predicted[-1] == 2 * 12  # each 48-token frame: 48 → 24 → 12
     frame_of = {int(p): int(g) for p, g in zip(lay.positions, lay.image)}
     for stage in press.last_prefill.stages:
