@@ -11,11 +11,12 @@ each batch size. Also prints:
   of the uncompressed prefill's CPU time in the same profile;
 - with ``--timing-repeats N``: interleaved timings of a press that removes nothing (LightKV with the
   published layers at a ratio too small to merge anything: every hook runs, every stage plans and finds
-  nothing to merge) against no press: ``N`` rounds, each timing one prefill with and one without the press
-  (order alternating) and then ``--decode-steps`` pairs of adjacent decode steps on the uncompressed
-  prefill's cache, one step with the press attached and one without (ABBA order); paired ratios with 95%
-  bootstrap intervals. Pairing adjacent steps keeps the machine's load out of the decode ratio (rounds of a
-  prefill and 8 steps at batch 8 moved by ±5% on a shared 2-core machine).
+  nothing to merge) against no press: ``N`` rounds, each timing one prefill with and two without the press
+  (order rotated; the second uncompressed prefill gives an A/A ratio, the comparison's noise floor) and
+  then ``--decode-steps`` pairs of adjacent decode steps on the uncompressed prefill's cache, one step
+  with the press attached and one without (ABBA order); paired ratios with 95% bootstrap intervals.
+  Pairing adjacent steps keeps the machine's load out of the decode ratio (rounds of a prefill and 8
+  steps at batch 8 moved by ±5% on a shared 2-core machine).
 
 Usage: ``python benchmarks/op_counts.py [--batches 1,8] [--device cpu|cuda] [--timing-repeats 10]``.
 On a GPU, ``--sync-debug`` sets ``torch.cuda.set_sync_debug_mode("warn")`` while the presses run.
@@ -211,8 +212,11 @@ def main() -> None:
             f"{args.timing_repeats} rounds of one prefill each and {args.decode_steps} adjacent decode-step pairs; "
             "median paired ratio [95% CI]:\n"
         )
-        print("| batch | prefill ratio | decode ratio | prefill ms none / press | decode ms/step none / press |")
-        print("|---:|---:|---:|---:|---:|")
+        print(
+            "| batch | prefill ratio | A/A prefill ratio (none / none) | decode ratio | prefill ms none / press "
+            "| decode ms/step none / press |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
         from lightkv_cli.models.adapters import adapter_for
 
         L = adapter_for(model).num_layers
@@ -222,17 +226,19 @@ def main() -> None:
             inputs = synthetic_inputs(bm, batch, 1)
             for p in (None, idle):
                 _time_prefill(model, inputs, p, device)  # warm-up
-            pre, dec = {None: [], "idle": []}, []
+            # A third condition, the uncompressed prefill again ("A/A"), gives the comparison's noise floor.
+            pre, dec, conds = {None: [], "idle": [], "again": []}, [], [None, "idle", "again"]
             for i in range(args.timing_repeats):
-                for p in [None, idle] if i % 2 == 0 else [idle, None]:
-                    ms, out = _time_prefill(model, inputs, p, device)
-                    pre[None if p is None else "idle"].append(ms)
-                    if p is None:  # decode pairs at once: no cache but the running one is alive in a prefill
+                for c in conds[i % 3 :] + conds[: i % 3]:
+                    ms, out = _time_prefill(model, inputs, idle if c == "idle" else None, device)
+                    pre[c].append(ms)
+                    if c is None:  # decode pairs at once: no cache but the running one is alive in a prefill
                         dec += _decode_pairs(model, inputs, out, idle, cache_kwarg, args.decode_steps, device)
                     del out
             med = statistics.median
             print(
                 f"| {batch} | {_ratio_ci([b / a for a, b in zip(pre[None], pre['idle'])])} "
+                f"| {_ratio_ci([b / a for a, b in zip(pre[None], pre['again'])])} "
                 f"| {_ratio_ci([b / a for a, b in dec])} | {med(pre[None]):.1f} / {med(pre['idle']):.1f} "
                 f"| {med(a for a, _ in dec):.2f} / {med(b for _, b in dec):.2f} |"
             )
