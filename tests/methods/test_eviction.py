@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 from test_comparison import QUESTION, _assert_same_top
-from test_lightkv import _added, _generate, _hooks
+from test_lightkv import _added, _decode_step, _generate, _hook_baseline, _hooks
 from torch.profiler import ProfilerActivity, profile
 
 from lightkv_cli.methods.eviction import select_kept, select_per_head
@@ -273,12 +273,9 @@ def test_eviction_adds_no_host_sync_and_no_decode_work(tiny, batch, press):
 
 def test_statistics_hooks_live_through_the_prefill_only(tiny, encode, images):
     """Per-layer statistics hooks exist during an evicting prefill only; decode runs the decode pre-hooks."""
-    model, layers = tiny.model, list(tiny.adapter.layers)
-    everything = list(model.modules())
+    model = tiny.model
     inputs = encode(images[:1], [QUESTION])
-    with torch.no_grad():
-        model(**inputs)  # transformers attaches its own output-recording hooks at a model's first forward
-    before_all, before_layers = _hooks(everything), _hooks(layers)
+    everything, layers, before_all, before_layers = _hook_baseline(tiny, inputs)
     q_projs = [layer.self_attn.q_proj for layer in layers]
     before_q = _hooks(q_projs)
     with torch.no_grad(), VLCache(budget=0.3)(model):
@@ -286,9 +283,7 @@ def test_statistics_hooks_live_through_the_prefill_only(tiny, encode, images):
         out = model(**inputs, use_cache=True)
         assert _added(layers, before_layers, kind=1) == [] and _added(q_projs, before_q) == []
         assert _added(layers, before_layers, kind=0) == list(range(len(layers)))  # decode pre-hooks
-        nxt = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, output_cache(out)))
+        _decode_step(model, inputs, out)
         assert len(_added(everything, before_all)) == 1 + len(layers)
     assert _hooks(everything) == before_all
 

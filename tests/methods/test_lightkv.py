@@ -295,15 +295,29 @@ def _added(modules, before, kind: int | None = None) -> list[int]:
     return [i for i, (n, b) in enumerate(zip(_hooks(modules), before)) if any(n[k] > b[k] for k in kinds)]
 
 
+def _hook_baseline(tiny, inputs):
+    """``(modules, layers, their hook counts)`` after a warm forward (transformers attaches its own
+    output-recording hooks at a model's first forward)."""
+    everything, layers = list(tiny.model.modules()), list(tiny.adapter.layers)
+    with torch.no_grad():
+        tiny.model(**inputs)
+    return everything, layers, _hooks(everything), _hooks(layers)
+
+
+def _decode_step(model, inputs, out) -> None:
+    """One greedy decode step on ``out``'s cache (no grad)."""
+    nxt = out.logits[:, -1:].argmax(-1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+    with torch.no_grad():
+        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, output_cache(out)))
+
+
 @pytest.mark.parametrize("ratio", [0.5, 1e-9])
 def test_decode_runs_hooks_only_where_the_sequence_shrank(tiny, images, encode, ratio):
     """Prefill hooks leave at the first decode step; compressed layers' pre-hooks exist only after a cut."""
-    model, layers = tiny.model, list(tiny.adapter.layers)
-    everything = list(model.modules())
+    model = tiny.model
     inputs = encode(images[:1], [QUESTION])
-    with torch.no_grad():
-        model(**inputs)  # transformers attaches its own output-recording hooks at a model's first forward
-    before_all, before_layers = _hooks(everything), _hooks(layers)
+    everything, layers, before_all, before_layers = _hook_baseline(tiny, inputs)
     press = LightKV(layers=[3, 6, 9], windows=[4, 2, 1], ratios=[ratio] * 3)
     shrunk = list(range(4, 16)) if ratio == 0.5 else []  # ratio 1e-9 merges nothing
     with torch.no_grad(), press(model):
@@ -311,9 +325,7 @@ def test_decode_runs_hooks_only_where_the_sequence_shrank(tiny, images, encode, 
         out = model(**inputs, use_cache=True)
         assert _added(layers, before_layers, kind=1) == [3, 6, 9]  # the stages
         assert _added(layers, before_layers, kind=0) == shrunk
-        nxt = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwarg(model.forward, output_cache(out)))
+        _decode_step(model, inputs, out)
         assert _added(layers, before_layers) == shrunk
         assert len(_added(everything, before_all)) == 1 + len(shrunk)  # stage and q/k capture hooks gone
     assert _hooks(everything) == before_all
