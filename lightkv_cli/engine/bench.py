@@ -149,20 +149,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(
-    bm: BenchModel,
-    press: LightKV | None,
-    batch: int,
-    images: int,
-    new_tokens: int,
-    repeats: int,
-    warmup: int,
-    nvml_interval_ms: float = 20.0,
-) -> dict:
-    """Time and size one (method, batch, images) cell: :func:`measure_interleaved` of one press."""
-    return measure_interleaved(bm, [press], batch, images, new_tokens, repeats, warmup, nvml_interval_ms)[0]
-
-
 def measure_interleaved(
     bm: BenchModel,
     presses: Sequence[LightKV | None],
@@ -202,18 +188,19 @@ def measure_interleaved(
                 )
         except torch.OutOfMemoryError as exc:
             failed[i] = {"status": "oom", "error": str(exc).splitlines()[0] if str(exc) else "out of memory"}
+            _free(bm.device)
+            return
         except Exception as exc:  # recorded, so that one failing cell does not lose the benchmark
             failed[i] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        else:
-            if timed:
-                r = runs[i]
-                r["prefill"].append(res.prefill_ms)
-                r["decode"].append(res.decode_ms)
-                r["peaks"].append(res.peak_memory_bytes)
-                r["nvml"].append(sampler.to_dict())
-                r["res"] = res
+            _free(bm.device)
             return
-        _free(bm.device)
+        if timed:
+            r = runs[i]
+            r["prefill"].append(res.prefill_ms)
+            r["decode"].append(res.decode_ms)
+            r["peaks"].append(res.peak_memory_bytes)
+            r["nvml"].append(sampler.to_dict())
+            r["res"] = res
 
     for i in range(n):
         for _ in range(warmup):
@@ -420,7 +407,7 @@ def run_benchmark(
                 note(f"largest batch · {name} · {images} image(s)")
 
                 def fits(b: int, press=press, images=images) -> bool:
-                    return measure(bm, press, b, images, new_tokens, 1, 0)["status"] == "ok"
+                    return measure_interleaved(bm, [press], b, images, new_tokens, 1, 0)[0]["status"] == "ok"
 
                 largest, probes = largest_batch(fits)
                 out["largest_batch"].append(
@@ -503,7 +490,7 @@ __all__ = [
     "build_model",
     "compression_profile",
     "largest_batch",
-    "measure",
+    "measure_interleaved",
     "method_grid",
     "run_benchmark",
     "synthetic_inputs",

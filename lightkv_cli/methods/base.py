@@ -79,9 +79,15 @@ class Press:
             handles.extend(self._register(model, adapter))
             yield model
         finally:
-            for h in handles:
-                h.remove()
+            self._remove(handles)
             self._detach()
+
+    @staticmethod
+    def _remove(handles: list[Any]) -> None:
+        """Remove hooks by their handles and empty the list (methods attach some hooks only per phase)."""
+        for h in handles:
+            h.remove()
+        handles.clear()
 
     def _register(self, model: nn.Module, adapter: FamilyAdapter) -> list[Any]:
         raise NotImplementedError
@@ -254,12 +260,6 @@ class SequencePress(Press):
             self._layer_handles.append(
                 layers[lay].register_forward_pre_hook(self._layer_pre_hook(lay), with_kwargs=True)
             )
-
-    @staticmethod
-    def _remove(handles: list[Any]) -> None:
-        for h in handles:
-            h.remove()
-        handles.clear()
 
     def _detach(self) -> None:
         self._remove(self._prefill_handles)

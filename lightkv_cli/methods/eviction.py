@@ -238,15 +238,9 @@ class EvictionPress(DecodeMasks, Press):
                 handles.append(layer.self_attn.q_proj.register_forward_hook(self._capture_hook(i, layer.self_attn)))
                 handles.append(layer.register_forward_hook(self._stats_hook(i), with_kwargs=True))
 
-    def _remove_layer_hooks(self, decode: bool) -> None:
-        handles = self._decode_handles if decode else self._prefill_handles
-        for h in handles:
-            h.remove()
-        handles.clear()
-
     def _detach(self) -> None:
-        for decode in (False, True):
-            self._remove_layer_hooks(decode)
+        self._remove(self._prefill_handles)
+        self._remove(self._decode_handles)
         self._state = _EvictState()
 
     def _prompt_facts(
@@ -292,7 +286,7 @@ class EvictionPress(DecodeMasks, Press):
         adapter = self._adapter
         st = self._state
         if past == 0:
-            self._remove_layer_hooks(decode=True)
+            self._remove(self._decode_handles)
             if input_ids is None:
                 refuse_embeds_without_ids(self, kwargs)
                 self._state = _EvictState()
@@ -472,7 +466,7 @@ class EvictionPress(DecodeMasks, Press):
         with profile_range("lightkv::evict"):
             self._evict(st)
         st.phase = "decode"
-        self._remove_layer_hooks(decode=False)
+        self._remove(self._prefill_handles)
         self._attach_layer_hooks(decode=True)
         return None
 
